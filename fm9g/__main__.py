@@ -1,0 +1,5 @@
+import sys
+
+from fm9g.cli import main
+
+sys.exit(main())

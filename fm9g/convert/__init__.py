@@ -1,0 +1,1 @@
+"""Checkpoint conversion between bmtrain-named `.pt` files and Hugging Face directories."""

@@ -1,0 +1,1 @@
+"""Data path: indexed datasets, transforms, tokenization, packing and the weighted mixture loader."""

@@ -1,0 +1,1 @@
+"""Training: TrainConfig, schedules, engines, checkpoints, metrics and the Trainer."""
