@@ -1,0 +1,403 @@
+"""`FM9GConfig`: the model hyper-parameters of the FM9G ("Dragonfly") decoder, with presets.
+
+The field names and defaults are those of the original bmtrain `model_configs/*.json` files, so
+those files load unchanged (`FM9GConfig.from_json("model_configs/7b.json")`). Hugging Face names
+(`hidden_size`, `num_attention_heads`, ...) are accepted as aliases.
+
+Example::
+
+    cfg = FM9GConfig.from_name("fm9g-7b")
+    cfg.num_parameters()        # 7_668_...  (≈ 7.67 B)
+    cfg.to_json("7b.json")
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FM9GConfig", "ConfigError", "PRESETS"]
+
+
+class ConfigError(ValueError):
+    """A model config that cannot be used: an unknown key, a bad value or inconsistent shapes."""
+
+
+# Keys found in the original model_configs JSON (or HF config.json) that the model does not use.
+# They are accepted, kept in `FM9GConfig.extra` and written back by `to_json`, so files round-trip.
+INFORMATIONAL_KEYS: frozenset[str] = frozenset(
+    {
+        "half",  # the original always trains in `dtype` (class default bf16); this flag is not read
+        "half_type",
+        "use_flash_attn",  # attention backend is chosen by `attn_impl` instead
+        "flash_attn_mask_shape",
+        "ori_max_length",  # a typo in the originals: the class field is `orig_max_length`
+        "model_type",
+        "architectures",
+        "tp",  # overwritten at runtime by the original launcher
+        "pose_prob",  # PoSE position augmentation (data side); not implemented, kept for round trip
+        "pose_scaling_factor",
+        "rope_scaling_type",  # only "" / None (no scaling) is supported; checked in __post_init__
+        "rope_scaling_factor",
+        "auto_map",
+        "torch_dtype",
+        "transformers_version",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "use_cache",
+        "initializer_range",
+        "attention_dropout",
+        "mlp_bias",
+        "pretraining_tp",
+        "rope_scaling",
+        "rope_parameters",
+        "attention_bias",
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
+    }
+)
+
+# Hugging Face name -> FM9GConfig field (DragonflyConfig's attribute_map plus a few common ones).
+HF_ALIASES: dict[str, str] = {
+    "hidden_size": "dim_model",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "intermediate_size": "dim_ff",
+    "num_hidden_layers": "num_layers",
+    "rms_norm_eps": "eps",
+    "hidden_act": "activate_fn",
+    "rope_theta": "base",
+    "max_position_embeddings": "max_length",
+    "tie_word_embeddings": "tie_lm_head",
+    "head_dim": "dim_head",
+}
+
+_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_ALIASES: dict[str, str] = {
+    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+    "fp16": "fp16", "half": "fp16", "float16": "fp16", "torch.float16": "fp16",
+    "fp32": "fp32", "float": "fp32", "float32": "fp32", "torch.float32": "fp32",
+}
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
+ATTN_IMPLS: tuple[str, ...] = ("auto", "sdpa", "flex", "torch_varlen", "flash_attn")
+
+
+@dataclass(kw_only=True)
+class FM9GConfig:
+    """Hyper-parameters of an FM9G decoder (SPEC §1.1). Defaults are the original class defaults.
+
+    Args:
+        vocab_size: number of token ids V.
+        dim_model: hidden width d.
+        num_layers: number of decoder layers L.
+        num_heads: query heads h.
+        num_kv_heads: key/value heads (GQA when < num_heads; must divide num_heads).
+        dim_head: per-head width dh (None → dim_model // num_heads).
+        dim_ff: FFN inner width.
+        activate_fn: FFN activation ("silu"; the FFN is gated: W_out(act(W_0 x) * W_1 x)).
+        ffn_gated: must be True (every FM9G model uses the gated FFN).
+        eps: RMSNorm epsilon.
+        base: RoPE theta.
+        max_length: training context length (RoPE works for any length; used by data tools).
+        orig_max_length: the original's RoPE-scaling reference length (kept for round trip).
+        tie_lm_head: share the input embedding as output head (no `lm_head.weight`).
+        qkv_bias: q/k/v projections carry a bias (7B / 70B).
+        qk_norm: not implemented by the original either; must be False.
+        scale: muP switch: embedding × scale_emb, logits input ÷ scale_width, init std ÷ √scale_width.
+        scale_emb: embedding multiplier (only when scale).
+        scale_depth: residual branches × scale_depth/√L when > 0 (independent of `scale`).
+        dim_model_base: muP base width (scale_width = dim_model / dim_model_base when scale).
+        init_std: init standard deviation (see `FM9GModel.init_weights`).
+        dropout_p: attention dropout; must be 0.0 (all FM9G configs use 0).
+        use_checkpoint: per-layer activation checkpointing during training.
+        dtype: training compute dtype ("bf16", "fp16" or "fp32"); parameters are built in torch's
+            default dtype and engines cast / autocast.
+        attn_impl: attention backend ("auto", "sdpa", "flex", "torch_varlen", "flash_attn").
+        extra: informational keys of the source file (e.g. `half_type`), kept for `to_json`.
+    """
+
+    vocab_size: int = 122753
+    dim_model: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    dim_head: int | None = None
+    dim_ff: int = 11008
+    activate_fn: str = "silu"
+    ffn_gated: bool = True
+    eps: float = 1e-5
+    base: float = 10000.0
+    max_length: int = 8192
+    orig_max_length: int = 8192
+    tie_lm_head: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    scale: bool = False
+    scale_emb: float = 1.0
+    scale_depth: float = -1.0
+    dim_model_base: int = 256
+    init_std: float = 0.02
+    dropout_p: float = 0.0
+    use_checkpoint: bool = True
+    dtype: str = "bf16"
+    attn_impl: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        if self.dim_head is None:
+            if self.num_heads <= 0 or self.dim_model % self.num_heads:
+                raise ConfigError(
+                    f"dim_head is not set and dim_model={self.dim_model} is not divisible by "
+                    f"num_heads={self.num_heads}: set dim_head explicitly"
+                )
+            self.dim_head = self.dim_model // self.num_heads
+        for name in ("vocab_size", "dim_model", "num_layers", "num_heads", "num_kv_heads", "dim_head",
+                     "dim_ff", "max_length", "dim_model_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}: "
+                "grouped-query attention needs num_heads % num_kv_heads == 0"
+            )
+        if self.dim_head % 2:
+            raise ConfigError(f"dim_head={self.dim_head} must be even (rotary embedding rotates halves)")
+        if self.activate_fn not in ACTIVATIONS:
+            raise ConfigError(f"activate_fn={self.activate_fn!r} is not supported; use one of {list(ACTIVATIONS)}")
+        if not self.ffn_gated:
+            raise ConfigError("ffn_gated=False is not supported: every FM9G model uses the gated FFN")
+        if self.qk_norm:
+            raise ConfigError("qk_norm=True is not supported (the original accepts it but never applies it); set it to false")
+        if not (0.0 <= self.dropout_p < 1.0):
+            raise ConfigError(f"dropout_p must be in [0, 1), got {self.dropout_p}")
+        if self.dropout_p != 0.0:
+            raise ConfigError(f"dropout_p={self.dropout_p} is not supported: FM9G trains with dropout_p=0.0")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
+        if not self.base > 0:
+            raise ConfigError(f"base (RoPE theta) must be > 0, got {self.base}")
+        if not self.init_std > 0:
+            raise ConfigError(f"init_std must be > 0, got {self.init_std}")
+        dtype = _DTYPE_ALIASES.get(str(self.dtype).lower())
+        if dtype is None:
+            raise ConfigError(f"dtype={self.dtype!r} is not known; use one of {sorted(_DTYPES)}")
+        self.dtype = dtype
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ConfigError(f"attn_impl={self.attn_impl!r} is not known; use one of {list(ATTN_IMPLS)}")
+        rope_type = self.extra.get("rope_scaling_type")
+        if rope_type not in (None, "", "none"):
+            raise ConfigError(
+                f"rope_scaling_type={rope_type!r} is not supported (only unscaled RoPE); remove the key or set it to \"\""
+            )
+        self.base = float(self.base)
+        self.eps = float(self.eps)
+        self.scale_emb = float(self.scale_emb)
+        self.scale_depth = float(self.scale_depth)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def scale_width(self) -> float:
+        """muP width multiplier: dim_model / dim_model_base when `scale`, else 1.0."""
+        return self.dim_model / self.dim_model_base if self.scale else 1.0
+
+    @property
+    def residual_scale(self) -> float:
+        """Multiplier of each residual branch: scale_depth / √num_layers when scale_depth > 0, else 1.0."""
+        return self.scale_depth / math.sqrt(self.num_layers) if self.scale_depth > 0 else 1.0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype` as a torch dtype."""
+        return _DTYPES[self.dtype]
+
+    def num_parameters(self, *, include_embedding: bool = True) -> int:
+        """Number of parameters of `FM9GModel(self)`, counted from the shapes (no model is built).
+
+        Args:
+            include_embedding: count the input embedding (and the untied head).
+        Returns:
+            the parameter count (int).
+        """
+        d, dh = self.dim_model, self.dim_head
+        q, kv = self.num_heads * dh, self.num_kv_heads * dh
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+        ffn = 3 * d * self.dim_ff
+        per_layer = attn + ffn + 2 * d  # + two RMSNorm weights
+        total = self.num_layers * per_layer + d  # + output norm
+        if include_embedding:
+            total += self.vocab_size * d * (1 if self.tie_lm_head else 2)
+        return total
+
+    # ------------------------------------------------------------------ presets / IO
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "FM9GConfig":
+        """A preset by name: fm9g-4b, fm9g-7b, fm9g-70b, fm9g-2.4b, fm9g-8b or tiny.
+
+        Args:
+            name: preset name (case-insensitive).
+            **overrides: field values replacing the preset's.
+        Raises:
+            ConfigError: unknown preset (the message lists them) or a bad override.
+        """
+        key = name.lower()
+        if key not in PRESETS:
+            close = difflib.get_close_matches(key, PRESETS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}.{hint}")
+        values = dict(PRESETS[key])
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "FM9GConfig":
+        """Build from a dict of original (bmtrain) or Hugging Face keys.
+
+        Informational keys (`half_type`, `model_type`, ...) go to `extra`; HF names are mapped to
+        fields. An unknown key raises `ConfigError` naming it (and the closest known key).
+
+        Args:
+            data: the key/value pairs.
+            source: a name for error messages (e.g. the file path).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(data.get("extra") or {})
+        unknown: list[str] = []
+        for key, value in data.items():
+            if key == "extra":
+                continue
+            target = HF_ALIASES.get(key, key)
+            if target in names:
+                if target in values and values[target] != value:
+                    raise ConfigError(
+                        f"{source}: {key!r} and another name for field {target!r} disagree "
+                        f"({values[target]!r} vs {value!r}); keep one of them"
+                    )
+                values[target] = value
+            elif key in INFORMATIONAL_KEYS:
+                extra[key] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            known = sorted(names | set(HF_ALIASES) | INFORMATIONAL_KEYS)
+            parts = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"{source}: unknown model config key(s) {', '.join(parts)}; "
+                f"fix or remove them (known keys: {', '.join(sorted(names - {'extra'}))})"
+            )
+        rope = extra.get("rope_parameters")
+        if isinstance(rope, dict):  # transformers >= 5 keeps rope_theta here
+            if rope.get("rope_type", "default") not in ("default", None):
+                raise ConfigError(f"{source}: rope_parameters.rope_type={rope.get('rope_type')!r} is not supported (only unscaled RoPE)")
+            if "base" not in values and "rope_theta" in rope:
+                values["base"] = rope["rope_theta"]
+        if "dtype" not in values and "half_type" in extra:
+            values["dtype"] = extra["half_type"]
+        values["extra"] = extra
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> "FM9GConfig":
+        """Load an original `model_configs/*.json` (or an HF `config.json`) unchanged.
+
+        Raises:
+            ConfigError: unreadable JSON, unknown key or inconsistent values (the file is named).
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: line {err.lineno}: invalid JSON: {err.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of model config keys")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields (original names) followed by the informational `extra` keys; JSON-serialisable."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        for key, value in self.extra.items():
+            out.setdefault(key, value)
+        return out
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Serialise to JSON (and write it atomically to `path` when given). Returns the text."""
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        return text
+
+
+_FM9G_COMMON: dict[str, Any] = dict(
+    activate_fn="silu", ffn_gated=True, qk_norm=False, init_std=0.1, dropout_p=0.0, dtype="bf16"
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fm9g-4b": dict(
+        _FM9G_COMMON, vocab_size=73448, dim_model=2560, num_layers=62, num_heads=40, num_kv_heads=4,
+        dim_head=64, dim_ff=6400, eps=1e-5, base=1_000_000.0, max_length=32768, orig_max_length=8192,
+        tie_lm_head=True, qkv_bias=False, scale=True, scale_emb=12.0, scale_depth=1.4,
+        dim_model_base=256, use_checkpoint=True,
+    ),
+    "fm9g-7b": dict(
+        _FM9G_COMMON, vocab_size=73448, dim_model=3584, num_layers=28, num_heads=28, num_kv_heads=28,
+        dim_head=128, dim_ff=18944, eps=1e-6, base=1_000_000.0, max_length=32768, orig_max_length=8192,
+        tie_lm_head=False, qkv_bias=True, scale=False, scale_emb=12.0, scale_depth=-1.0,
+        dim_model_base=128, use_checkpoint=True,
+    ),
+    "fm9g-70b": dict(
+        _FM9G_COMMON, vocab_size=73448, dim_model=8192, num_layers=80, num_heads=64, num_kv_heads=64,
+        dim_head=128, dim_ff=29568, eps=1e-6, base=1_000_000.0, max_length=32768, orig_max_length=8192,
+        tie_lm_head=False, qkv_bias=True, scale=False, scale_emb=12.0, scale_depth=-1.0,
+        dim_model_base=128, use_checkpoint=True,
+    ),
+    "fm9g-2.4b": dict(
+        _FM9G_COMMON, vocab_size=122753, dim_model=2304, num_layers=40, num_heads=36, num_kv_heads=36,
+        dim_head=64, dim_ff=5760, eps=1e-5, base=10000.0, max_length=8192, orig_max_length=8192,
+        tie_lm_head=True, qkv_bias=False, scale=True, scale_emb=12.0, scale_depth=1.4,
+        dim_model_base=256, use_checkpoint=True,
+    ),
+    "fm9g-8b": dict(
+        _FM9G_COMMON, vocab_size=119696, dim_model=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+        dim_head=128, dim_ff=14336, eps=1e-5, base=10000.0, max_length=8192, orig_max_length=8192,
+        tie_lm_head=False, qkv_bias=False, scale=False, scale_emb=12.0, scale_depth=-1.0,
+        dim_model_base=256, use_checkpoint=True,
+    ),
+    # A 4B-shaped toy (GQA, tied head, muP on) for tests and CPU examples.
+    "tiny": dict(
+        _FM9G_COMMON, vocab_size=99, dim_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        dim_head=16, dim_ff=160, eps=1e-5, base=10000.0, max_length=256, orig_max_length=256,
+        tie_lm_head=True, qkv_bias=False, scale=True, scale_emb=12.0, scale_depth=1.4,
+        dim_model_base=16, use_checkpoint=False, dtype="fp32",
+    ),
+}

@@ -1,0 +1,461 @@
+"""The FM9G ("Dragonfly") decoder in plain torch, read top to bottom:
+
+    RMSNorm → rotary embedding → attention (packed, GQA) → gated FFN → block → model → chunked loss
+
+Module and parameter names are the original bmtrain names (SPEC §1.2), so original `.pt`
+checkpoints load with `load_state_dict(strict=True)`:
+
+    input_embedding.weight                                             [V, d]
+    encoder.layers.{i}.self_att.layernorm_before_attention.weight      [d]
+    encoder.layers.{i}.self_att.self_attention.project_{q,k,v}.weight  [h·dh | kv·dh, d]  (+ .bias if qkv_bias)
+    encoder.layers.{i}.self_att.self_attention.attention_out.weight    [d, h·dh]
+    encoder.layers.{i}.ffn.layernorm_before_ffn.weight                 [d]
+    encoder.layers.{i}.ffn.ffn.w_in.w_0.weight / w_in.w_1.weight       [ff, d]   (gate / up)
+    encoder.layers.{i}.ffn.ffn.w_out.weight                            [d, ff]   (down)
+    encoder.output_layernorm.weight                                    [d]
+    lm_head.weight                                                     [V, d]    (only when untied)
+
+Shapes in comments: B rows of T tokens, N = B·T, d = dim_model, h / kv heads of width dh, V vocab.
+No distributed code lives here: engines wrap a built model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fm9g.models.attention import ATTENTION_BACKENDS, AttentionFn, resolve_attention
+from fm9g.models.config import FM9GConfig
+
+__all__ = ["FM9GModel", "FM9GOutput", "RMSNorm", "chunked_cross_entropy", "rotary_cos_sin", "apply_rotary"]
+
+IGNORE_INDEX = -100
+# Rows of fp32 logits computed at once by the chunked loss: chunk = LOSS_CHUNK_ELEMENTS // V tokens
+# (2**25 fp32 = 128 MiB; for V = 73448 that is 456 tokens).
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
+# ------------------------------------------------------------------------------------ RMSNorm
+class RMSNorm(nn.Module):
+    """y = x · rsqrt(mean(x²) + eps) · weight; the variance is computed in fp32, no bias."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- rotary embedding
+def rotary_cos_sin(position_ids: torch.Tensor, dim_head: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin tables for rotate-half RoPE, in fp32.
+
+    Computed from the position ids on every forward (cheap, and nothing to cache, so the model
+    builds on the meta device and no buffer ever enters a checkpoint).
+
+    Args:
+        position_ids: (B, T) integer positions (restarting at 0 for each packed document).
+        dim_head: dh (even).
+        base: RoPE theta.
+    Returns:
+        cos, sin: (B, T, dh) float32, with frequencies 1/base^(2i/dh) repeated for both halves.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim_head, 2, dtype=torch.int64, device=position_ids.device).float() / dim_head))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, dh/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, dh)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, heads, dh) by (B, T, dh) tables; the rotation runs in fp32, result in x's dtype."""
+    xf = x.float()
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------- attention
+@dataclass(kw_only=True)
+class AttentionContext:
+    """Everything the layers share for one forward: the backend and the packing layout."""
+
+    fn: AttentionFn
+    cu_seqlens: torch.Tensor  # int32 (n+1,), boundaries over the N flattened tokens
+    max_seqlen: int
+    cache: dict[str, Any] = field(default_factory=dict)  # backend scratch (masks, host copies)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over packed documents; q/k/v optionally biased, output never."""
+
+    def __init__(self, config: FM9GConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.dim_head = config.num_heads, config.num_kv_heads, config.dim_head
+        d, q_dim, kv_dim = config.dim_model, config.num_heads * config.dim_head, config.num_kv_heads * config.dim_head
+        self.project_q = nn.Linear(d, q_dim, bias=config.qkv_bias)
+        self.project_k = nn.Linear(d, kv_dim, bias=config.qkv_bias)
+        self.project_v = nn.Linear(d, kv_dim, bias=config.qkv_bias)
+        self.attention_out = nn.Linear(q_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.project_q(x).view(B, T, self.num_heads, self.dim_head)  # (B, T, h, dh)
+        k = self.project_k(x).view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
+        v = self.project_v(x).view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Backends see the flattened token stream: (N, heads, dh), documents given by cu_seqlens.
+        out = ctx.fn(
+            q.reshape(B * T, self.num_heads, self.dim_head),
+            k.reshape(B * T, self.num_kv_heads, self.dim_head),
+            v.reshape(B * T, self.num_kv_heads, self.dim_head),
+            ctx.cu_seqlens,
+            ctx.max_seqlen,
+            scale=1.0 / math.sqrt(self.dim_head),
+            cache=ctx.cache,
+        )  # (N, h, dh)
+        return self.attention_out(out.reshape(B, T, self.num_heads * self.dim_head))  # (B, T, d)
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm attention branch: attention(RMSNorm(x)); the residual is added by the layer."""
+
+    def __init__(self, config: FM9GConfig) -> None:
+        super().__init__()
+        self.layernorm_before_attention = RMSNorm(config.dim_model, config.eps)
+        self.self_attention = Attention(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.self_attention(self.layernorm_before_attention(x), cos, sin, ctx)
+
+
+# ------------------------------------------------------------------------------------------ FFN
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+class GatedInput(nn.Module):
+    """The two input projections of the gated FFN: w_0 (gate) and w_1 (up), no bias."""
+
+    def __init__(self, dim_model: int, dim_ff: int) -> None:
+        super().__init__()
+        self.w_0 = nn.Linear(dim_model, dim_ff, bias=False)
+        self.w_1 = nn.Linear(dim_model, dim_ff, bias=False)
+
+
+class FeedForward(nn.Module):
+    """w_out(act(w_0 x) ⊙ w_1 x)."""
+
+    def __init__(self, config: FM9GConfig) -> None:
+        super().__init__()
+        self.act = _ACTIVATIONS[config.activate_fn]
+        self.w_in = GatedInput(config.dim_model, config.dim_ff)
+        self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        return self.w_out(self.act(self.w_in.w_0(x)) * self.w_in.w_1(x))  # inner (B, T, ff)
+
+
+class FFNBlock(nn.Module):
+    """Pre-norm FFN branch: ffn(RMSNorm(x))."""
+
+    def __init__(self, config: FM9GConfig) -> None:
+        super().__init__()
+        self.layernorm_before_ffn = RMSNorm(config.dim_model, config.eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.layernorm_before_ffn(x))
+
+
+# ---------------------------------------------------------------------------------------- block
+class TransformerBlock(nn.Module):
+    """h = h + α·attn(norm(h)); h = h + α·ffn(norm(h)), α = scale_depth/√L if scale_depth > 0 else 1."""
+
+    def __init__(self, config: FM9GConfig) -> None:
+        super().__init__()
+        self.self_att = SelfAttentionBlock(config)
+        self.ffn = FFNBlock(config)
+        self.residual_scale = config.residual_scale if config.scale_depth > 0 else None
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        a = self.self_att(h, cos, sin, ctx)  # (B, T, d)
+        h = h + (a if self.residual_scale is None else a * self.residual_scale)
+        f = self.ffn(h)  # (B, T, d)
+        return h + (f if self.residual_scale is None else f * self.residual_scale)
+
+
+class Encoder(nn.Module):
+    """The layer stack and the final norm (bmtrain's `encoder`)."""
+
+    def __init__(self, config: FM9GConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.output_layernorm = RMSNorm(config.dim_model, config.eps)
+
+
+# ---------------------------------------------------------------------------------- chunked loss
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token CE of (h @ Wᵀ) computed chunk by chunk, forward and backward.
+
+    Only one chunk of fp32 logits (c × V) is alive at a time; the backward recomputes each chunk's
+    logits from the saved hidden states and per-token log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk_tokens: int, compute_dtype: torch.dtype) -> torch.Tensor:
+        # h (N, d), weight (V, d), labels (N,) -> token_loss (N,) fp32
+        w = weight.to(compute_dtype)
+        acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 (fp64 stays fp64 for gradcheck)
+        n = h.shape[0]
+        token_loss = torch.zeros(n, dtype=acc, device=h.device)
+        lse = torch.zeros(n, dtype=acc, device=h.device)
+        for s in range(0, n, chunk_tokens):
+            e = min(n, s + chunk_tokens)
+            logits = (h[s:e].to(compute_dtype) @ w.t()).to(acc)  # (c, V)
+            lse_c = torch.logsumexp(logits, dim=-1)  # (c,)
+            lab = labels[s:e]
+            valid = lab != IGNORE_INDEX
+            target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+            token_loss[s:e] = torch.where(valid, lse_c - target, torch.zeros_like(lse_c))
+            lse[s:e] = lse_c
+            del logits
+        ctx.save_for_backward(h, weight, labels, lse)
+        ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
+        return token_loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight, labels, lse = ctx.saved_tensors
+        cd, chunk_tokens = ctx.compute_dtype, ctx.chunk_tokens
+        w = weight.to(cd)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        n = h.shape[0]
+        for s in range(0, n, chunk_tokens):
+            e = min(n, s + chunk_tokens)
+            hc = h[s:e].to(cd)
+            lab = labels[s:e]
+            valid = lab != IGNORE_INDEX
+            # d loss_j / d logits_j = softmax_j - onehot(label_j), zero for ignored tokens
+            probs = torch.exp((hc @ w.t()).to(lse.dtype) - lse[s:e, None])  # (c, V)
+            rows = torch.arange(e - s, device=h.device)
+            probs[rows, lab.clamp(min=0)] -= 1.0
+            g = torch.where(valid, grad_out[s:e].to(lse.dtype), torch.zeros_like(lse[s:e]))  # (c,)
+            dlogits = (probs * g[:, None]).to(cd)  # (c, V)
+            del probs
+            if need_h:
+                grad_h[s:e] = (dlogits @ w).to(h.dtype)  # (c, d)
+            if need_w:
+                grad_w += (dlogits.t() @ hc).to(grad_w.dtype)  # (V, d)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_tokens: int | None = None) -> torch.Tensor:
+    """Per-token cross-entropy of the logits `h @ weight.T` without materialising all of them.
+
+    Args:
+        h: (N, d) hidden states (already normalised / muP-scaled).
+        weight: (V, d) output embedding.
+        labels: (N,) target ids, -100 = ignored.
+        chunk_tokens: tokens per chunk (default LOSS_CHUNK_ELEMENTS // V).
+    Returns:
+        (N,) float32 losses, 0 where the label is -100; differentiable w.r.t. h and weight.
+    """
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    return _ChunkedLinearCrossEntropy.apply(h, weight, labels, int(chunk_tokens), dtype)
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass(kw_only=True)
+class FM9GOutput:
+    """What `FM9GModel.forward` returns.
+
+    Attributes:
+        loss: scalar fp32 mean over labelled tokens (None without labels; 0.0 if none labelled).
+        logits: (B, T, V) in the compute dtype, when labels is None or return_logits=True.
+        token_loss: (B, T) fp32 per-token loss, 0 where the label is -100 (None without labels).
+        num_label_tokens: int64 scalar tensor, tokens with a label (None without labels).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+
+
+class FM9GModel(nn.Module):
+    """The FM9G decoder (SPEC §1.2) with bmtrain parameter names.
+
+    Args:
+        config: the hyper-parameters. Parameters are created in torch's default dtype on the
+            current default device (so `with torch.device("meta"): FM9GModel(cfg)` builds a 70B
+            skeleton without memory) and initialised with `init_weights()`.
+    """
+
+    def __init__(self, config: FM9GConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.attn_impl == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+            raise RuntimeError(
+                "config.attn_impl='flash_attn' but flash-attn is not installed: "
+                "install it with `pip install 'fm9g[gpu]'`, or use attn_impl='auto'"
+            )
+        self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)  # (V, d)
+        self.encoder = Encoder(config)
+        self.lm_head = None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = bool(config.use_checkpoint)
+        self.loss_chunk_tokens: int | None = None  # None → LOSS_CHUNK_ELEMENTS // V
+        self._attn_cache: dict[tuple[str, str, torch.dtype], str] = {}
+        self.init_weights()
+
+    # -------------------------------------------------------------- setup
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """SPEC init: every Linear weight and bias ~ N(0, σ) with σ = init_std/√scale_width if
+        `scale` else init_std; embeddings (input and untied lm_head) ~ N(0, init_std); norms = 1."""
+        cfg = self.config
+        linear_std = cfg.init_std / math.sqrt(cfg.scale_width) if cfg.scale else cfg.init_std
+        for module in self.encoder.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, linear_std)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, linear_std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        self.input_embedding.weight.normal_(0.0, cfg.init_std)
+        if self.lm_head is not None:
+            self.lm_head.weight.normal_(0.0, cfg.init_std)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each layer's activations in backward (torch.utils.checkpoint, non-reentrant)."""
+        self.gradient_checkpointing = bool(enabled)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, d) output projection: lm_head.weight, or the input embedding when tied."""
+        return self.input_embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend name `config.attn_impl` resolves to on (device, dtype) (cached)."""
+        key = (self.config.attn_impl, device.type, dtype)
+        name = self._attn_cache.get(key)
+        if name is None:
+            name = resolve_attention(self.config.attn_impl, device, dtype)
+            self._attn_cache[key] = name
+        return name
+
+    # -------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        return_logits: bool | None = None,
+        max_seqlen: int | None = None,
+    ) -> FM9GOutput:
+        """Run packed rows through the decoder.
+
+        Args:
+            input_ids: (B, T) token ids.
+            position_ids: (B, T) positions; None → 0..T-1 per row, or restarting per document
+                when cu_seqlens is given.
+            cu_seqlens: int (n+1,) document boundaries over the flattened B·T tokens (0 first,
+                B·T last); None → each row is one causal sequence. Documents never attend to
+                each other.
+            labels: (B, T) targets already aligned with positions (position j predicts
+                labels[j]; no shift), -100 ignored.
+            return_logits: also return logits when labels are given (default: only without labels).
+            max_seqlen: longest document, if the caller knows it (saves nothing but a reduction).
+        Returns:
+            FM9GOutput(loss, logits, token_loss, num_label_tokens).
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        N = B * T
+        device = input_ids.device
+        cache: dict[str, Any] = {}
+        if cu_seqlens is None:
+            cu = torch.arange(0, N + 1, T, dtype=torch.int32, device=device)
+            max_len = T
+            if position_ids is None:
+                position_ids = torch.arange(T, device=device).expand(B, T)
+        else:
+            cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            bounds = cu.tolist()  # one host sync; validates the layout and feeds the sdpa backend
+            if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != N or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+                raise ValueError(
+                    f"cu_seqlens must rise from 0 to B*T={N} over the flattened tokens, got {bounds[:8]}"
+                    f"{'...' if len(bounds) > 8 else ''} (length {len(bounds)})"
+                )
+            cache["sdpa_bounds"] = bounds
+            max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+            if position_ids is None:
+                flat = torch.arange(N, device=device)
+                doc = torch.searchsorted(cu[1:].long(), flat, right=True)  # (N,) document of each token
+                position_ids = (flat - cu.long()[doc]).view(B, T)
+        if max_seqlen is not None:
+            max_len = int(max_seqlen)
+
+        # 1. embedding (× scale_emb under muP)
+        h = self.input_embedding(input_ids)  # (B, T, d)
+        if cfg.scale:
+            h = h * cfg.scale_emb
+        compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        ctx = AttentionContext(
+            fn=ATTENTION_BACKENDS[self.attention_backend(device, compute_dtype)].fn,
+            cu_seqlens=cu,
+            max_seqlen=max_len,
+            cache=cache,
+        )
+        cos, sin = rotary_cos_sin(position_ids.to(device), cfg.dim_head, cfg.base)  # (B, T, dh) fp32
+
+        # 2. layers (optionally recomputed in backward)
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.encoder.layers:
+            if use_ckpt:
+                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, ctx)
+
+        # 3. final norm; 4. head input ÷ scale_width under muP
+        h = self.encoder.output_layernorm(h)  # (B, T, d)
+        if cfg.scale:
+            h = h / cfg.scale_width
+        weight = self.output_weight  # (V, d)
+
+        out = FM9GOutput()
+        if labels is not None:
+            token_loss = chunked_cross_entropy(h.reshape(N, -1), weight, labels.reshape(N).to(device),
+                                               self.loss_chunk_tokens).view(B, T)  # (B, T) fp32
+            count = (labels != IGNORE_INDEX).sum()
+            out.token_loss = token_loss
+            out.num_label_tokens = count
+            out.loss = token_loss.sum() / count.clamp(min=1).to(device)
+        if labels is None or return_logits:
+            out.logits = F.linear(h, weight)  # (B, T, V)
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"layers={c.num_layers}, d={c.dim_model}, heads={c.num_heads}/{c.num_kv_heads}, "
+                f"V={c.vocab_size}, tied={c.tie_lm_head}, muP={c.scale}")
