@@ -1,0 +1,89 @@
+"""Learning-rate schedules (SPEC §4.3), as pure functions of the 1-based iteration number.
+
+Timing (a deliberate fix of the original): iteration ``k`` (1, 2, ..., the k-th optimizer step)
+trains with ``lr(k)``, and ``lr(k)`` is also what is logged for that iteration. The original built
+its scheduler at step 0 and stepped it after each update, so its first iteration trained with
+``lr(0) = 0`` under warmup and the logged lr was one step ahead of the one used. Here ``lr(1) =
+base/W`` under a warmup of W steps and ``lr(W) = base``.
+
+With ``W`` = warmup steps, ``D`` = drop steps, ``E`` = train_iters (W and D may be given as
+fractions of E in the config; they are resolved to (fractional) step counts before this module),
+``base`` = the group's learning rate:
+
+- warmup (all schedules, when W > 0): ``k < W`` -> ``base * k / W``.
+- ``cosine``: ``p = min(1, (k - W) / max(1, E - W))``,
+  ``lr = max(0.1 base, base * (0.1 + 0.45 * (1 + cos(pi p))))``: from base down to a 0.1·base
+  floor at E, and the floor after.
+- ``warmupstabledrop`` (WSD): ``base`` until ``E - D``; for ``k > E - D``:
+  ``base * (0.1 + max(0.9 * (E - k) / D, 0))`` (linear drop to 0.1·base at E).
+- ``warmupstableexp``: ``base``; after ``drop_begin`` (>= 0) with D > 0:
+  ``base * drop_rate ** ((k - drop_begin) / D)`` (D is the half-life when drop_rate = 0.5).
+- ``linear``: ``base * (E - k + 1) / (E - W + 1)`` for ``k >= W``: base at W, ``base/(E-W+1)``
+  at the last step (never 0 for a step that trains), 0 after E.
+- ``constant``: ``base``.
+
+Names are case-insensitive (``"Cosine"`` works; the original crashed on it).
+"""
+from __future__ import annotations
+
+import math
+
+__all__ = ["lr_at", "SCHEDULERS", "normalise_name"]
+
+SCHEDULERS = ("cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant")
+
+
+def normalise_name(name: str) -> str:
+    """``"Cosine"`` / ``"warmup-stable-drop"`` / ``"WSD"`` -> the canonical scheduler name."""
+    n = name.strip().lower().replace("-", "").replace("_", "").replace(" ", "")
+    n = {"wsd": "warmupstabledrop", "wse": "warmupstableexp", "cos": "cosine"}.get(n, n)
+    if n not in SCHEDULERS:
+        raise ValueError(f"lr_scheduler {name!r} is not one of {list(SCHEDULERS)}")
+    return n
+
+
+def lr_at(
+    step: int,
+    base_lr: float,
+    *,
+    scheduler: str = "cosine",
+    warmup_iters: float = 0.0,
+    drop_iters: float = 0.0,
+    train_iters: int = 1,
+    drop_begin: float = -1,
+    drop_rate: float = 0.5,
+) -> float:
+    """Learning rate that iteration ``step`` (1-based) trains with.
+
+    Args:
+        step: iteration number k >= 1 (values < 1 are treated as 0: before training).
+        base_lr: the peak learning rate.
+        scheduler: one of :data:`SCHEDULERS` (case-insensitive).
+        warmup_iters / drop_iters: W and D in steps (already resolved from fractions).
+        train_iters: E, the number of iterations of the run.
+        drop_begin / drop_rate: warmupstableexp parameters.
+    Returns:
+        The learning rate (a Python float).
+    """
+    name = normalise_name(scheduler)
+    k = float(max(step, 0))
+    W, D, E = float(warmup_iters), float(drop_iters), float(train_iters)
+    if W > 0 and k < W:
+        return base_lr * k / W
+    if name == "constant":
+        return base_lr
+    if name == "cosine":
+        p = min(1.0, (k - W) / max(1.0, E - W))
+        return max(0.1 * base_lr, base_lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * p))))
+    if name == "warmupstabledrop":
+        if D > 0 and k > E - D:
+            return base_lr * (0.1 + max(0.9 * (E - k) / D, 0.0))
+        return base_lr
+    if name == "warmupstableexp":
+        if drop_begin >= 0 and D > 0 and k > drop_begin:
+            return base_lr * drop_rate ** ((k - drop_begin) / D)
+        return base_lr
+    # linear
+    if k > E:
+        return 0.0
+    return base_lr * (E - k + 1.0) / max(1.0, E - W + 1.0)
