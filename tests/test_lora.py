@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fm9g.models.lora import (
+    HF_TO_ORIGINAL_TARGET,
     ORIGINAL_TARGETS,
     LoraConfig,
     LoraError,
@@ -524,3 +525,205 @@ def test_peft_import_errors(tmp_path):
     conf_path.write_text(json.dumps(dict(conf, use_rslora=True)))
     m = load_peft_adapter(_toy(), tmp_path / "ad")
     assert math.isclose(m.encoder.layers[0].self_att.self_attention.project_q.lora.scaling, 8 / math.sqrt(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# FM9GModel, and parity with transformers + peft
+# ---------------------------------------------------------------------------------------------
+
+def _fm9g_tiny(seed: int = 0, **overrides):
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    torch.manual_seed(seed)
+    return FM9GModel(FM9GConfig.from_name("tiny", **overrides)).eval()
+
+
+def _packed_batch(T: int = 24):
+    ids = _ids(seed=5, B=1, T=T, vocab=99)
+    cu = torch.tensor([0, 10, T], dtype=torch.int32)
+    labels = ids.roll(-1, 1)
+    labels[0, [9, T - 1]] = -100
+    return ids, cu, labels
+
+
+def test_fm9g_model_lora_lifecycle():
+    """B = 0 changes nothing; training touches only LoRA; merged == unmerged; unmerge restores."""
+    model = _fm9g_tiny(qkv_bias=True, tie_lm_head=False)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, cu, labels = _packed_batch()
+    with torch.no_grad():
+        ref = model(ids, cu_seqlens=cu).logits
+    cfg = LoraConfig.from_name("fm9g-7b", r=4)
+    apply_lora(model, cfg)
+    assert len(list(lora_modules(model))) == 7 * model.config.num_layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, cu_seqlens=cu).logits, ref, rtol=0, atol=0)
+    c = model.config
+    q_out, kv_out = c.num_heads * c.dim_head, c.num_kv_heads * c.dim_head
+    per_layer = cfg.r * ((c.dim_model + q_out) + 2 * (c.dim_model + kv_out) + (q_out + c.dim_model)
+                         + 2 * (c.dim_model + c.dim_ff) + (c.dim_ff + c.dim_model))
+    assert count_parameters(model)["trainable"] == c.num_layers * per_layer
+
+    model.train()
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    for _ in range(3):
+        out = model(ids, cu_seqlens=cu, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        for name, p in model.named_parameters():
+            assert (p.grad is not None) == (".lora." in name), name
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids, cu_seqlens=cu).logits
+        assert (unmerged - ref).abs().max() > 1e-3  # the adapter does something
+        merge_lora(model)
+        merged = model(ids, cu_seqlens=cu).logits
+        unmerge_lora(model)
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    sd = model.state_dict()
+    for k, v in base.items():
+        torch.testing.assert_close(sd[k], v, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_fm9g_activation_checkpointing_same_grads():
+    ids, cu, labels = _packed_batch()
+    grads = []
+    for ckpt in (False, True):
+        model = apply_lora(_fm9g_tiny(), LoraConfig(r=4, alpha=8, target_modules=ALL7)).train()
+        _randomize_lora(model)
+        model.set_activation_checkpointing(ckpt)
+        model(ids, cu_seqlens=cu, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 2 * 7 * 2
+    for k in grads[0]:
+        assert torch.count_nonzero(grads[0][k]) > 0, k
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_fm9g_lm_head_target_is_refused():
+    with pytest.raises(LoraError, match="lm_head.weight directly"):
+        apply_lora(_fm9g_tiny(tie_lm_head=False), LoraConfig(target_modules=["project_q", "lm_head"]))
+
+
+def _hf_base(kind: str, seed: int = 0):
+    """A tiny Llama (GQA, tied) or Qwen2 (q/k/v bias, untied) and the same weights in FM9GModel."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from fm9g.convert.keys import convert_state_dict
+
+    qwen = kind == "qwen2"
+    common = dict(vocab_size=99, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                  max_position_embeddings=256, tie_word_embeddings=not qwen, rope_theta=10000.0)
+    torch.manual_seed(seed)
+    if qwen:
+        hf = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(**common, attention_bias=False, mlp_bias=False))
+    with torch.no_grad():  # HF's init (std 0.02) is nearly linear; make the test sensitive
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    hf.eval()
+    fm = _fm9g_tiny(scale=False, scale_depth=-1.0, qkv_bias=qwen, tie_lm_head=not qwen)
+    fm.load_state_dict(convert_state_dict(hf.state_dict(), to="bmt", config=fm.config))
+    return hf, fm
+
+
+def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_peft_export_runs_on_transformers(kind, tmp_path):
+    from peft import PeftModel
+
+    hf, fm = _hf_base(kind)
+    ids = _ids(seed=6, B=2, T=12, vocab=99)
+    with torch.no_grad():
+        torch.testing.assert_close(fm(ids).logits, _hf_logits(hf, ids), rtol=1e-4, atol=1e-4)  # same base
+        base_logits = fm(ids).logits
+    apply_lora(fm, LoraConfig(r=4, alpha=8, target_modules=ALL7))
+    _randomize_lora(fm, std=0.2)
+    save_peft_adapter(fm, tmp_path / "adapter", base_model_name_or_path="tiny-hf")
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours = fm(ids).logits
+    assert (ours - base_logits).abs().max() > 1e-2
+    torch.testing.assert_close(_hf_logits(peft_model, ids), ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, targets, rslora", [
+    ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
+    ("qwen2", ["q_proj", "v_proj", "down_proj"], True),
+])
+def test_peft_made_adapter_imports(kind, targets, rslora, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    hf, fm = _hf_base(kind)
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                                   task_type="CAUSAL_LM", use_rslora=rslora))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    load_peft_adapter(fm, tmp_path / "adapter")
+    mapped = {HF_TO_ORIGINAL_TARGET[t] for t in targets}
+    assert get_lora_config(fm).target_modules == [t for t in ORIGINAL_TARGETS if t in mapped]
+    ids = _ids(seed=7, B=2, T=12, vocab=99)
+    with torch.no_grad():
+        ours = fm(ids).logits
+        with peft_model.disable_adapter():
+            assert (_hf_logits(peft_model, ids) - ours).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(ours, _hf_logits(peft_model, ids), rtol=1e-4, atol=1e-4)
+    # and back out again: our export of the imported adapter reproduces peft's tensors
+    from safetensors.torch import load_file
+
+    save_peft_adapter(fm, tmp_path / "again")
+    theirs = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert theirs.keys() == again.keys()
+    for k in theirs:
+        torch.testing.assert_close(again[k], theirs[k], msg=k)
+
+
+def test_peft_export_muP_model_on_native_llama(tmp_path):
+    """A muP model (tiny = 4B-shaped) exported natively folds scale_emb, the residual factor and
+    1/scale_width into the weights; the PEFT adapter must fold the residual factor into B too."""
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fm9g.convert.keys import convert_state_dict
+
+    fm = _fm9g_tiny()
+    c = fm.config
+    assert c.scale and c.scale_depth > 0 and c.tie_lm_head
+    with torch.no_grad():
+        for p in fm.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    sd = convert_state_dict(fm.state_dict(), to="hf", config=c)
+    emb = sd["model.embed_tokens.weight"]
+    sd = {k: v * c.residual_scale if k.endswith(("o_proj.weight", "down_proj.weight")) else v for k, v in sd.items()}
+    sd["model.embed_tokens.weight"] = emb * c.scale_emb
+    sd["lm_head.weight"] = emb / c.scale_width
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=99, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
+        tie_word_embeddings=False, rope_theta=10000.0)).eval()
+    hf.load_state_dict(sd, strict=True)
+    ids = _ids(seed=8, B=1, T=12, vocab=99)
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(hf, ids), fm(ids).logits, rtol=1e-4, atol=1e-4)
+    apply_lora(fm, LoraConfig.from_name("fm9g-4b", r=4))
+    _randomize_lora(fm, std=0.2)
+    save_peft_adapter(fm, tmp_path / "adapter")  # format="native"
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(peft_model, ids), fm(ids).logits, rtol=1e-4, atol=1e-4)

@@ -139,7 +139,7 @@ class LoraConfig:
         target_modules: linear layers to wrap, matched against the end of module names (a name
             matches ``X`` if it equals ``X`` or ends with ``.X``). Original names
             (``project_q``, ``project_k``, ``project_v``, ``attention_out``, ``w_0``, ``w_1``,
-            ``w_out``, ``lm_head``) or Hugging Face names (``q_proj`` ... ``down_proj``, mapped to
+            ``w_out``) or Hugging Face names (``q_proj`` ... ``down_proj``, mapped to
             the original ones). Duplicates are dropped, order kept.
 
     Example::
@@ -518,6 +518,11 @@ def apply_lora(
                 continue
             not_linear.append(f"{name} ({type(module).__name__})")
             continue
+        if name == "lm_head" and hasattr(type(model), "output_weight"):
+            raise LoraError(
+                f"{type(model).__name__} computes logits from lm_head.weight directly (fused loss), so a "
+                "LoRA branch on lm_head would be ignored; remove 'lm_head' from target_modules"
+            )
         for t in matched:
             hits[t].append(raw_name)
         chosen.append(raw_name)
@@ -722,45 +727,18 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 
 
-# TEMPORARY: until fm9g.convert.keys lands, a local copy of the module-name table.
-_LOCAL_MODULE_TABLE = [
-    (r"encoder\.layers\.(\d+)\.self_att\.self_attention\.project_q", r"model.layers.\1.self_attn.q_proj"),
-    (r"encoder\.layers\.(\d+)\.self_att\.self_attention\.project_k", r"model.layers.\1.self_attn.k_proj"),
-    (r"encoder\.layers\.(\d+)\.self_att\.self_attention\.project_v", r"model.layers.\1.self_attn.v_proj"),
-    (r"encoder\.layers\.(\d+)\.self_att\.self_attention\.attention_out", r"model.layers.\1.self_attn.o_proj"),
-    (r"encoder\.layers\.(\d+)\.ffn\.ffn\.w_in\.w_0", r"model.layers.\1.mlp.gate_proj"),
-    (r"encoder\.layers\.(\d+)\.ffn\.ffn\.w_in\.w_1", r"model.layers.\1.mlp.up_proj"),
-    (r"encoder\.layers\.(\d+)\.ffn\.ffn\.w_out", r"model.layers.\1.mlp.down_proj"),
-    (r"lm_head", r"lm_head"),
-]
-
-
-def _local_map(name: str, to_hf: bool) -> str:
-    for bmt, hf in _LOCAL_MODULE_TABLE:
-        src, dst = (bmt, hf) if to_hf else (re.sub(r"\\1", r"(\\d+)", hf.replace(".", "\\.")), bmt.replace("\\.", ".").replace(r"(\d+)", r"\1"))
-        if re.fullmatch(src, name):
-            return re.sub(src, dst, name)
-    raise KeyError(name)
-
-
 def _bmt_module_to_hf(name: str) -> str:
     """``encoder.layers.3.self_att.self_attention.project_q`` -> ``model.layers.3.self_attn.q_proj``."""
-    try:
-        from fm9g.convert.keys import bmt_to_hf_key
-    except ImportError:
-        return _local_map(name, to_hf=True)
-    key = bmt_to_hf_key(name + ".weight")
-    return key[: -len(".weight")]
+    from fm9g.convert.keys import bmt_to_hf_module  # the one name table (imported lazily: convert -> models)
+
+    return bmt_to_hf_module(name)
 
 
 def _hf_module_to_bmt(name: str) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``encoder.layers.3.self_att.self_attention.project_q``."""
-    try:
-        from fm9g.convert.keys import hf_to_bmt_key
-    except ImportError:
-        return _local_map(name, to_hf=False)
-    key = hf_to_bmt_key(name + ".weight")
-    return key[: -len(".weight")]
+    from fm9g.convert.keys import hf_to_bmt_module
+
+    return hf_to_bmt_module(name)
 
 
 def _native_scales(model: nn.Module, format: str) -> dict[str, float]:
@@ -779,7 +757,7 @@ def _native_scales(model: nn.Module, format: str) -> dict[str, float]:
     scale_depth = float(getattr(cfg, "scale_depth", -1) or -1)
     num_layers = int(getattr(cfg, "num_layers", 0) or 0)
     if scale_depth > 0 and num_layers > 0:
-        c = scale_depth / math.sqrt(num_layers)
+        c = float(getattr(cfg, "residual_scale", scale_depth / math.sqrt(num_layers)))
         scales["attention_out"] = scales["w_out"] = c
     if getattr(cfg, "scale", False):
         width = float(getattr(cfg, "scale_width", 1.0) or 1.0)
