@@ -113,6 +113,11 @@ def flex_attention_varlen(
     """FlexAttention with a document-causal block mask (built once per forward, shared by layers)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise AttentionUnavailableError(
+            "FlexAttention has no backward on CPU (torch raises NotImplementedError); "
+            "use attn_impl='sdpa' for CPU training, or run under torch.no_grad()"
+        )
     n = q.shape[0]
     block_mask = cache.get("flex_block_mask")
     if block_mask is None:
