@@ -360,17 +360,30 @@ class TrainConfig:
         return cand if os.path.exists(cand) else p
 
     def find_file(self, value: str, folder: str) -> str | None:
-        """Look a bare name up the way the original launcher did: ``<folder>/<name>.json`` next to
-        (or one level above) the train config, or in the working directory. Returns None if absent."""
-        cands = [value, f"{value}.json"]
-        roots = [self.base_dir, os.path.dirname(self.base_dir)] if self.base_dir else []
+        """Look a model / dataset config up the way the original launcher did.
+
+        A path (with a ``/`` or ending in ``.json``) is taken relative to the train config's
+        directory, else the working directory. A bare name ``X`` is looked up as
+        ``<folder>/X.json`` next to the train config, one level above it (the original
+        ``apps/<x>/train_configs`` layout) and in the working directory. Returns None if absent.
+        """
+        value = os.path.expanduser(value)
+        roots = [r for r in ([self.base_dir, os.path.dirname(self.base_dir)] if self.base_dir else []) if r]
         roots.append(os.getcwd())
+        if os.path.isabs(value):
+            return value if os.path.isfile(value) else None
+        if "/" in value or value.endswith(".json"):
+            for root in roots:
+                p = os.path.join(root, value)
+                if os.path.isfile(p):
+                    return p
+            return None
         for root in roots:
-            for c in cands:
-                for p in (os.path.join(root, c), os.path.join(root, folder, c)):
-                    if root and os.path.isfile(p):
-                        return p
-        return value if os.path.isfile(value) else None
+            for c in (f"{value}.json", value):
+                p = os.path.join(root, folder, c)
+                if os.path.isfile(p):
+                    return p
+        return None
 
 
 def resolve_iters(value: float, train_iters: int) -> float:

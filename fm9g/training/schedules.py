@@ -18,8 +18,8 @@ fractions of E in the config; they are resolved to (fractional) step counts befo
   ``base * (0.1 + max(0.9 * (E - k) / D, 0))`` (linear drop to 0.1·base at E).
 - ``warmupstableexp``: ``base``; after ``drop_begin`` (>= 0) with D > 0:
   ``base * drop_rate ** ((k - drop_begin) / D)`` (D is the half-life when drop_rate = 0.5).
-- ``linear``: ``base * (E - k + 1) / (E - W + 1)`` for ``k >= W``: base at W, ``base/(E-W+1)``
-  at the last step (never 0 for a step that trains), 0 after E.
+- ``linear``: ``base * (E - k + 1) / (E - S + 1)`` for ``k >= S = max(W, 1)``: base at S,
+  ``base/(E-S+1)`` at the last step (never 0 for a step that trains), 0 after E.
 - ``constant``: ``base``.
 
 Names are case-insensitive (``"Cosine"`` works; the original crashed on it).
@@ -86,4 +86,5 @@ def lr_at(
     # linear
     if k > E:
         return 0.0
-    return base_lr * (E - k + 1.0) / max(1.0, E - W + 1.0)
+    start = max(W, 1.0)  # the first step at full lr
+    return base_lr * (E - k + 1.0) / max(1.0, E - start + 1.0)

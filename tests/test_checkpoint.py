@@ -1,0 +1,114 @@
+"""Checkpoint I/O: layout, weights_only loading of numpy/RNG state, crash safety, pruning, resolving."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fm9g.training import checkpoint as ck
+
+
+def _save(run, step, **kw):
+    return ck.save_checkpoint(
+        run, step, model_state={"w": torch.full((2, 2), float(step))}, optimizer_state={"state": {}, "param_groups": []},
+        loader_state={"used": np.array([True, False, True]), "pos": np.int64(step)},
+        trainer_state={"step": step, "tokens": 10 * step, "task_tokens": {"a": step}, "rng": ck.get_rng_state()},
+        model_config={"dim_model": 8}, train_config={"lr": 1e-4}, **kw,
+    )
+
+
+def test_layout_and_round_trip(tmp_path):
+    run = tmp_path / "run"
+    path = _save(run, 5)
+    assert path == run / "5"
+    names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert names == {"fm9g_live_checkpoint-5.pt", "fm9g_live_checkpoint-5.rank-0.opt", "fm9g_live_checkpoint-5.log_ckpt",
+                     "trainer_state.pt", "dataset_ckpt/loader_state.pt", "config.json", "train_config.json"}
+    assert json.loads((path / "fm9g_live_checkpoint-5.log_ckpt").read_text()) == {
+        "iteration": 5, "global_token_pass": 50, "global_total_task_token": {"a": 5}}
+    # every .pt loads with weights_only=True; the model file is a flat state dict in original names
+    for f in path.rglob("*.p*"):
+        torch.load(f, weights_only=True)
+    assert torch.equal(torch.load(path / "fm9g_live_checkpoint-5.pt", weights_only=True)["w"], torch.full((2, 2), 5.0))
+    loaded = ck.load_checkpoint(path)
+    assert loaded.step == 5 and loaded.model_config == {"dim_model": 8}
+    assert loaded.loader_state["used"].dtype == np.bool_ and loaded.loader_state["used"].tolist() == [True, False, True]
+    assert loaded.loader_state["pos"] == 5
+
+
+def test_rng_state_round_trip():
+    state = ck.get_rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    saved = ck.from_safe(ck.to_safe(state))
+    ck.set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_safe_objects_cover_numpy_dtypes():
+    obj = {"a": np.arange(6, dtype=np.uint32).reshape(2, 3), "b": [np.float32(1.5), (np.zeros(0), "x")]}
+    back = ck.from_safe(ck.to_safe(obj))
+    assert back["a"].dtype == np.uint32 and back["a"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert back["b"][0] == 1.5 and back["b"][1][0].shape == (0,) and back["b"][1][1] == "x"
+
+
+@pytest.mark.parametrize("fail_at", range(7))
+def test_crash_at_any_file_keeps_previous_checkpoint(tmp_path, monkeypatch, fail_at):
+    run = tmp_path / "run"
+    _save(run, 2)
+    calls = {"n": 0}
+    real = ck._write_file
+
+    def flaky(path, write, binary=True):
+        if calls["n"] == fail_at:
+            calls["n"] += 1
+            # leave a half-written file behind, as a crash would
+            path.write_bytes(b"partial")
+            raise OSError(f"injected fault writing {path.name}")
+        calls["n"] += 1
+        return real(path, write, binary)
+
+    monkeypatch.setattr(ck, "_write_file", flaky)
+    with pytest.raises(OSError, match="injected fault"):
+        _save(run, 4)
+    monkeypatch.setattr(ck, "_write_file", real)
+    assert [s for s, _ in ck.list_checkpoints(run)] == [2]
+    assert ck.resolve_checkpoint(run, "latest") == run / "2"
+    with pytest.raises(ck.CheckpointError, match="available steps: \\[2\\]"):
+        ck.resolve_checkpoint(run, 4)
+    assert torch.equal(ck.load_checkpoint(run / "2").model_state["w"], torch.full((2, 2), 2.0))
+    # a later save still works and cleans the leftovers
+    _save(run, 4)
+    assert [s for s, _ in ck.list_checkpoints(run)] == [2, 4]
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_a_killed_process_leaves_only_an_ignored_tmp_folder(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 1)
+    (run / ".tmp-3-999").mkdir()
+    (run / ".tmp-3-999" / "fm9g_live_checkpoint-3.pt").write_bytes(b"x")
+    (run / "7").mkdir()  # a numeric folder without the files (e.g. copied by hand, half-way)
+    assert [s for s, _ in ck.list_checkpoints(run)] == [1]
+    assert ck.resolve_checkpoint(run, "latest") == run / "1"
+
+
+def test_keep_last_and_resave(tmp_path):
+    run = tmp_path / "run"
+    for s in (1, 2, 3, 4):
+        _save(run, s, keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(run)] == [3, 4]
+    _save(run, 4, keep_last=2)  # the same step again replaces it
+    assert [s for s, _ in ck.list_checkpoints(run)] == [3, 4]
+
+
+def test_resolve_by_path_and_errors(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 3)
+    assert ck.resolve_checkpoint(None, str(run / "3")) == run / "3"
+    assert ck.resolve_checkpoint(None, str(run / "3" / "fm9g_live_checkpoint-3.pt")) == run / "3"
+    assert ck.resolve_checkpoint(run, "3") == run / "3"
+    with pytest.raises(ck.CheckpointError, match="no complete checkpoint"):
+        ck.resolve_checkpoint(tmp_path / "empty", "latest")
+    with pytest.raises(ck.CheckpointError, match="not a step number"):
+        ck.resolve_checkpoint(run, str(tmp_path / "nothing"))
