@@ -727,3 +727,35 @@ def test_peft_export_muP_model_on_native_llama(tmp_path):
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(_hf_logits(peft_model, ids), fm(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("format", ["native", "fm9g"])
+def test_peft_adapter_on_bmt_to_hf_export(format, tmp_path):
+    """The user flow: export the base with bmt_to_hf, the LoRA with save_peft_adapter, load both
+    with transformers + peft; the muP tiny model exercises the native folding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fm9g.convert.hf import bmt_to_hf
+
+    fm = _fm9g_tiny()
+    with torch.no_grad():
+        for p in fm.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    torch.save(fm.state_dict(), tmp_path / "base.pt")
+    bmt_to_hf(tmp_path / "base.pt", tmp_path / "hf", config=fm.config, format=format, dtype=torch.float32)
+    apply_lora(fm, LoraConfig.from_name("fm9g-4b", r=4))
+    _randomize_lora(fm, std=0.2)
+    save_peft_adapter(fm, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "hf"), format=format)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, trust_remote_code=format == "fm9g")
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = _ids(seed=9, B=1, T=12, vocab=99)
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(peft_model, ids), fm(ids).logits, rtol=1e-4, atol=1e-4)
+    # and the adapter comes back into a fresh fm9g model unchanged
+    back = _fm9g_tiny()
+    back.load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
+    load_peft_adapter(back, tmp_path / "adapter", format=format)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, fm(ids).logits, rtol=1e-5, atol=1e-5)
