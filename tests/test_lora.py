@@ -30,6 +30,7 @@ from fm9g.models.lora import (
     save_lora_checkpoint,
     save_peft_adapter,
     trainable_parameters,
+    unload_lora,
     unmerge_lora,
 )
 
@@ -351,6 +352,29 @@ def test_merge_bf16_base_in_fp32_math():
     # one bf16 rounding each way (unit roundoff 2^-8): not exact in bf16, but within the two roundings
     err = (lora.weight.float() - w0.float()).abs()
     assert (err <= (w0.float().abs() + (w0.float() + delta).abs()) * 2 ** -8 + 1e-9).all()
+
+
+def test_unload_lora_gives_plain_model():
+    ids = _ids()
+    model = apply_lora(_toy(), LoraConfig(r=4, alpha=8, target_modules=ALL7))
+    _randomize_lora(model)
+    with torch.no_grad():
+        with_lora = model(ids)
+    plain_keys = set(_toy().state_dict())
+    unload_lora(model)  # merge, then drop the branches
+    assert not list(lora_modules(model))
+    assert type(model.encoder.layers[0].ffn.ffn.w_out) is nn.Linear
+    assert set(model.state_dict()) == plain_keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), with_lora, rtol=1e-5, atol=1e-5)
+    # merge=False: the base model comes back
+    base = _toy()
+    model = apply_lora(_toy(), LoraConfig(r=4, alpha=8, target_modules=ALL7))
+    _randomize_lora(model)
+    merge_lora(model)
+    unload_lora(model, merge=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), base(ids), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

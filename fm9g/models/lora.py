@@ -52,6 +52,7 @@ __all__ = [
     "apply_lora",
     "merge_lora",
     "unmerge_lora",
+    "unload_lora",
     "lora_modules",
     "get_lora_config",
     "lora_state_dict",
@@ -568,6 +569,31 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_lora` (see :meth:`LoraLinear.unmerge`). Returns ``model``."""
     for _, m in _require_lora(model, "unmerge_lora"):
         m.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
+    """Replace every :class:`LoraLinear` by a plain ``nn.Linear`` sharing its weight (in place).
+
+    Args:
+        model: a LoRA model.
+        merge: fold the updates into the weights first (PEFT's ``merge_and_unload``); with False
+            the updates are dropped (the base model comes back, unmerged first if needed).
+
+    Returns:
+        ``model``, now without LoRA parameters; its ``state_dict()`` is a plain full checkpoint.
+        Base parameters keep ``requires_grad=False``.
+    """
+    for _, m in _require_lora(model, "unload_lora"):
+        if merge:
+            m.merge()
+        else:
+            m.unmerge()
+    for raw_name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            parent_name, _, child = raw_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.to_linear())
     return model
 
 
