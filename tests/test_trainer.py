@@ -1,0 +1,324 @@
+"""The Trainer on CPU: exact resume across processes (full and LoRA), crash safety, overfitting,
+loss on output tokens only, accumulation, non-finite / OOM skipping, TensorBoard, stats, plot, CLI."""
+import json
+import math
+import struct
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fm9g.training import checkpoint as ck
+from fm9g.training.config import TrainConfig
+from fm9g.training.engine import TorchEngine
+from fm9g.training.trainer import Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A deterministic stand-in for MixtureLoader (packed rows with cu_seqlens, 2 tasks, state_dict).
+LOADER_SRC = textwrap.dedent('''
+    import torch
+
+    class ToyLoader:
+        task_names = ["alpha", "beta"]
+
+        def __init__(self, seed=0, vocab=99, crash_after=None, fixed=False):
+            self.i, self.seed, self.vocab, self.crash_after, self.fixed = 0, seed, vocab, crash_after, fixed
+
+        def __iter__(self):
+            while True:
+                if self.crash_after is not None and self.i >= self.crash_after:
+                    raise KeyboardInterrupt("simulated kill")
+                b = self.make(0 if self.fixed else self.i)
+                self.i += 1
+                yield b
+
+        def make(self, i):
+            g = torch.Generator().manual_seed(self.seed * 100003 + i)
+            ids = torch.randint(3, self.vocab, (2, 16), generator=g)      # 2 rows x 16, 2 docs per row
+            labels = torch.roll(ids, -1, 1)
+            labels[:, [0, 1, 2, 7, 8, 9, 10, 15]] = -100                  # prompts and document ends
+            pos = torch.arange(8).repeat(2).expand(2, 16).clone()
+            task = torch.tensor([[0] * 16, [1] * 16])
+            return {"input_ids": ids, "labels": labels, "position_ids": pos,
+                    "cu_seqlens": torch.tensor([0, 8, 16, 24, 32], dtype=torch.int32), "task_ids": task,
+                    "task_names": list(self.task_names), "num_tokens": 32,
+                    "num_label_tokens": int((labels != -100).sum())}
+
+        def state_dict(self):
+            return {"i": self.i}
+
+        def load_state_dict(self, state):
+            self.i = int(state["i"])
+''')
+_ns: dict = {}
+exec(LOADER_SRC, _ns)
+ToyLoader = _ns["ToyLoader"]
+
+RESUME_SCRIPT = LOADER_SRC + textwrap.dedent('''
+    import json, sys
+    from fm9g.training.config import TrainConfig
+    from fm9g.training.trainer import Trainer
+    cfg = TrainConfig.from_json(sys.argv[1]).override(sys.argv[2:])
+    res = Trainer(cfg, loader=ToyLoader()).fit()
+    print("RESULT " + json.dumps({"losses": res.losses, "step": res.step}))
+''')
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="tiny", train_iters=6, lr=3e-3, warmup_iters=2, lr_scheduler="cosine", save=str(tmp_path / "ckpt"),
+                save_iters=0, max_length=16, batch_size=2, progress_bar=False, inspect_iters=0, seed=7,
+                tensorboard=None, stats_dir=None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _final_state(run_dir, step):
+    return torch.load(Path(run_dir) / str(step) / f"fm9g_live_checkpoint-{step}.pt", weights_only=True)
+
+
+def _resume_in_new_process(tmp_path, cfg, *sets):
+    cfg_path = tmp_path / "resume.json"
+    cfg.to_json(cfg_path)
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(cfg_path), *sets], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_exact_resume_in_a_new_process(tmp_path, lora):
+    N, k = 6, 3
+    extra = {}
+    if lora:
+        # LoRA on top of pretrained weights, with dropout so the RNG state matters
+        from fm9g.models.config import FM9GConfig
+        from fm9g.models.fm9g import FM9GModel
+
+        torch.manual_seed(123)
+        torch.save(FM9GModel(FM9GConfig.from_name("tiny")).state_dict(), tmp_path / "base.pt")
+        extra = dict(pretrained_model=str(tmp_path / "base.pt"),
+                     lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["project_q", "project_v", "w_out"]})
+    straight = _cfg(tmp_path, model_unique="straight", **extra)
+    res_a = Trainer(straight, loader=ToyLoader()).fit()
+    assert res_a.step == N and len(res_a.losses) == N
+
+    part = _cfg(tmp_path, model_unique="split", save_iters=k, **extra)
+    with pytest.raises(KeyboardInterrupt):  # killed while fetching the data of step k+1
+        Trainer(part, loader=ToyLoader(crash_after=k)).fit()
+    assert [s for s, _ in ck.list_checkpoints(part.run_dir)] == [k]
+
+    res_b = _resume_in_new_process(tmp_path, part, "resume_ckpt=latest")
+    assert res_b["step"] == N
+    assert res_b["losses"] == res_a.losses[k:]  # identical floats
+    a, b = _final_state(straight.run_dir, N), _final_state(part.run_dir, N)
+    assert a.keys() == b.keys()
+    if lora:
+        assert all(".lora.lora_" in key for key in a), "LoRA checkpoints hold only LoRA tensors"
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    oa = torch.load(Path(straight.run_dir) / str(N) / f"fm9g_live_checkpoint-{N}.rank-0.opt", weights_only=True)
+    ob = torch.load(Path(part.run_dir) / str(N) / f"fm9g_live_checkpoint-{N}.rank-0.opt", weights_only=True)
+    for i, st in oa["state"].items():
+        assert torch.equal(st["exp_avg_sq"], ob["state"][i]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("fail_at", range(7))
+def test_crash_during_save_keeps_previous_and_resume_picks_it(tmp_path, monkeypatch, fail_at):
+    cfg = _cfg(tmp_path, train_iters=4, save_iters=2, save_final=False)
+    real = ck._write_file
+    calls = {"n": 0}
+
+    def flaky(path, write, binary=True):
+        # the first save (step 2: 7 files) succeeds, the second fails at file `fail_at`
+        if calls["n"] == 7 + fail_at:
+            calls["n"] += 1
+            path.write_bytes(b"half")
+            raise OSError("disk full (injected)")
+        calls["n"] += 1
+        return real(path, write, binary)
+
+    monkeypatch.setattr(ck, "_write_file", flaky)
+    with pytest.raises(OSError, match="injected"):
+        Trainer(cfg, loader=ToyLoader()).fit()
+    monkeypatch.setattr(ck, "_write_file", real)
+    assert [s for s, _ in ck.list_checkpoints(cfg.run_dir)] == [2]
+    resumed = Trainer(cfg.override({"resume_ckpt": "latest"}), loader=ToyLoader())
+    assert resumed.resume("latest") == cfg.run_dir / "2"
+    assert resumed.step == 2 and resumed.loader.i == 2
+    assert resumed.fit().step == 4
+
+
+def test_tiny_model_overfits_a_small_sft_set(tmp_path):
+    cfg = _cfg(tmp_path, train_iters=40, lr=1e-2, warmup_iters=0, lr_scheduler="constant", save=None)
+    res = Trainer(cfg, loader=ToyLoader(fixed=True)).fit()
+    assert res.losses[0] > 4.0  # ~ ln(99)
+    assert res.losses[-1] < 0.25 * res.losses[0], res.losses
+
+
+def test_loss_is_mean_over_output_tokens_across_accumulation():
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    torch.manual_seed(0)
+    model = FM9GModel(FM9GConfig.from_name("tiny"))
+    ids1 = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    lab1 = torch.tensor([[-100, -100, -100, -100, 10, 11]])  # 2 output tokens
+    ids2 = torch.tensor([[20, 21, 22, 23, 24, 25]])
+    lab2 = torch.tensor([[-100, 22, 23, 24, 25, 26]])  # 5 output tokens
+    with torch.no_grad():
+        lp1 = torch.log_softmax(model(ids1).logits.float(), -1)[0]
+        lp2 = torch.log_softmax(model(ids2).logits.float(), -1)[0]
+    nll = [-lp1[4, 10], -lp1[5, 11]] + [-lp2[j, t] for j, t in zip(range(1, 6), (22, 23, 24, 25, 26))]
+    want = float(sum(nll) / 7)  # mean over all 7 labelled tokens, not the mean of the two batch means
+    engine = TorchEngine(model, lr=1e-3, device="cpu")
+    out = engine.train_step([{"input_ids": ids1, "labels": lab1}, {"input_ids": ids2, "labels": lab2}], lr=0.0)
+    assert out.num_label_tokens == 7
+    assert out.loss == pytest.approx(want, rel=1e-5)
+    # changing the prompt tokens' labels (-100 -> anything masked) cannot change the loss
+    mean_of_means = float((sum(nll[:2]) / 2 + sum(nll[2:]) / 5) / 2)
+    assert abs(out.loss - mean_of_means) > 1e-3
+
+
+def test_accumulation_equals_one_big_batch():
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 99, (2, 8), generator=g)
+    labels = ids.clone()
+    labels[0, :6] = -100  # unequal label counts per micro-batch
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(FM9GModel(FM9GConfig.from_name("tiny")))
+    e1 = TorchEngine(models[0], lr=1e-2, device="cpu")
+    e2 = TorchEngine(models[1], lr=1e-2, device="cpu")
+    grads = []
+    for e in (e1, e2):  # record the gradients the optimizer sees
+        step, seen = e.optimizer.step, []
+        e.optimizer.step = (lambda step=step, seen=seen, e=e: (seen.extend(p.grad.clone() for p in e.params), step())[1])
+        grads.append(seen)
+    o1 = e1.train_step([{"input_ids": ids[:1], "labels": labels[:1]}, {"input_ids": ids[1:], "labels": labels[1:]}], lr=1e-2)
+    o2 = e2.train_step([{"input_ids": ids, "labels": labels}], lr=1e-2)
+    assert o1.loss == pytest.approx(o2.loss, rel=1e-6) and o1.grad_norm == pytest.approx(o2.grad_norm, rel=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+class _PoisonModel(nn.Module):
+    """Contract-shaped toy: token_loss = (w·x)²; NaN when the batch's first token is 0; OOM when 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 1)
+
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None):
+        if int(input_ids[0, 0]) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        tl = self.emb(input_ids)[..., 0] ** 2 * (labels != -100)
+        if int(input_ids[0, 0]) == 0:
+            tl = tl * float("nan")
+        return types.SimpleNamespace(token_loss=tl, loss=None, num_label_tokens=(labels != -100).sum())
+
+
+class _ListLoader:
+    def __init__(self, firsts):
+        self.firsts = list(firsts)
+
+    def __iter__(self):
+        for f in self.firsts:
+            ids = torch.tensor([[f, 3, 4, 5]])
+            yield {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_nonfinite_steps_are_skipped_counted_and_too_many_stop(tmp_path):
+    cfg = _cfg(tmp_path, train_iters=3, save=None, max_bad_steps=3)
+    t = Trainer(cfg, model=_PoisonModel(), loader=_ListLoader([2, 0, 0, 2, 2]))
+    before = t.model.emb.weight.detach().clone()
+    res = t.fit()
+    assert res.step == 3 and res.skipped["nonfinite"] == 2 and len(res.losses) == 3
+    assert not torch.equal(before, t.model.emb.weight)
+    assert torch.isfinite(t.model.emb.weight).all()
+    t2 = Trainer(cfg, model=_PoisonModel(), loader=_ListLoader([2] + [0] * 5))
+    with pytest.raises(TrainingError, match="3 consecutive steps were skipped"):
+        t2.fit()
+
+
+def test_ignore_cuda_oom_skips_the_batch(tmp_path):
+    cfg = _cfg(tmp_path, train_iters=2, save=None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        Trainer(cfg, model=_PoisonModel(), loader=_ListLoader([2, 1, 2])).fit()
+    res = Trainer(cfg.override({"ignore_cuda_oom": True}), model=_PoisonModel(), loader=_ListLoader([2, 1, 2])).fit()
+    assert res.step == 2 and res.skipped["oom"] == 1
+
+
+def _read_scalars(logdir):
+    """Parse tensorboardX event files (TFRecord framing + Event protos) without tensorboard."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    files = list(Path(logdir).rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {logdir}"
+    for f in files:
+        data, pos = f.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_stats_plot_and_inspect(tmp_path, capsys):
+    cfg = _cfg(tmp_path, train_iters=4, save_iters=2, tensorboard="auto", stats_dir="auto", keep_last=1)
+    res = Trainer(cfg, loader=ToyLoader()).fit()
+    scalars = _read_scalars(cfg.run_dir / "tensorboard")
+    for tag in ("Loss/train", "Optimizer/lr", "Optimizer/grad_norm", "Loss/train/alpha", "Loss/train/beta"):
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4], tag
+    assert [v for _, v in scalars["Loss/train"]] == pytest.approx(res.losses, rel=1e-6)
+    assert scalars["Optimizer/lr"][0][1] == pytest.approx(3e-3 / 2)  # iteration 1 trains with lr(1) = base/W
+    # per-task losses weight to the total loss by their label counts (equal here)
+    t = (scalars["Loss/train/alpha"][0][1] + scalars["Loss/train/beta"][0][1]) / 2
+    assert t == pytest.approx(res.losses[0], rel=1e-5)
+    printed = capsys.readouterr().out
+    assert "| Iter:      1 | loss:" in printed and "grad_norm:" in printed and "tokens/s:" in printed
+    assert "task_loss: | alpha:" in printed
+    from fm9g.training.metrics import read_train_stats
+
+    rows = read_train_stats(cfg.run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and rows[-1]["token_pass"] == 128
+    assert [s for s, _ in ck.list_checkpoints(cfg.run_dir)] == [4]  # keep_last=1
+    from fm9g.cli import main
+
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(cfg.run_dir), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["inspect", str(cfg.run_dir / "4")]) == 0
+    out = capsys.readouterr().out
+    assert "step 4" in out and "input_embedding.weight" in out
+
+
+def test_resume_with_another_model_shape_is_a_clear_error(tmp_path):
+    cfg = _cfg(tmp_path, train_iters=2, save_iters=2)
+    Trainer(cfg, loader=ToyLoader()).fit()
+    other = cfg.override({"model": {"vocab_size": 99, "dim_model": 32, "num_layers": 2, "num_heads": 2,
+                                    "num_kv_heads": 2, "dim_head": 16, "dim_ff": 64, "tie_lm_head": True},
+                          "resume_ckpt": "latest"})
+    with pytest.raises(ck.CheckpointError, match="dim_model: 64 in checkpoint"):
+        Trainer(other, loader=ToyLoader()).fit()
+    lora = cfg.override({"lora_r": 2, "resume_ckpt": "2"})
+    with pytest.raises(ck.CheckpointError, match="written by a full run"):
+        Trainer(lora, loader=ToyLoader()).fit()
+    with pytest.raises(ck.CheckpointError, match="available steps: \\[2\\]"):
+        Trainer(cfg.override({"resume_ckpt": "9"}), loader=ToyLoader()).fit()
