@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -198,6 +199,10 @@ class TorchEngine(Engine):
             model.set_activation_checkpointing(bool(use_checkpoint))
         if compile:
             self._compile_layers()
+        try:
+            self._takes_max_seqlen = "max_seqlen" in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            self._takes_max_seqlen = False
         self.groups = param_groups(self.model, lr_scale_width)
         if not self.groups:
             raise ValueError("the model has no trainable parameters")
@@ -242,10 +247,11 @@ class TorchEngine(Engine):
         task_sums: list[torch.Tensor] = []
         for batch in micro_batches:
             b = self._to_device(batch)
+            extra = {"max_seqlen": int(b["max_seqlen"])} if self._takes_max_seqlen and b.get("max_seqlen") else {}
             with self._autocast():
                 out = self.model(
                     b["input_ids"], position_ids=b.get("position_ids"), cu_seqlens=b.get("cu_seqlens"),
-                    labels=b["labels"],
+                    labels=b["labels"], **extra,
                 )
             token_loss = getattr(out, "token_loss", None)
             if token_loss is not None:
