@@ -403,7 +403,13 @@ class _Scanner:
 
     # reading one block, aligned to whole lines ------------------------------------------------
     @staticmethod
-    def _read_block(job: _Job) -> tuple[int, bytes]:
+    def _read_block(job: _Job) -> tuple[int, bytes, bytes]:
+        """Read the lines that start inside ``[job.start, job.end)``.
+
+        Returns ``(start, buf, tail)``: ``buf`` = bytes ``[start, job.end)`` where ``start`` is the
+        first line start at or after ``job.start``; ``tail`` = the rest of the last line (through
+        its ``"\n"``) when it runs past ``job.end`` (kept apart to avoid copying ``buf``).
+        """
         with open(job.path, "rb", buffering=0) as f:
             start = job.start
             if start > 0:  # own only the lines that start inside [start, end)
@@ -412,18 +418,18 @@ class _Scanner:
                     while True:
                         chunk = f.read(1 << 16)
                         if not chunk:
-                            return job.size, b""
+                            return job.size, b"", b""
                         k = chunk.find(b"\n")
                         if k >= 0:
                             start += k + 1
                             break
                         start += len(chunk)
                     if start >= job.end:
-                        return start, b""
+                        return start, b"", b""
             f.seek(start)
             buf = f.read(job.end - start)
+            parts: list[bytes] = []
             if job.end < job.size and not buf.endswith(b"\n"):
-                parts = [buf]
                 while True:
                     chunk = f.read(1 << 16)
                     if not chunk:
@@ -433,8 +439,7 @@ class _Scanner:
                         parts.append(chunk[: k + 1])
                         break
                     parts.append(chunk)
-                buf = b"".join(parts)
-            return start, buf
+            return start, buf, b"".join(parts)
 
     def _parse_std(self, line: bytes) -> Any:
         s = line.decode("utf-8")
@@ -491,11 +496,15 @@ class _Scanner:
 
     def __call__(self, job: _Job) -> _BlockResult:
         res = _BlockResult(file_no=job.file_no)
-        start, buf = self._read_block(job)
-        res.start, res.end = start, start + len(buf)
+        start, buf, tail = self._read_block(job)
+        res.start, res.end = start, start + len(buf) + len(tail)
         if not buf:
             return res
         lines = buf.split(b"\n")
+        if tail:
+            lines[-1] += tail
+            lines[-1:] = lines[-1].split(b"\n")
+        del buf
         ends_with_nl = lines[-1] == b""
         if ends_with_nl:
             lines.pop()
