@@ -125,6 +125,12 @@ def test_original_format_index_without_leading_zero(tmp_path):
         assert len(ds) == len(recs)
         assert ds[0] == recs[0]
         assert ds[:] == recs
+    # a hand-written index with CRLF line ends and a trailing blank line still reads
+    (d / "index").write_bytes(b"\r\n".join(str(int(e)).encode() for e in ends) + b"\r\n\r\n")
+    assert IndexedDataset(d, index_source="text")[:] == recs
+    (d / "index").write_text("12\nabc\n")
+    with pytest.raises(IndexedDatasetError, match="index:2: not a byte offset"):
+        IndexedDataset(d, index_source="text")
 
 
 def _zh_estimate(line: bytes) -> float:
@@ -173,7 +179,7 @@ def test_meta_with_real_tokenizer(tmp_path, smollm2_tok):
     recs = make_records(20, seed=5)
     src = tmp_path / "t.jsonl"
     write_jsonl(src, recs)
-    meta = build_index(src, tmp_path / "idx", tokenizer=smollm2_tok, num_workers=1)
+    meta = build_index(src, tmp_path / "idx", tokenizer=smollm2_tok, num_workers=2, block_size=1024)
     tok = smollm2_tok
     counts = [
         len(tok(r.get("input") or "", add_special_tokens=False)["input_ids"]) + len(tok(r["output"], add_special_tokens=False)["input_ids"])

@@ -74,7 +74,7 @@ LENGTH_BUCKETS: tuple[tuple[str, float], ...] = (
 )
 _BUCKET_EDGES = np.array([lo for _, lo in LENGTH_BUCKETS[1:]], dtype=np.float64)
 LANGUAGES = ("zh", "en", "code")
-SOURCE_SUFFIXES = (".jsonl", ".txt")
+SOURCE_SUFFIXES = (".jsonl", ".json", ".txt")
 _TEXT_INDEX_MAX_BYTES = 16 << 20  # read the text index below this size; the h5 index above
 _DEFAULT_BLOCK = 8 << 20
 _JSON_WS = " \t\r\n"
@@ -149,12 +149,16 @@ def is_index_dir(path: str | Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 def _parse_text_index(path: Path) -> np.ndarray:
     raw = path.read_bytes()
-    n_expected = len(raw.split()) if len(raw) < (1 << 20) else raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
-    values = np.fromstring(raw, dtype=np.int64, sep="\n") if raw.strip() else np.zeros(0, np.int64)
-    if len(values) != n_expected:  # a stray character: find and name the bad line
-        for no, tok in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
-            if not tok.strip().isdigit():
-                raise IndexedDatasetError(f"{path}:{no}: not a byte offset: {tok[:40]!r}; rebuild the index")
+    try:
+        values = np.fromstring(raw, dtype=np.int64, sep="\n") if raw.strip() else np.zeros(0, np.int64)
+    except ValueError:  # numpy >= 2 raises on unparsable text
+        values = None
+    if values is None or len(values) != raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1):
+        # blank lines, "\r\n" or a stray character: parse token by token and name a bad line
+        for no, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+            if line.strip() and not line.strip().isdigit():
+                raise IndexedDatasetError(f"{path}:{no}: not a byte offset: {line[:40]!r}; rebuild the index")
+        values = np.array(raw.split(), dtype=np.int64)
     return values
 
 
@@ -633,9 +637,9 @@ def _list_sources(src: Path) -> list[Path]:
     picked = [f for f in files if f.suffix.lower() in SOURCE_SUFFIXES]
     skipped = [f.name for f in files if f.suffix.lower() not in SOURCE_SUFFIXES]
     if skipped:
-        log.warning("build_index: ignoring %d file(s) that are not .jsonl/.txt in %s: %s", len(skipped), src, skipped[:5])
+        log.warning("build_index: ignoring %d file(s) that are not .jsonl/.json/.txt in %s: %s", len(skipped), src, skipped[:5])
     if not picked:
-        raise ValueError(f"source directory {src} holds no .jsonl or .txt files (it and one level down are searched)")
+        raise ValueError(f"source directory {src} holds no .jsonl, .json or .txt files (it and one level down are searched)")
     return picked
 
 
@@ -734,7 +738,7 @@ def build_index(
     an interrupted build leaves no ``out_dir`` (and an existing one untouched).
 
     Args:
-        src: a ``.jsonl`` or ``.txt`` file, or a directory of them (searched one level down,
+        src: a ``.jsonl`` (or ``.json``, one record a line) or ``.txt`` file, or a directory of them (searched one level down,
             sorted). ``.txt`` lines become ``{"input": "", "output": line.strip()}``, blank lines skipped.
         out_dir: the index directory to write.
         language: ``"zh"``, ``"en"`` (or ``"code"``) — selects the token estimate.
