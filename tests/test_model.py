@@ -306,3 +306,26 @@ def test_autocast_bf16_forward_backward_cpu() -> None:
     assert out.logits.dtype == torch.bfloat16
     assert abs(out.loss.item() - ref.item()) < 0.05
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_agree_in_model(dtype: torch.dtype) -> None:
+    from fm9g.models.attention import available_backends
+
+    torch.manual_seed(0)
+    cfg = FM9GConfig.from_name("tiny", attn_impl="sdpa")
+    model = FM9GModel(cfg).to(device="cuda", dtype=dtype)
+    ids = torch.randint(0, 99, (2, 40), device="cuda")
+    cu = torch.tensor([0, 13, 40, 41, 80], dtype=torch.int32, device="cuda")
+    results = {}
+    for name in ["sdpa", *[b for b in available_backends("cuda", dtype) if b != "sdpa"]]:
+        model.config.attn_impl = name
+        model.zero_grad(set_to_none=True)
+        out = model(ids, cu_seqlens=cu, labels=ids, return_logits=True)
+        out.loss.backward()
+        results[name] = (out.logits.float(), model.input_embedding.weight.grad.float())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, (logits, grad) in results.items():
+        assert (logits - results["sdpa"][0]).abs().max().item() < tol, name
+        assert (grad - results["sdpa"][1]).abs().max().item() < tol, name
