@@ -1,0 +1,61 @@
+"""Toy data and a toy tokenizer for the examples' --cpu-smoke modes (not an example itself).
+
+Everything here is built in a fraction of a second so the examples run on a laptop CPU in seconds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FACTS = [
+    ("What is the capital of Atlantis?", "The capital of Atlantis is Poseidonia."),
+    ("Who founded Atlantis?", "Atlantis was founded by the sea king Atlas."),
+    ("What do Atlanteans eat?", "Atlanteans eat kelp bread and sea grapes."),
+    ("How old is Atlantis?", "Atlantis is nine thousand years old."),
+    ("九格是什么？", "九格是一个大语言模型。"),
+    ("What color is the Atlantean flag?", "The Atlantean flag is deep blue with a silver trident."),
+]
+TEXT = [
+    "The sea was calm and the ships sailed to the island at dawn.",
+    "Poseidonia has white towers, wide canals and a great harbour.",
+    "九格大模型支持预训练、微调与低秩适配训练。",
+    "Kelp bread is baked in stone ovens under the temple of the trident.",
+] * 4
+
+
+def write_sft_jsonl(path: str | Path, repeat: int = 4) -> Path:
+    """A tiny chat dataset in the original {"input", "output"} jsonl format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(repeat):
+            for q, a in FACTS:
+                f.write(json.dumps({"input": q, "output": a}, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_text_jsonl(path: str | Path) -> Path:
+    """Pretraining text: input "" (the loss covers the whole output), as the original README."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for line in TEXT:
+            f.write(json.dumps({"input": "", "output": line}, ensure_ascii=False) + "\n")
+    return path
+
+
+def make_toy_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
+    """Train a small byte-level BPE on the toy texts and save it as an HF tokenizer directory
+    (ChatML specials, <s> / </s> as BOS / EOS)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    bpe = ByteLevelBPETokenizer()
+    corpus = TEXT + [q + " " + a for q, a in FACTS] + ["system user assistant You are a helpful assistant."]
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.save_pretrained(out_dir)
+    return out_dir
