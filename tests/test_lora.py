@@ -30,6 +30,7 @@ from fm9g.models.lora import (
     save_lora_checkpoint,
     save_peft_adapter,
     trainable_parameters,
+    reset_lora_parameters,
     unload_lora,
     unmerge_lora,
 )
@@ -287,6 +288,21 @@ def test_bad_targets_are_named():
         apply_lora(_toy(), cfg)
     with pytest.raises(LoraError, match="no LoRA layers"):
         merge_lora(_toy())
+
+
+def test_meta_device_then_materialise():
+    with torch.device("meta"):
+        model = _Toy()
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["project_q", "w_out"]))
+    assert model.encoder.layers[0].ffn.ffn.w_out.lora.lora_B.device.type == "meta"
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora.lora_B.fill_(float("nan"))  # to_empty leaves garbage
+    reset_lora_parameters(model)
+    for _, m in lora_modules(model):
+        assert torch.count_nonzero(m.lora.lora_B) == 0 and torch.isfinite(m.lora.lora_A).all()
+        assert m.lora.lora_A.requires_grad and not m.weight.requires_grad
 
 
 def test_multi_part_target_names():

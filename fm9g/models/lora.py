@@ -53,6 +53,7 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "unload_lora",
+    "reset_lora_parameters",
     "lora_modules",
     "get_lora_config",
     "lora_state_dict",
@@ -481,7 +482,9 @@ def apply_lora(
     all parameters get ``requires_grad=False`` except ``lora_A`` / ``lora_B``.
 
     Args:
-        model: any module tree (an ``FM9GModel`` or a hand-built one).
+        model: any module tree (an ``FM9GModel`` or a hand-built one). On the meta device the
+            LoRA parameters are created there too; call :func:`reset_lora_parameters` after
+            materialising the model (``to_empty``).
         config: the LoRA settings.
         adapter_dtype: dtype of the LoRA parameters. Default fp32 -- they are small, and fp32
             master weights train well with a bf16 base (the branch runs in the activation dtype).
@@ -548,6 +551,17 @@ def apply_lora(
     for _, m in lora_modules(model):
         m.lora.lora_A.requires_grad_(True)
         m.lora.lora_B.requires_grad_(True)
+    return model
+
+
+def reset_lora_parameters(model: nn.Module) -> nn.Module:
+    """Re-initialise every LoRA branch (A kaiming-uniform, B = 0), e.g. after a model built on the
+    meta device was materialised with ``to_empty``. Refuses merged layers. Returns ``model``."""
+    for name, m in _require_lora(model, "reset_lora_parameters"):
+        if m.merged:
+            raise LoraError(f"reset_lora_parameters: {name} is merged; call unmerge_lora(model) first")
+        with torch.no_grad():
+            m.lora.reset_parameters()
     return model
 
 
