@@ -588,22 +588,27 @@ class _Scanner:
         return res
 
 
-def _count_tokens(tokenizer: Any, texts: list[str]) -> np.ndarray:
+def _count_tokens(tokenizer: Any, texts: list[str], chunk: int = 256) -> np.ndarray:
+    """Token counts of ``texts`` without special tokens, encoded ``chunk`` texts at a time."""
     out = np.zeros(len(texts), dtype=np.float64)
     nonempty = [i for i, t in enumerate(texts) if t]
-    if not nonempty:
-        return out
-    batch = [texts[i] for i in nonempty]
-    if callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids"):
-        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-    else:
-        ids = []
-        for t in batch:
-            try:
-                ids.append(tokenizer.encode(t, add_special_tokens=False))
-            except TypeError:
-                ids.append(tokenizer.encode(t))
-    out[nonempty] = [len(x) for x in ids]
+    backend = getattr(tokenizer, "_tokenizer", None)  # HF fast tokenizer: count in Rust, no id lists
+    is_hf = callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids")
+    for c in range(0, len(nonempty), chunk):
+        idx = nonempty[c : c + chunk]
+        batch = [texts[i] for i in idx]
+        if backend is not None and hasattr(backend, "encode_batch"):
+            counts = [len(e) for e in backend.encode_batch(batch, add_special_tokens=False)]
+        elif is_hf:
+            counts = [len(x) for x in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+        else:
+            counts = []
+            for t in batch:
+                try:
+                    counts.append(len(tokenizer.encode(t, add_special_tokens=False)))
+                except TypeError:
+                    counts.append(len(tokenizer.encode(t)))
+        out[idx] = counts
     return out
 
 
@@ -746,7 +751,8 @@ def build_index(
             token statistics are real token counts of input + output.
         skip_invalid: skip (and count, ``n_invalid``) bad lines instead of raising.
         overwrite: replace an existing index directory (or a non-empty non-index directory).
-        num_workers: validating processes (default: ``min(2, cpu count)``; 1 = in-process).
+        num_workers: validating processes (default: ``min(2, cpu count)`` without a tokenizer, 1
+            with one, whose batch encoding is multi-threaded already; 1 = in this process).
         block_size: bytes per validation job.
 
     Returns:
@@ -771,8 +777,8 @@ def build_index(
         tokenizer = AutoTokenizer.from_pretrained(tok_name)
     else:
         tok_name = getattr(tokenizer, "name_or_path", None) or (type(tokenizer).__name__ if tokenizer is not None else None)
-    if num_workers is None:
-        num_workers = min(2, os.cpu_count() or 1)
+    if num_workers is None:  # a tokenizer batch-encodes on all cores by itself: no need to fork it
+        num_workers = 1 if tokenizer is not None else min(2, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
