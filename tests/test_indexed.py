@@ -272,19 +272,35 @@ def test_directory_source_txt_and_missing_final_newline(tmp_path):
     assert [Path(s).name for s in meta["sources"]] == ["a.jsonl", "b.txt", "c.jsonl"]
 
 
-def test_interrupted_build_leaves_no_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["mid_copy", "h5", "ctrl_c"])
+def test_interrupted_build_leaves_no_output(tmp_path, monkeypatch, where):
     src = tmp_path / "in" / "a.jsonl"
     src.parent.mkdir()
     write_jsonl(src, make_records(50))
+    calls = []
+    real_copy = indexed._copy_range
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(indexed, "_write_h5", boom)
-    with pytest.raises(RuntimeError, match="injected"):
+    def copy_then_fail(*args, **kwargs):  # fails on the 3rd block, with workers still scanning
+        calls.append(1)
+        if len(calls) == 3:
+            if where == "ctrl_c":
+                raise KeyboardInterrupt
+            boom()
+        return real_copy(*args, **kwargs)
+
+    if where == "h5":
+        monkeypatch.setattr(indexed, "_write_h5", boom)
+    else:
+        monkeypatch.setattr(indexed, "_copy_range", copy_then_fail)
+    with pytest.raises(KeyboardInterrupt if where == "ctrl_c" else RuntimeError):
         build_index(src, tmp_path / "out" / "idx", num_workers=2, block_size=512)
+    assert where == "h5" or len(calls) == 3
     assert not (tmp_path / "out" / "idx").exists()
     assert os.listdir(tmp_path / "out") == []  # no temporary directory left behind
+    monkeypatch.setattr(indexed, "_write_h5", boom)
     # an existing index survives a failed rebuild
     monkeypatch.undo()
     build_index(src, tmp_path / "out" / "idx")
