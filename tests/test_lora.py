@@ -861,3 +861,46 @@ def test_smollm2_lora_adapter_runs_in_peft(smol_hf, tmp_path):
     assert not any("lora" in n for n, _ in smol_hf.named_parameters())
     assert (ours - base).abs().max() > 1e-2
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (run on the H100 with `pytest -m gpu`; the CPU tests above cover the same logic in fp32)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_bf16_lora_step_checkpointing_and_merge():
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    dev = torch.device("cuda")
+    ids = torch.randint(0, 99, (1, 256), generator=torch.Generator().manual_seed(0)).to(dev)
+    cu = torch.tensor([0, 64, 128, 192, 256], dtype=torch.int32, device=dev)
+    labels = ids.roll(-1, 1)
+    grads, losses = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with dev:
+                model = FM9GModel(FM9GConfig.from_name("tiny"))
+        finally:
+            torch.set_default_dtype(torch.float32)
+        apply_lora(model, LoraConfig.from_name("fm9g-7b", r=8))
+        _randomize_lora(model)
+        assert {p.dtype for p in trainable_parameters(model)} == {torch.float32}
+        model.set_activation_checkpointing(ckpt)
+        out = model(ids, cu_seqlens=cu, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append({n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert all(p.grad is None for n, p in model.named_parameters() if ".lora." not in n)
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-2, atol=1e-3, msg=k)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids, cu_seqlens=cu).logits.float()
+        merge_lora(model)
+        merged = model(ids, cu_seqlens=cu).logits.float()
+    # bf16 weights: the merged weight is rounded to bf16, so agreement is at bf16 precision
+    assert (merged - unmerged).abs().max().item() < 0.1 * unmerged.abs().max().item()
