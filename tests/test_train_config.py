@@ -124,3 +124,14 @@ def test_bare_names_are_looked_up_like_the_original(tmp_path):
     cfg = TrainConfig.from_json(p)
     assert cfg.find_file("7b", "model_configs") == str(app / "model_configs" / "7b.json")
     assert cfg.find_file("nope", "model_configs") is None
+
+
+@pytest.mark.parametrize("name", ["sft_7b", "pretrain_7b", "lora_7b"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.json"
+    cfg = TrainConfig.from_json(path)
+    assert cfg.model == "fm9g-7b"
+    assert cfg.find_file(cfg.data, "dataset_configs").endswith("dataset_configs/data_example.json")
+    assert (cfg.lora is not None) == (name == "lora_7b")

@@ -322,3 +322,34 @@ def test_resume_with_another_model_shape_is_a_clear_error(tmp_path):
         Trainer(lora, loader=ToyLoader()).fit()
     with pytest.raises(ck.CheckpointError, match="available steps: \\[2\\]"):
         Trainer(cfg.override({"resume_ckpt": "9"}), loader=ToyLoader()).fit()
+
+
+def test_cli_train_end_to_end_with_the_real_data_pipeline(tmp_path, capsys):
+    """jsonl -> build_index -> dataset config -> `fm9g train --config --set` -> checkpoint -> resume."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from _toy import make_toy_tokenizer, write_sft_jsonl
+
+    from fm9g import build_index
+    from fm9g.cli import main
+
+    tok = make_toy_tokenizer(tmp_path / "tok")
+    build_index(write_sft_jsonl(tmp_path / "chat.jsonl"), tmp_path / "index", language="en")
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "chat.json").write_text(json.dumps(
+        [{"dataset_name": "chat", "task_name": "chat", "path": "../index", "abs_weight": 1, "transforms": "chatml"}]))
+    (tmp_path / "model.json").write_text(json.dumps({"vocab_size": 512, "dim_model": 32, "num_layers": 1, "num_heads": 2,
+                                                     "num_kv_heads": 2, "dim_ff": 64, "tie_lm_head": True}))
+    cfg = tmp_path / "train.json"
+    cfg.write_text(json.dumps({"pretrain": {
+        "config": "model.json", "tokenizer_path": str(tok), "dataset_config": "chat", "model_unique": "cli",
+        "train_iters": 4, "batch_size": 2, "max_length": 96, "lr": "1e-3", "save_iters": 2, "n_gpus": 1,
+        "save": str(tmp_path / "ckpt"), "lr_scheduler": "Cosine", "inspect_iters": 0}}))
+    assert main(["train", "--config", str(cfg), "--set", "train_iters=3", "--set", "progress_bar=false"]) == 0
+    out = capsys.readouterr().out
+    assert "| Iter:      3 |" in out and "task_loss: | chat:" in out and "done: step 3" in out
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "ckpt" / "cli")] == [2, 3]
+    assert main(["train", "--config", str(cfg), "--set", "resume_ckpt=latest", "--set", "train_iters=4",
+                 "--set", "progress_bar=false"]) == 0
+    assert "done: step 4" in capsys.readouterr().out
+    assert main(["train", "--config", str(cfg), "--set", "lr_schedular=cosine"]) == 1
+    assert "did you mean 'lr_scheduler'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ Also the multi-GPU / multi-node launch (later engines): ``torchrun ... -m fm9g t
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,7 +32,14 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    result = Trainer(cfg).fit()
+    from fm9g.training.checkpoint import CheckpointError
+    from fm9g.training.trainer import TrainingError
+
+    try:
+        result = Trainer(cfg).fit()
+    except (CheckpointError, TrainingError) as err:
+        print(f"fm9g train: error: {err}", file=sys.stderr)
+        return 1
     print(f"done: step {result.step}, {result.tokens} tokens, stop: {result.stop_reason}, "
           f"skipped: {result.skipped}, last checkpoint: {result.last_checkpoint}")
     return 0

@@ -18,6 +18,8 @@ import abc
 import contextlib
 import inspect
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -407,6 +409,15 @@ def _merge_task_sums(parts: Iterable[torch.Tensor]) -> tuple[dict[int, float], d
 def build_engine(config: Any, model: nn.Module, *, lora_only: bool = False) -> Engine:
     """The engine named by ``config.engine`` for ``model`` (a built, weight-loaded model)."""
     if config.engine == "torch":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise RuntimeError(
+                f"engine='torch' runs one process, but WORLD_SIZE={world} (torchrun): use engine='bmtrain' for "
+                "multi-GPU training, or launch a single process"
+            )
+        if config.offload:
+            warnings.warn("offload=true is only used by engine='bmtrain'; the torch engine keeps the optimizer on the device",
+                          stacklevel=2)
         scale_width = 1.0
         mc = getattr(model, "config", None)
         if mc is not None and getattr(mc, "scale", False):
