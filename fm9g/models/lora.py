@@ -988,6 +988,8 @@ def load_peft_adapter(
             f"{adapter_dir}: adapter has r={cfg.r}, targets={cfg.target_modules} but the model's LoRA layers have "
             f"r={existing.r}, targets={existing.target_modules}; apply the adapter to a model without LoRA"
         )
+    elif any(m.merged for _, m in lora_modules(model)):
+        raise LoraError(f"load_peft_adapter({adapter_dir}): the LoRA layers are merged; call unmerge_lora(model) first")
     else:
         for _, m in lora_modules(model):
             m.lora.alpha, m.lora.scaling = float(cfg.alpha), float(cfg.alpha) / cfg.r
