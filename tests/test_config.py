@@ -168,3 +168,20 @@ def test_keyword_only_and_dim_head_default() -> None:
     with pytest.raises(TypeError):
         FM9GConfig(99)  # type: ignore[misc]
     assert FM9GConfig(dim_model=96, num_heads=6, num_kv_heads=2).dim_head == 16
+
+
+def test_hf_config_json_from_transformers(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    LlamaConfig(**common).save_pretrained(tmp_path / "llama")
+    Qwen2Config(**common).save_pretrained(tmp_path / "qwen2")
+    llama = FM9GConfig.from_json(tmp_path / "llama" / "config.json")
+    qwen2 = FM9GConfig.from_json(tmp_path / "qwen2" / "config.json")
+    for cfg in (llama, qwen2):
+        assert (cfg.dim_model, cfg.num_kv_heads, cfg.dim_head, cfg.base, cfg.eps) == (64, 2, 16, 5000.0, 1e-6)
+    assert (llama.qkv_bias, qwen2.qkv_bias) == (False, True)
+    LlamaConfig(**common, attention_bias=True).save_pretrained(tmp_path / "biased")
+    with pytest.raises(ConfigError, match="attention_bias"):
+        FM9GConfig.from_json(tmp_path / "biased" / "config.json")

@@ -307,6 +307,14 @@ class FM9GConfig:
                 raise ConfigError(f"{source}: rope_parameters.rope_type={rope.get('rope_type')!r} is not supported (only unscaled RoPE)")
             if "base" not in values and "rope_theta" in rope:
                 values["base"] = rope["rope_theta"]
+        model_type = str(extra.get("model_type", "")).lower()
+        if model_type == "qwen2" and "qkv_bias" not in values:
+            values["qkv_bias"] = True  # Qwen2 always has q/k/v biases (and none on o_proj)
+        if model_type == "llama" and extra.get("attention_bias"):
+            raise ConfigError(f"{source}: attention_bias=true (Llama: biases on q/k/v AND o_proj) is not supported; "
+                              "FM9G has biases on q/k/v only")
+        if extra.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported (FM9G uses full causal attention)")
         if "dtype" not in values and "half_type" in extra:
             values["dtype"] = extra["half_type"]
         values["extra"] = extra
