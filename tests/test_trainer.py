@@ -353,3 +353,12 @@ def test_cli_train_end_to_end_with_the_real_data_pipeline(tmp_path, capsys):
     assert "done: step 4" in capsys.readouterr().out
     assert main(["train", "--config", str(cfg), "--set", "lr_schedular=cosine"]) == 1
     assert "did you mean 'lr_scheduler'" in capsys.readouterr().err
+    # fm9g inspect: an index folder, a train config, a model file, a run folder
+    assert main(["inspect", str(tmp_path / "index")]) == 0
+    assert '"nlines": 24' in capsys.readouterr().out
+    assert main(["inspect", str(cfg)]) == 0
+    assert '"lr_scheduler": "cosine"' in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "ckpt" / "cli" / "4" / "fm9g_live_checkpoint-4.pt")]) == 0
+    assert "vocab 512, dim_model 32, layers 1, lm_head tied" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "ckpt" / "cli")]) == 0
+    assert "3 checkpoints" in capsys.readouterr().out

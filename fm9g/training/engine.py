@@ -189,11 +189,15 @@ class TorchEngine(Engine):
     ) -> None:
         self.device = _resolve_device(device)
         self.model = model.to(self.device)
-        if any(p.dtype != torch.float32 for p in self.model.parameters() if p.requires_grad):
-            self.model.float()  # fp32 master weights; autocast does the bf16 compute
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
+        if precision == "fp32":
+            self.model.float()
+        else:  # fp32 master weights for what trains; frozen (LoRA base) weights may stay bf16
+            for p in self.model.parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
         self.clip_grad = clip_grad
         self.lora_only = lora_only
         self._peak = peak_flops
