@@ -158,9 +158,22 @@ def test_crash_during_save_keeps_previous_and_resume_picks_it(tmp_path, monkeypa
 
 
 def test_tiny_model_overfits_a_small_sft_set(tmp_path):
-    cfg = _cfg(tmp_path, train_iters=40, lr=1e-2, warmup_iters=0, lr_scheduler="constant", save=None)
-    res = Trainer(cfg, loader=ToyLoader(fixed=True)).fit()
-    assert res.losses[0] > 4.0  # ~ ln(99)
+    """6 chat Q/A pairs through the real pipeline (index, chatml transform, packing): the loss on the
+    answers falls far below its start."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from _toy import make_toy_tokenizer, write_sft_jsonl
+
+    from fm9g import FM9GConfig, build_index
+
+    tok = make_toy_tokenizer(tmp_path / "tok")
+    build_index(write_sft_jsonl(tmp_path / "chat.jsonl", repeat=1), tmp_path / "index", language="en")
+    (tmp_path / "mix.json").write_text(json.dumps(
+        [{"dataset_name": "c", "task_name": "c", "path": str(tmp_path / "index"), "abs_weight": 1, "transforms": "chatml"}]))
+    cfg = _cfg(tmp_path, model=FM9GConfig.from_name("tiny", vocab_size=512), tokenizer_path=str(tok),
+               data=str(tmp_path / "mix.json"), lr=2e-2, warmup_iters=3, lr_scheduler="constant", train_iters=40,
+               batch_size=3, max_length=96, save=None, log_iters=100)
+    res = Trainer(cfg).fit()
+    assert res.losses[0] > 5.0  # ~ ln(512)
     assert res.losses[-1] < 0.25 * res.losses[0], res.losses
 
 
