@@ -375,3 +375,57 @@ def test_cli_train_end_to_end_with_the_real_data_pipeline(tmp_path, capsys):
     assert "vocab 512, dim_model 32, layers 1, lm_head tied" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "ckpt" / "cli")]) == 0
     assert "3 checkpoints" in capsys.readouterr().out
+
+
+def _toy_pipeline(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from _toy import make_toy_tokenizer, write_sft_jsonl, write_text_jsonl
+
+    from fm9g import build_index
+
+    tok = make_toy_tokenizer(tmp_path / "tok")
+    build_index(write_sft_jsonl(tmp_path / "chat.jsonl"), tmp_path / "idx_chat", language="en")
+    build_index(write_text_jsonl(tmp_path / "text.jsonl"), tmp_path / "idx_text", language="en")
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps([
+        {"dataset_name": "chat", "task_name": "chat", "path": "idx_chat", "abs_weight": 0.5, "transforms": "chatml"},
+        {"dataset_name": "text", "task_name": "text", "path": "idx_text", "abs_weight": 0.5},
+    ]))
+    return tok, mix
+
+
+def test_exact_resume_with_the_real_mixture_loader_in_a_new_process(tmp_path):
+    tok, mix = _toy_pipeline(tmp_path)
+    cfg = _cfg(tmp_path, model={"vocab_size": 512, "dim_model": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+                                "dim_ff": 64, "tie_lm_head": False}, tokenizer_path=str(tok), data=str(mix),
+               batch_size=2, max_length=96, train_iters=6, save_iters=3, stats_dir="auto", model_unique="straight")
+    straight = Trainer(cfg).fit()
+    cfg_path = tmp_path / "cfg.json"
+    cfg.to_json(cfg_path)
+    # a new process continues from the straight run's step-3 checkpoint into another run folder
+    out = subprocess.run([sys.executable, "-m", "fm9g", "train", "--config", str(cfg_path),
+                          "--set", f"resume_ckpt={cfg.run_dir / '3'}", "--set", "model_unique=resumed"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from fm9g.training.metrics import read_train_stats
+
+    resumed_rows = read_train_stats(cfg.run_dir.parent / "resumed")
+    assert [r["iteration"] for r in resumed_rows] == [4, 5, 6]
+    assert [r["loss"] for r in resumed_rows] == straight.losses[3:]
+    a, b = _final_state(cfg.run_dir, 6), _final_state(cfg.run_dir.parent / "resumed", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_training_and_resume(tmp_path):
+    """On CUDA: bf16 autocast with fp32 master weights, fused AdamW; loss falls; resume continues."""
+    cfg = _cfg(tmp_path, train_iters=30, lr=1e-2, warmup_iters=0, lr_scheduler="constant", save_iters=15,
+               device="cuda", model_unique="gpu")
+    t = Trainer(cfg, loader=ToyLoader(fixed=True))
+    assert t.engine.precision == "bf16" and next(t.model.parameters()).dtype == torch.float32
+    assert t.engine.optimizer.defaults.get("fused") is True
+    res = t.fit()
+    assert res.losses[-1] < 0.5 * res.losses[0]
+    again = Trainer(cfg.override({"resume_ckpt": "15"}), loader=ToyLoader(fixed=True)).fit()
+    assert again.step == 30
+    assert again.losses == pytest.approx(res.losses[15:], rel=2e-2)

@@ -267,7 +267,8 @@ class TorchEngine(Engine):
             (s / denom).backward()
             loss_sum += s.detach()
             if token_loss is not None and b.get("task_ids") is not None:
-                task_sums.append(_task_sums(token_loss.detach(), b["labels"], b["task_ids"]))
+                n_tasks = len(b["task_names"]) if b.get("task_names") else None
+                task_sums.append(_task_sums(token_loss.detach(), b["labels"], b["task_ids"], n_tasks))
         loss = float(loss_sum.item()) / denom
         task_loss, task_lab, task_tok = _merge_task_sums(task_sums)
         result = StepOutput(loss=loss, num_label_tokens=n_label, num_tokens=n_tokens,
@@ -380,10 +381,16 @@ def _num_tokens(batch: dict[str, Any]) -> int:
     return int(n)
 
 
-def _task_sums(token_loss: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-    """[K, 3] per task id: summed loss, labelled tokens, real tokens (computed on the device)."""
+def _task_sums(token_loss: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor,
+               n_tasks: int | None = None) -> torch.Tensor:
+    """[K, 3] per task id: summed loss, labelled tokens, real tokens (computed on the device;
+    K = n_tasks when known, which avoids a device sync)."""
     ids = task_ids.reshape(-1).long()
-    k = int(ids.max().item()) + 1 if ids.numel() else 0
+    if n_tasks is not None:
+        k = n_tasks
+        ids = torch.where(ids < k, ids, torch.full_like(ids, -1))
+    else:
+        k = int(ids.max().item()) + 1 if ids.numel() else 0
     out = torch.zeros(max(k, 0) + 1, 3, device=token_loss.device, dtype=torch.float64)
     if k <= 0:
         return out[:0]
