@@ -72,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--language", default="zh")
     ap.add_argument("--tmp", default="/tmp/fm9g_build_index_bench")
     ap.add_argument("--keep", action="store_true", help="keep the generated jsonl and the index")
+    ap.add_argument("--no-orjson", action="store_true", help="validate with the standard library json (the fallback)")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fm9g.data import indexed
     from fm9g.data.indexed import IndexedDataset, build_index
+
+    if args.no_orjson:
+        indexed._orjson = None  # forked workers inherit this
 
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_rss_MB": round(base_rss / 1024, 1),
         "load_avg_1min": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
+        "json": "orjson" if indexed._orjson is not None else "stdlib",
     }
     print(json.dumps(result))
     if not args.keep:
