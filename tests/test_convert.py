@@ -471,3 +471,37 @@ def test_docs_quick_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/convert.md", "exec"), {})
     assert (tmp_path / "tiny_hf" / "config.json").exists() and (tmp_path / "back" / "tiny.pt").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("FM9G_COMPAT_PYTHON"),
+                    reason="set FM9G_COMPAT_PYTHON to a python with another transformers (e.g. 4.44) and fm9g importable")
+def test_exports_in_other_transformers_version(tmp_path):
+    """Both export formats load and match FM9GModel in another transformers release (e.g. 4.44)."""
+    import subprocess
+    import sys
+
+    for kind in ("4b", "7b"):
+        ckpt, model = _save_fm9g(tmp_path / kind, kind)
+        x = _ids()
+        with torch.no_grad():
+            torch.save({"x": x, "ref": model(x).logits}, tmp_path / kind / "ref.pt")
+        for fmt in ("native", "fm9g"):
+            bmt_to_hf(ckpt, tmp_path / kind / fmt, format=fmt)
+    code = (
+        "import sys, torch, transformers\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "root = sys.argv[1]\n"
+        "for kind in ('4b', '7b'):\n"
+        "    ref = torch.load(f'{root}/{kind}/ref.pt', weights_only=True)\n"
+        "    for fmt in ('native', 'fm9g'):\n"
+        "        m = AutoModelForCausalLM.from_pretrained(f'{root}/{kind}/{fmt}', trust_remote_code=fmt == 'fm9g',\n"
+        "                                                 torch_dtype=torch.float32).eval()\n"
+        "        with torch.no_grad():\n"
+        "            d = (m(ref['x']).logits - ref['ref']).abs().max().item()\n"
+        "            m.generate(ref['x'][:1], max_new_tokens=3, do_sample=False)\n"
+        "        assert d <= 1e-4, (kind, fmt, d)\n"
+        "print('ok', transformers.__version__)\n"
+    )
+    out = subprocess.run([os.environ["FM9G_COMPAT_PYTHON"], "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok"), out.stdout

@@ -146,12 +146,24 @@ def _check_hf_dir(hf_dir: PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: Path, *, directory: bool = False) -> None:
+    """mkstemp / mkdtemp create private (0600 / 0700) entries; give outputs the usual permissions."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        _chmod_default(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -688,6 +700,7 @@ class _TmpDir:
             raise FileExistsError(f"output directory {dest} exists and is not empty; pass overwrite=True or pick another")
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+        _chmod_default(self.path, directory=True)
 
     def commit(self) -> None:
         old = None
@@ -790,6 +803,7 @@ def hf_to_bmt(
                 _write_safetensors(Path(tmp), plans)
             else:
                 torch.save(sd, tmp)
+            _chmod_default(Path(tmp))
             os.replace(tmp, out_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -1052,13 +1066,16 @@ def bmt_to_hf(
             def make() -> torch.Tensor:
                 t = sd[key]
                 mod = key.removesuffix(".weight")
-                if merge and key.endswith(".weight") and mod in deltas:
+                merge_here = merge and key.endswith(".weight") and mod in deltas
+                if not merge_here and factor == 1.0:
+                    return t.to(out_dtype)  # no copy when the dtype is kept: written from the mmap
+                w = t.float()  # LoRA update and muP factor in fp32, one rounding at the end
+                if merge_here:
                     a, b = deltas[mod]
-                    w = t.float() + (b.float() @ a.float()) * (alpha / r)
-                    t = w.to(t.dtype)  # merged in the checkpoint's precision, as training would see it
+                    w = w + (b.float() @ a.float()) * (alpha / r)
                 if factor != 1.0:
-                    t = (t.float() * factor).to(t.dtype)
-                return t.to(out_dtype)
+                    w = w * factor
+                return w.to(out_dtype)
             return make
 
         plans: list[_TensorPlan] = []
