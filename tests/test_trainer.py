@@ -429,3 +429,11 @@ def test_gpu_bf16_training_and_resume(tmp_path):
     again = Trainer(cfg.override({"resume_ckpt": "15"}), loader=ToyLoader(fixed=True)).fit()
     assert again.step == 30
     assert again.losses == pytest.approx(res.losses[15:], rel=2e-2)
+
+
+@pytest.mark.parametrize("example", ["sft.py", "lora.py"])
+def test_examples_cpu_smoke(example):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / example), "--cpu-smoke"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loss " in out.stdout and "->" in out.stdout
