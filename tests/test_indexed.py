@@ -385,3 +385,14 @@ def test_cli_build_index(tmp_path, capsys):
     assert "b.jsonl:2:" in err and "'input' must be a string" in err
     assert main(["build-index", str(tmp_path / "b.jsonl"), str(tmp_path / "idx2"), "--skip-invalid"]) == 0
     assert json.loads(capsys.readouterr().out)["n_invalid"] == 1
+
+
+def test_bom_and_crlf(tmp_path, json_backend):
+    recs = make_records(30, seed=8)
+    body = b"\r\n".join(json.dumps(r, ensure_ascii=False).encode() for r in recs) + b"\r\n"
+    src = tmp_path / "win.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + body)  # written by a Windows editor
+    meta = build_index(src, tmp_path / "idx", num_workers=2, block_size=128)
+    assert IndexedDataset(tmp_path / "idx")[:] == recs
+    assert (tmp_path / "idx" / "data.jsonl").read_bytes() == body
+    assert meta["nbytes"] == len(body)

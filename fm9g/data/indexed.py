@@ -416,7 +416,10 @@ class _Scanner:
         """
         with open(job.path, "rb", buffering=0) as f:
             start = job.start
-            if start > 0:  # own only the lines that start inside [start, end)
+            if start == 0:
+                if f.read(3) == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not part of line 1
+                    start = 3
+            else:  # own only the lines that start inside [start, end)
                 f.seek(start - 1)
                 if f.read(1) != b"\n":
                     while True:
@@ -766,6 +769,8 @@ def build_index(
     """
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    if block_size < 64:
+        raise ValueError(f"block_size must be at least 64 bytes, got {block_size}")
     src_p = Path(src).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
     sources = _list_sources(src_p)
