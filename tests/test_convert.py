@@ -342,6 +342,15 @@ def test_lora_alpha_sources_and_errors(tmp_path):
     a = bmt_to_hf(ckpt, tmp_path / "a", lora=lora_path, lora_config=tmp_path / "train.json")
     b = bmt_to_hf(ckpt, tmp_path / "b", lora=lora_path, lora_alpha=8.0)
     _assert_same_tensors(_hf_tensors(a), _hf_tensors(b))
+    # an fm9g training step directory: fm9g_live_checkpoint-<step>.pt + trainer_state.pt + train_config.json
+    step = tmp_path / "run" / "100"
+    step.mkdir(parents=True)
+    (step / "fm9g_live_checkpoint-100.pt").write_bytes(lora_path.read_bytes())
+    torch.save({"step": 100}, step / "trainer_state.pt")
+    (step / "config.json").write_text(_tiny_config("7b").to_json())
+    (step / "train_config.json").write_text(json.dumps({"lr": 1e-4, "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}}))
+    c = bmt_to_hf(ckpt, tmp_path / "step", lora=step)
+    _assert_same_tensors(_hf_tensors(a), _hf_tensors(c))
     with pytest.raises(ConversionError, match="rank 4 but .*r=8"):
         bmt_to_hf(ckpt, tmp_path / "c", lora=lora_path, lora_alpha=8.0, lora_r=8)
     # a LoRA trained on another model shape

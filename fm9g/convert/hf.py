@@ -423,29 +423,32 @@ def _native_unties(config: FM9GConfig) -> bool:
 
 
 def expected_bmt_shapes(config: FM9GConfig) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of `FM9GModel(config)` (original names) and its shape."""
-    d, dh = config.dim_model, config.dim_head
+    """Every state-dict key of `FM9GModel(config)` (original names, from the key table of
+    `fm9g.convert.keys`, in its order) and its shape."""
+    from fm9g.convert.keys import expected_bmt_keys
+
+    d, dh, ff, V = config.dim_model, config.dim_head, config.dim_ff, config.vocab_size
     q, kv = config.num_heads * dh, config.num_kv_heads * dh
-    shapes: dict[str, tuple[int, ...]] = {"input_embedding.weight": (config.vocab_size, d)}
-    for i in range(config.num_layers):
-        a = f"encoder.layers.{i}.self_att."
-        f = f"encoder.layers.{i}.ffn."
-        shapes[a + "layernorm_before_attention.weight"] = (d,)
-        shapes[a + "self_attention.project_q.weight"] = (q, d)
-        shapes[a + "self_attention.project_k.weight"] = (kv, d)
-        shapes[a + "self_attention.project_v.weight"] = (kv, d)
-        if config.qkv_bias:
-            shapes[a + "self_attention.project_q.bias"] = (q,)
-            shapes[a + "self_attention.project_k.bias"] = (kv,)
-            shapes[a + "self_attention.project_v.bias"] = (kv,)
-        shapes[a + "self_attention.attention_out.weight"] = (d, q)
-        shapes[f + "layernorm_before_ffn.weight"] = (d,)
-        shapes[f + "ffn.w_in.w_0.weight"] = (config.dim_ff, d)
-        shapes[f + "ffn.w_in.w_1.weight"] = (config.dim_ff, d)
-        shapes[f + "ffn.w_out.weight"] = (d, config.dim_ff)
-    shapes["encoder.output_layernorm.weight"] = (d,)
-    if not config.tie_lm_head:
-        shapes["lm_head.weight"] = (config.vocab_size, d)
+    by_module = {  # last module name -> (weight shape, bias shape)
+        "input_embedding": ((V, d), None),
+        "lm_head": ((V, d), None),
+        "project_q": ((q, d), (q,)),
+        "project_k": ((kv, d), (kv,)),
+        "project_v": ((kv, d), (kv,)),
+        "attention_out": ((d, q), None),
+        "w_0": ((ff, d), None),
+        "w_1": ((ff, d), None),
+        "w_out": ((d, ff), None),
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key in expected_bmt_keys(config):
+        module, _, param = key.rpartition(".")
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf.startswith("layernorm") or leaf == "output_layernorm":
+            shapes[key] = (d,)
+        else:
+            weight, bias = by_module[leaf]
+            shapes[key] = weight if param == "weight" else bias
     return shapes
 
 
@@ -587,10 +590,11 @@ def _resolve_ckpt(ckpt: PathLike) -> Path:
     path = Path(ckpt)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():  # a training step directory: exactly one .pt in it (as the original resume does)
-        pts = sorted(p for p in path.glob("*.pt"))
-        sts = sorted(p for p in path.glob("*.safetensors"))
-        found = pts or sts
+    if path.is_dir():  # a training step directory: its one model .pt (as the original resume does)
+        live = sorted(path.glob("fm9g_live_checkpoint*.pt"))
+        pts = sorted(p for p in path.glob("*.pt") if p.name != "trainer_state.pt")
+        sts = sorted(path.glob("*.safetensors"))
+        found = live or pts or sts
         if len(found) != 1:
             raise ConversionError(
                 f"{path} is a directory with {len(found)} checkpoint files ({_summary([p.name for p in found])}); "
