@@ -396,3 +396,14 @@ def test_bom_and_crlf(tmp_path, json_backend):
     assert IndexedDataset(tmp_path / "idx")[:] == recs
     assert (tmp_path / "idx" / "data.jsonl").read_bytes() == body
     assert meta["nbytes"] == len(body)
+
+
+def test_killed_build_temporaries_are_cleaned(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", make_records(5))
+    stale = tmp_path / ".idx.tmp-999999999-deadbeef"  # a build killed with SIGKILL: pid gone
+    stale.mkdir()
+    (stale / "data.jsonl").write_bytes(b"half")
+    live = tmp_path / f".idx.tmp-{os.getppid()}-cafe0000"  # a build still running elsewhere
+    live.mkdir()
+    build_index(tmp_path / "a.jsonl", tmp_path / "idx")
+    assert not stale.exists() and live.exists()

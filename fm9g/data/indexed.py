@@ -727,6 +727,27 @@ def _write_h5(tmp: Path, raw_offsets: Path, n: int) -> None:
             ds[1 + s : 1 + s + count] = np.fromfile(raw_offsets, dtype="<i8", count=count, offset=8 * s)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>-*`` / ``.<name>.old-*`` left by a build that was killed (SIGKILL)."""
+    for d in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = d.name[len(f".{out.name}.tmp-") :].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    if out.exists():
+        for d in out.parent.glob(f".{out.name}.old-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def build_index(
     src: str | Path,
     out_dir: str | Path,
@@ -785,6 +806,7 @@ def build_index(
     if num_workers is None:  # a tokenizer batch-encodes on all cores by itself: no need to fork it
         num_workers = 1 if tokenizer is not None else min(2, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
