@@ -744,6 +744,10 @@ class MixtureLoader:
         sampler: ``"deficit"`` (default) or ``"random"`` (module docstring).
         max_epochs: if set, a repeating dataset drops out after this many passes over its shard.
         chunk_lines: lines per read-ahead task of a worker.
+        start_method: how worker processes start (``"spawn"``, safe with threads and CUDA; a
+            script that uses workers needs the ``if __name__ == "__main__":`` guard). ``"fork"``
+            starts faster but forks a possibly multi-threaded process.
+        base_dir: for a list of dicts, the directory relative paths are resolved against.
 
     Raises:
         MixtureConfigError: bad entries, a missing index / transform, or a record that the
@@ -774,6 +778,7 @@ class MixtureLoader:
         sampler: str = "deficit",
         max_epochs: int | None = None,
         chunk_lines: int = 32,
+        start_method: str = "spawn",
         base_dir: str | Path | None = None,
     ) -> None:
         self.entries = load_dataset_config(list(entries), base_dir=base_dir)
@@ -798,6 +803,11 @@ class MixtureLoader:
         self.sampler = sampler
         self.max_epochs = max_epochs
         self.chunk_lines = max(1, int(chunk_lines))
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise MixtureConfigError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()}, got {start_method!r}"
+            )
+        self.start_method = start_method
         self.task_names = [e.task_name for e in self.entries]
 
         # -- files: each problem is an error now, not in the middle of training ---------------
@@ -966,7 +976,7 @@ class MixtureLoader:
         if self.num_workers > 0:
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
-                    max_workers=self.num_workers, mp_context=multiprocessing.get_context("spawn"),
+                    max_workers=self.num_workers, mp_context=multiprocessing.get_context(self.start_method),
                     initializer=_worker_init, initargs=(self._spec,),
                 )
             executor = self._executor
