@@ -823,10 +823,12 @@ def hf_to_bmt(
 
 
 def _resolve_config(
-    config: FM9GConfig | PathLike | None, ckpt: Path, reference_dir: Path | None
+    config: FM9GConfig | Mapping[str, Any] | PathLike | None, ckpt: Path, reference_dir: Path | None
 ) -> FM9GConfig:
     if isinstance(config, FM9GConfig):
         return config
+    if isinstance(config, Mapping):
+        return FM9GConfig.from_dict(dict(config), source="config")
     if config is not None:
         path = Path(config)
         if not path.is_file():
@@ -988,7 +990,7 @@ def _copy_reference_files(reference_dir: Path, out: Path) -> list[str]:
 def bmt_to_hf(
     ckpt: PathLike,
     out_dir: PathLike,
-    config: FM9GConfig | PathLike | None = None,
+    config: FM9GConfig | Mapping[str, Any] | PathLike | None = None,
     reference_dir: PathLike | None = None,
     lora: PathLike | Mapping[str, torch.Tensor] | None = None,
     format: str = "native",
@@ -1006,7 +1008,7 @@ def bmt_to_hf(
     Args:
         ckpt: the ``.pt`` (or ``.safetensors``) in original names, or a step directory with one ``.pt``.
         out_dir: the directory to create (written to a temporary directory, renamed at the end).
-        config: an `FM9GConfig` or a model JSON path; default: ``config.json`` beside ``ckpt``,
+        config: an `FM9GConfig`, a dict of its fields or a model JSON path; default: ``config.json`` beside ``ckpt``,
             else inferred from ``reference_dir``'s ``config.json``.
         reference_dir: a Hugging Face directory of the same model: tokenizer, generation and chat
             template files are copied from it (not its weights, config or code); its token ids are kept.
