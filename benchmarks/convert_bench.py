@@ -97,7 +97,8 @@ def make_random_hf(out: Path, preset: str, layers: int | None) -> tuple[int, dic
     ]
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors_sharded(out, plans, max_shard_size=int(4.5e9))
-    hf_cfg = hf_config_from_fm9g(cfg, format="native", dtype=torch.bfloat16)
+    # the original FM9G HF layout (model_type fm9g, muP fields kept, weights as trained)
+    hf_cfg = hf_config_from_fm9g(cfg, format="fm9g", dtype=torch.bfloat16)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     return sum(p.nbytes for p in plans), {"preset": preset, "num_layers": cfg.num_layers,
                                           "params": sum(math.prod(p.shape) for p in plans)}

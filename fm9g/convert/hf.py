@@ -1094,12 +1094,10 @@ def bmt_to_hf(
             elif key == "lm_head.weight":
                 factor = 1.0 / head_div
             plans.append(_TensorPlan(name=bmt_to_hf_key(key), shape=shape, dtype=out_dtype, make=producer(key, factor)))
-            if key == "input_embedding.weight" and untie:
-                plans_head = _TensorPlan(
-                    name="lm_head.weight", shape=shape, dtype=out_dtype, make=producer(key, 1.0 / cfg.scale_width)
-                )
-        if untie:
-            plans.append(plans_head)
+        if untie:  # tied muP head: its own lm_head = embedding / scale_width (the embedding got × scale_emb)
+            emb_shape = (cfg.vocab_size, cfg.dim_model)
+            plans.append(_TensorPlan(name="lm_head.weight", shape=emb_shape, dtype=out_dtype,
+                                     make=producer("input_embedding.weight", 1.0 / cfg.scale_width)))
 
         hf_config = hf_config_from_fm9g(cfg, format=format, dtype=out_dtype, reference=ref_config)
         tmp = _TmpDir(out, overwrite)
