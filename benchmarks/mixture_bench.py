@@ -13,6 +13,7 @@ Prints a markdown table (also written with ``--out``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -88,11 +89,13 @@ def run(cfg: Path, tok, workers: int, args) -> dict:
         next(it)
     startup = time.perf_counter() - t0
     tokens, batches = 0, 0
+    digest = hashlib.sha256()
     t1 = time.perf_counter()
     while tokens < args.tokens:
         b = next(it)
         tokens += b["num_tokens"]
         batches += 1
+        digest.update(b["input_ids"].numpy().tobytes())
     dt = time.perf_counter() - t1
     st = loader.stats()
     total = sum(v["tokens"] for v in st.values())
@@ -102,6 +105,7 @@ def run(cfg: Path, tok, workers: int, args) -> dict:
     return {
         "workers": workers, "tokens": tokens, "batches": batches, "seconds": dt, "tok_s": tokens / dt,
         "fill": tokens / (batches * args.max_length * args.batch_size), "startup_s": startup, "shares": shares,
+        "digest": digest.hexdigest()[:12],
     }
 
 
@@ -133,12 +137,12 @@ def main() -> None:
         f"{platform.python_version()}, torch {torch.__version__}, tokenizers {tokenizers.__version__}; "
         f"tokenizer {type(tok).__name__} ({args.tokenizer or 'SmolLM2-135M-Instruct'}); "
         f"rows {args.batch_size} x {args.max_length}; {args.tokens:,} tokens timed per line\n\n"
-        "| worker processes | packed tokens/s | batches | row fill | start-up + warm-up (s) | token shares (target chat .2 / sft_zh .3 / web .5) |\n"
-        "|---|---|---|---|---|---|\n"
+        "| worker processes | packed tokens/s | batches | row fill | start-up + warm-up (s) | token shares (target chat .2 / sft_zh .3 / web .5) | sha256 of input_ids |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['workers']} | {r['tok_s']:,.0f} | {r['batches']} | {r['fill']:.3f} | {r['startup_s']:.1f} | "
-        f"{' / '.join(str(v) for v in r['shares'].values())} |"
+        f"{' / '.join(str(v) for v in r['shares'].values())} | {r['digest']} |"
         for r in rows
     ]
     text = head + "\n".join(lines) + "\n"
