@@ -3,8 +3,8 @@
 The Trainer owns the loop (data, schedule, logging, checkpoints); an :class:`Engine` owns the
 model on its device(s) and the optimizer. Two engines plug into the same small interface:
 
-- ``torch`` (:class:`TorchEngine`, here): one process on CPU or one GPU. fp32 master weights;
-  on CUDA bf16 autocast and fused AdamW.
+- ``torch`` (:class:`TorchEngine`, here): one process on CPU or one GPU. fp32 master weights,
+  fused AdamW; on CUDA bf16 autocast.
 - ``bmtrain`` (later): ZeRO-3 blocks, optimizer offload, multi-node; never imported elsewhere.
 
 The loss of one optimizer step is the mean over ALL labelled tokens of its ``grad_accum``
@@ -213,12 +213,13 @@ class TorchEngine(Engine):
         if not self.groups:
             raise ValueError("the model has no trainable parameters")
         self.params = [p for g in self.groups for p in g["params"]]
-        fused = self.device.type == "cuda"
         opt_groups = [{"params": g["params"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]} for g in self.groups]
-        self.optimizer = torch.optim.AdamW(
-            opt_groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            **({"fused": True} if fused else {"foreach": False}),
-        )
+        try:  # fused AdamW: one kernel per step on CUDA, and about 2x the single-tensor speed on CPU
+            self.optimizer = torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps,
+                                               weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # a device / dtype without a fused kernel
+            self.optimizer = torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps,
+                                               weight_decay=weight_decay, foreach=False)
 
     # ------------------------------------------------------------------ helpers
     def _compile_layers(self) -> None:
