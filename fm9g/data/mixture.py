@@ -434,11 +434,11 @@ class _Reader:
             msg = f"task {entry.task_name!r}, {entry.path} line {int(line)}: {type(err).__name__}: {err}"
             raise RuntimeError(msg) from err
 
-    def read(self, d: int, epoch: int, k0: int, k1: int) -> list[list[TokenizedSample]]:
-        """Windows of shard indices ``k0..k1-1`` (one list per line; ``[]`` for a dropped line)."""
-        lines = self.line_ids(d, epoch, np.arange(k0, k1, dtype=np.int64))
-        samples = [self.transformed(d, epoch, int(line)) for line in lines]
-        return self.tokenizers[d].batch(samples)
+    def read(self, d: int, epoch: int, k0: int, k1: int) -> list[tuple[int, list[TokenizedSample]]]:
+        """``(line id, windows)`` of shard indices ``k0..k1-1`` (windows ``[]`` for a dropped line)."""
+        lines = self.line_ids(d, epoch, np.arange(k0, k1, dtype=np.int64)).tolist()
+        samples = [self.transformed(d, epoch, line) for line in lines]
+        return list(zip(lines, self.tokenizers[d].batch(samples)))
 
 
 _WORKER_READER: _Reader | None = None
@@ -450,7 +450,7 @@ def _worker_init(spec: _ReaderSpec) -> None:
     _WORKER_READER = _Reader(spec)
 
 
-def _worker_read(d: int, epoch: int, k0: int, k1: int) -> list[list[TokenizedSample]]:
+def _worker_read(d: int, epoch: int, k0: int, k1: int) -> list[tuple[int, list[TokenizedSample]]]:
     assert _WORKER_READER is not None
     return _WORKER_READER.read(d, epoch, k0, k1)
 
@@ -474,8 +474,8 @@ class _LineSource:
         else:
             self.pending[d][(epoch, c)] = self.executor.submit(_worker_read, d, epoch, k0, k1)
 
-    def get(self, d: int, epoch: int, k: int) -> list[TokenizedSample]:
-        """Windows of shard index ``k`` of dataset ``d`` in ``epoch``."""
+    def get(self, d: int, epoch: int, k: int) -> tuple[int, list[TokenizedSample]]:
+        """``(line id, windows)`` of shard index ``k`` of dataset ``d`` in ``epoch``."""
         c = k // self.chunk
         n_chunks = -(-self.shard_lens[d] // self.chunk)
         for cc in range(c, min(c + self.ahead, n_chunks)):
@@ -562,8 +562,7 @@ class _Producer:
         self.windows: list[list[TokenizedSample] | None] = [None] * self.D
         for d in range(self.D):
             if self.cur_window[d] >= 0:
-                self.windows[d] = source.get(d, self.epoch[d], self.next_line[d] - 1)
-                self.line_of[d] = self._line_id(d, self.next_line[d] - 1)
+                self.line_of[d], self.windows[d] = source.get(d, self.epoch[d], self.next_line[d] - 1)
         self._u_block = -1
         self._u: np.ndarray | None = None
 
@@ -617,10 +616,9 @@ class _Producer:
                 self.epoch_samples[d] += 1
                 return s
             if self.next_line[d] < L._shard_lens[d]:
-                win = self.source.get(d, self.epoch[d], self.next_line[d])
+                line, win = self.source.get(d, self.epoch[d], self.next_line[d])
                 if win:
-                    self.windows[d], self.cur_window[d] = win, 0
-                    self.line_of[d] = self._line_id(d, self.next_line[d])
+                    self.windows[d], self.cur_window[d], self.line_of[d] = win, 0, line
                 self.next_line[d] += 1
                 continue
             # this rank's shard of dataset d is used up
@@ -639,9 +637,6 @@ class _Producer:
             self.epoch[d] += 1
             self.next_line[d] = 0
             self.epoch_samples[d] = 0
-
-    def _line_id(self, d: int, k: int) -> int:
-        return int(self.L._reader.line_ids(d, self.epoch[d], np.array([k], dtype=np.int64))[0])
 
     def _finish(self, batch: dict[str, Any], lines: list[tuple[int, int]]) -> dict[str, Any]:
         task_ids = batch["task_ids"].reshape(-1)
