@@ -154,6 +154,16 @@ def test_random_sampler_is_roughly_right(data_root, smollm2_tokenizer):
     assert abs(tokens[0] / tokens.sum() - 0.5 / 0.8) < 0.06
 
 
+def test_without_abs_weight_weight_times_nlines_are_sample_shares(data_root, smollm2_tokenizer):
+    cfg = [{k: v for k, v in e.items() if k != "abs_weight"} for e in _cfg(data_root, [("small", 0, True), ("few", 0, True)])]
+    cfg[1]["weight"] = 2.0  # 40 x 1 : 60 x 2 -> sample shares 0.25 : 0.75
+    loader = MixtureLoader(cfg, smollm2_tokenizer, 256, 2)
+    batches = _take(loader, 40)
+    lines = torch.cat([b["sample_lines"] for b in batches])
+    assert abs(float((lines[:, 0] == 0).float().mean()) - 0.25) < 0.02
+    assert loader.stats()["few"]["weight"] == pytest.approx(0.75)
+
+
 def test_deterministic_and_seed_dependent(data_root, smollm2_tokenizer):
     cfg = _cfg(data_root, MIX)
     a = _take(MixtureLoader(cfg, smollm2_tokenizer, 256, 2, seed=7), 6)
@@ -380,6 +390,8 @@ def _bad(root: Path, **change: Any) -> list[dict[str, Any]]:
         ({"weigth": 2}, r"\(task_name 'mid'\): unknown key 'weigth'"),
         ({"oversize_rule": "cut"}, r"'oversize_rule' must be one of \['segment', 'head', 'drop'\]"),
         ({"allow_repeat": "yes"}, r"'allow_repeat' must be true or false"),
+        ({"weight": "heavy"}, r"'weight' must be a number \(got 'heavy'\)"),
+        ({"abs_weight": True}, r"'abs_weight' must be a number \(got True\)"),
     ],
 )
 def test_bad_config_is_a_clear_error(data_root, smollm2_tokenizer, change, pattern):
