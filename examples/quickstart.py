@@ -95,6 +95,7 @@ def main() -> None:
             lr=1e-4, lr_scheduler="cosine", warmup_iters=3, train_iters=3 if smoke else args.steps,
             batch_size=1 if smoke else 4, max_length=64 if smoke else 128, save=str(work / "checkpoints"),
             model_unique="quickstart", save_iters=0, log_iters=1 if smoke else 5, inspect_iters=0,
+            use_checkpoint=False, progress_bar=not smoke,
         )
         from transformers import AutoTokenizer
 

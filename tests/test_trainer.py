@@ -437,3 +437,14 @@ def test_examples_cpu_smoke(example):
                          text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loss " in out.stdout and "->" in out.stdout
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    stats = tmp_path / "0.jsonl"
+    stats.write_text(json.dumps({"iteration": 1, "loss": 2.0, "lr": 1e-4}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    from fm9g.cli import main
+
+    assert main(["plot", str(stats), "-o", str(tmp_path / "x.png")]) == 1
+    assert "pip install 'fm9g[plot]'" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()

@@ -278,6 +278,9 @@ class TrainConfig:
                 v = _lora_to_dict(v)
             elif f.name == "model" and hasattr(v, "to_dict"):
                 v = v.to_dict()
+            elif f.name == "data" and isinstance(v, (list, tuple)):
+                v = [x.to_dict() if hasattr(x, "to_dict") else (dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x)
+                     for x in v]
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
