@@ -119,19 +119,26 @@ def flex_attention_varlen(
             "use attn_impl='sdpa' for CPU training, or run under torch.no_grad()"
         )
     n = q.shape[0]
+    # Flex's CUDA kernels work in 128-token blocks; lengths that are not a multiple of 128 fail to
+    # lower on some torch versions, so pad the stream: the padding is one more document that no
+    # real token can see, and its outputs are dropped.
+    pad = (-n) % FLEX_BLOCK
+    total = n + pad
     block_mask = cache.get("flex_block_mask")
     if block_mask is None:
-        positions = torch.arange(n, device=q.device)
-        # document id of every token: (N,)
+        positions = torch.arange(total, device=q.device)
+        # document id of every token: (N + pad,); padding tokens get id = number of documents
         doc = torch.searchsorted(cu_seqlens[1:].to(q.device, torch.int64), positions, right=True)
 
         def document_causal(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
-        block_mask = create_block_mask(document_causal, None, None, n, n, device=q.device)
+        block_mask = create_block_mask(document_causal, None, None, total, total, device=q.device)
         cache["flex_block_mask"] = block_mask
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))  # (N + pad, heads, dh)
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    # (1, h, N, dh)
+    # (1, h, N + pad, dh)
     out = fn(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
@@ -140,7 +147,10 @@ def flex_attention_varlen(
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.squeeze(0).transpose(0, 1)
+    return out.squeeze(0).transpose(0, 1)[:n]
+
+
+FLEX_BLOCK = 128
 
 
 # ------------------------------------------------------------------------------- torch_varlen
