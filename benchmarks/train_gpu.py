@@ -13,8 +13,10 @@ Run variants in one process (each builds a fresh model), and the HF baseline in 
     python benchmarks/train_gpu.py --variants eager,compile,compile+ckpt --baseline
     python benchmarks/train_gpu.py --variants compile --attn-impl flash_attn
 
-A variant is ``+``-joined flags: ``eager``, ``compile`` (torch.compile each layer), ``ckpt``
-(activation checkpointing), ``attn=<backend>`` (sdpa | flex | torch_varlen | flash_attn | auto).
+A variant is ``+``-joined flags: ``eager``, ``compile`` (torch.compile each layer), ``compilefull``
+(torch.compile the whole model), ``ckpt`` (activation checkpointing), ``attn=<backend>`` (sdpa |
+flex | torch_varlen | flash_attn | auto), ``chunk=<tokens>`` (tokens per chunk of the model's
+chunked linear + cross-entropy), e.g. ``compile+attn=flash_attn+chunk=1024``.
 Prints one JSON object per variant.
 """
 from __future__ import annotations
@@ -75,6 +77,11 @@ def run_fm9g(variant: str, steps: int, warmup: int, default_attn: str, device: s
                       max_length=SEQ, batch_size=1, save=None, tensorboard=None, stats_dir=None, progress_bar=False,
                       device=device, precision="bf16" if device == "cuda" else "fp32", compile="compile" in flags, use_checkpoint="ckpt" in flags,
                       attn_impl=attn, inspect_iters=0)
+    chunk = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("chunk=")), None)
+    if chunk is not None and hasattr(model, "loss_chunk_tokens"):
+        model.loss_chunk_tokens = chunk  # tokens per chunk of the fused linear + cross-entropy
+    if "compilefull" in flags:
+        model.compile()  # the whole model as one graph (in place: state-dict names unchanged)
     trainer = Trainer(cfg, model=model, loader=[])
     batch = packed_batch(mcfg.vocab_size, device)
     fpt = flops_per_token(model, SEQ)
