@@ -203,6 +203,20 @@ def test_max_epochs_makes_repeating_finite(data_root, smollm2_tokenizer):
     assert lines[:9].tolist() != lines[9:18].tolist()
 
 
+def test_dropped_lines_are_counted_and_an_all_dropping_repeat_dataset_fails(data_root, smollm2_tokenizer, tmp_path):
+    (tmp_path / "skip_odd.py").write_text(
+        "def transform(data, num_sample, r):\n    return None if int(data['output'].split()[1]) % 2 else data\n"
+    )
+    (tmp_path / "skip_all.py").write_text("def transform(data, num_sample, r):\n    return None\n")
+    cfg = _cfg(data_root, [("tiny", 1.0, False)], transforms=str(tmp_path / "skip_odd.py"))
+    loader = MixtureLoader(cfg, smollm2_tokenizer, 64, 1)
+    lines = torch.cat([b["sample_lines"] for b in loader])[:, 1]
+    assert sorted(lines.tolist()) == [0, 2, 4, 6, 8] and loader.stats()["tiny"]["dropped_lines"] == 4
+    cfg = _cfg(data_root, [("tiny", 1.0, True)], transforms=str(tmp_path / "skip_all.py"))
+    with pytest.raises(RuntimeError, match=r"task 'tiny' .*a whole epoch .*\(9 lines\) produced no sample"):
+        next(iter(MixtureLoader(cfg, smollm2_tokenizer, 64, 1)))
+
+
 def test_rank_shards_are_disjoint_and_cover_the_dataset(data_root, smollm2_tokenizer):
     cfg = _cfg(data_root, [("mid", 0.6, False), ("tiny", 0.4, False)])
     per_rank = []

@@ -549,6 +549,7 @@ class _Producer:
         self.out_tokens = state["out_tokens"].tolist()
         self.out_samples = state["out_samples"].tolist()
         self.out_label_tokens = state["out_label_tokens"].tolist()
+        self.dropped_lines = state["dropped_lines"].tolist()
         self.step = int(state["step"])
         self.batches = int(state["batches"])
         self.finished = bool(state["finished"])
@@ -619,21 +620,23 @@ class _Producer:
                 line, win = self.source.get(d, self.epoch[d], self.next_line[d])
                 if win:
                     self.windows[d], self.cur_window[d], self.line_of[d] = win, 0, line
+                else:
+                    self.dropped_lines[d] += 1
                 self.next_line[d] += 1
                 continue
             # this rank's shard of dataset d is used up
             entry = L.entries[d]
-            if self.epoch_samples[d] == 0:
+            repeat = entry.allow_repeat and (L.max_epochs is None or self.epoch[d] + 1 < L.max_epochs)
+            if not repeat:
+                self.exhausted[d] = True  # a flag, set once: never counted twice
+                return None
+            if self.epoch_samples[d] == 0:  # repeating it would loop forever
                 raise RuntimeError(
                     f"task {entry.task_name!r} ({entry.path}): a whole epoch of this rank's shard "
                     f"({L._shard_lens[d]} lines) produced no sample (all dropped by the transform or "
                     f"the tokenizer: empty output, prompt longer than max_length={L.max_length}, or "
                     f"oversize_rule='drop'); fix the data or remove the entry"
                 )
-            repeat = entry.allow_repeat and (L.max_epochs is None or self.epoch[d] + 1 < L.max_epochs)
-            if not repeat:
-                self.exhausted[d] = True  # a flag, set once: never counted twice
-                return None
             self.epoch[d] += 1
             self.next_line[d] = 0
             self.epoch_samples[d] = 0
@@ -682,6 +685,7 @@ class _Producer:
             "out_tokens": t(self.out_tokens),
             "out_samples": t(self.out_samples),
             "out_label_tokens": t(self.out_label_tokens),
+            "dropped_lines": t(self.dropped_lines),
             "step": self.step,
             "batches": self.batches,
             "finished": self.finished,
@@ -907,7 +911,7 @@ class MixtureLoader:
             "epoch": z.clone(), "next_line": z.clone(), "cur_window": torch.full((D,), -1, dtype=torch.int64),
             "epoch_samples": z.clone(), "exhausted": torch.zeros(D, dtype=torch.bool),
             "mix_tokens": z.clone(), "mix_samples": z.clone(), "out_tokens": z.clone(), "out_samples": z.clone(),
-            "out_label_tokens": z.clone(), "step": 0, "batches": 0, "finished": False, "packer": None,
+            "out_label_tokens": z.clone(), "dropped_lines": z.clone(), "step": 0, "batches": 0, "finished": False, "packer": None,
             "waiting": torch.zeros((0, 2), dtype=torch.int64),
         }
 
@@ -1060,9 +1064,10 @@ class MixtureLoader:
         """Per task, counted over the batches handed out so far (kept across resume).
 
         Returns:
-            ``{task_name: {"samples", "tokens", "label_tokens", "epoch", "exhausted", "avg_tokens",
-            "weight"}}`` — ``samples`` are packed sequences (documents or windows), ``tokens``
-            real (non-pad) tokens, ``epoch`` the current pass over this rank's shard (0-based),
+            ``{task_name: {"samples", "tokens", "label_tokens", "dropped_lines", "epoch", "exhausted",
+            "avg_tokens", "weight"}}`` — ``samples`` are packed sequences (documents or windows),
+            ``tokens`` real (non-pad) tokens, ``dropped_lines`` lines read but skipped (transform
+            returned None, empty output, prompt too long, ``oversize_rule="drop"``), ``epoch`` the current pass over this rank's shard (0-based),
             ``avg_tokens`` the running mean sample length the mixer uses, ``weight`` the
             normalised abs_weight (or weight x nlines).
         """
@@ -1079,6 +1084,7 @@ class MixtureLoader:
                 "samples": int(s["out_samples"][d]),
                 "tokens": int(s["out_tokens"][d]),
                 "label_tokens": int(s["out_label_tokens"][d]),
+                "dropped_lines": int(s["dropped_lines"][d]),
                 "epoch": int(s["epoch"][d]),
                 "exhausted": bool(s["exhausted"][d]),
                 "avg_tokens": avg,
