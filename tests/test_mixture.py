@@ -358,7 +358,7 @@ def test_world_size_change_is_refused(data_root, smollm2_tokenizer):
 # ---------------------------------------------------------------------------------------------
 # config file and bad input
 # ---------------------------------------------------------------------------------------------
-def test_original_json_with_relative_paths_and_aliases(data_root, smollm2_tokenizer):
+def test_original_json_with_relative_paths_and_aliases(data_root, smollm2_tokenizer, tok_dir):
     cfg = [
         {"dataset_name": "s", "task_name": "short_up", "path": "short", "abs_weight": 1, "transforms": "tf/upper.py",
          "allow_repeat": True, "nlines": 1500, "avg_tokens": 15, "total_tokens": 0.001, "oversize_rule": "segment",
@@ -378,6 +378,8 @@ def test_original_json_with_relative_paths_and_aliases(data_root, smollm2_tokeni
         assert "SHORT" in text
     typed = MixtureLoader([DatasetEntry(**{**e.to_dict(), "path": e.path}) for e in entries], smollm2_tokenizer, 256, 2)
     _assert_same(_take(typed, 2), _take(MixtureLoader.from_config(path, smollm2_tokenizer, 256, 2), 2))
+    by_path = MixtureLoader.from_config(path, tok_dir, 256, 2)  # a tokenizer directory works too
+    _assert_same(_take(by_path, 2), _take(MixtureLoader.from_config(path, smollm2_tokenizer, 256, 2), 2))
 
 
 def _bad(root: Path, **change: Any) -> list[dict[str, Any]]:

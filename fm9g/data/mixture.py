@@ -731,8 +731,8 @@ class MixtureLoader:
 
     Args:
         entries: the dataset config (see :func:`load_dataset_config`).
-        tokenizer: a Hugging Face tokenizer (a fast one for speed); must be picklable when
-            ``num_workers > 0``.
+        tokenizer: a Hugging Face tokenizer (a fast one for speed; must be picklable when
+            ``num_workers > 0``), or a tokenizer directory / hub name for ``AutoTokenizer``.
         max_length: row length L of a packed batch (and the longest sample).
         batch_size: rows B per batch.
         seed: seeds the line order of every epoch (same on all ranks) and the mixer (per rank).
@@ -791,6 +791,10 @@ class MixtureLoader:
             raise MixtureConfigError(f"max_epochs must be None or an int >= 1, got {max_epochs!r}")
         if int(max_length) < 4 or int(batch_size) < 1:
             raise MixtureConfigError(f"need max_length >= 4 and batch_size >= 1, got {max_length}, {batch_size}")
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=True)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
