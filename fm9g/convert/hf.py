@@ -66,6 +66,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "minicpm", "fm9g", "
 REMOTE_CODE_DIR = Path(__file__).with_name("remote")
 REMOTE_FILES: tuple[str, ...] = ("configuration_fm9g.py", "modeling_fm9g.py")
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+_FOLD_BLOCK_ELEMENTS = 1 << 24  # 64 MB of fp32 per block when folding muP / merging LoRA
 
 # reference_dir files copied into an export (never its weights, config or modeling code)
 _REFERENCE_FILE_PATTERNS = (
@@ -1075,13 +1076,19 @@ def bmt_to_hf(
                 merge_here = merge and key.endswith(".weight") and mod in deltas
                 if not merge_here and factor == 1.0:
                     return t.to(out_dtype)  # no copy when the dtype is kept: written from the mmap
-                w = t.float()  # LoRA update and muP factor in fp32, one rounding at the end
-                if merge_here:
-                    a, b = deltas[mod]
-                    w = w + (b.float() @ a.float()) * (alpha / r)
-                if factor != 1.0:
-                    w = w * factor
-                return w.to(out_dtype)
+                # LoRA update and muP factor in fp32, one rounding at the end; in row blocks so a
+                # large matrix (the 73k x d embedding) never exists in fp32 all at once
+                result = torch.empty(t.shape, dtype=out_dtype)
+                rows = max(1, _FOLD_BLOCK_ELEMENTS // max(1, t[0].numel()))
+                for i in range(0, t.shape[0], rows):
+                    w = t[i : i + rows].to(torch.float32, copy=True)  # never modify the source in place
+                    if merge_here:
+                        a, b = deltas[mod]
+                        w += (b[i : i + rows].float() @ a.float()) * (alpha / r)
+                    if factor != 1.0:
+                        w *= factor
+                    result[i : i + rows] = w
+                return result
             return make
 
         plans: list[_TensorPlan] = []
