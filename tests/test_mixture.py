@@ -217,6 +217,16 @@ def test_dropped_lines_are_counted_and_an_all_dropping_repeat_dataset_fails(data
         next(iter(MixtureLoader(cfg, smollm2_tokenizer, 64, 1)))
 
 
+def test_transform_error_mid_run_names_task_and_line(data_root, smollm2_tokenizer, tmp_path):
+    (tmp_path / "fail7.py").write_text(
+        "def transform(data, num_sample, r):\n"
+        "    if data['output'].split()[1] == '7':\n        raise ValueError('bad record')\n    return data\n"
+    )
+    cfg = _cfg(data_root, [("tiny", 1.0, False)], transforms=str(tmp_path / "fail7.py"))
+    with pytest.raises(RuntimeError, match=r"task 'tiny', .*tiny line 7: ValueError: bad record"):
+        list(MixtureLoader(cfg, smollm2_tokenizer, 64, 1))
+
+
 def test_rank_shards_are_disjoint_and_cover_the_dataset(data_root, smollm2_tokenizer):
     cfg = _cfg(data_root, [("mid", 0.6, False), ("tiny", 0.4, False)])
     per_rank = []
