@@ -125,7 +125,7 @@ def test_round_trip_is_exact(tmp_path, arch, tied):
     sd = torch.load(tmp_path / "bmt" / "model.pt", weights_only=True)
     assert ("lm_head.weight" in sd) is (not tied)
     assert list(sd) == list(conv.expected_bmt_shapes(cfg))  # original names, canonical order
-    assert FM9GConfig.from_json(tmp_path / "bmt" / "config.json") == cfg
+    assert FM9GConfig.from_json(tmp_path / "bmt" / "config.json") == cfg == load_hf_config(src)
 
     # MiniCPM-style muP only survives unfolded in the fm9g format; Llama / Qwen2 come back as themselves
     fmt = "fm9g" if arch == "minicpm" else "native"

@@ -32,9 +32,9 @@ except ImportError:  # pragma: no cover
     from transformers.generation import GenerationMixin
 
 try:
-    from transformers.cache_utils import Cache, DynamicCache
+    from transformers.cache_utils import DynamicCache
 except ImportError:  # pragma: no cover - very old transformers
-    Cache, DynamicCache = None, None
+    DynamicCache = None
 
 import transformers
 
@@ -168,6 +168,22 @@ class FM9GPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
+def _cache_from_legacy(past: Any) -> Any:
+    """A DynamicCache from the old tuple-of-(k, v)-per-layer format."""
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(past)
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(past):
+        cache.update(k, v, i)
+    return cache
+
+
+def _cache_to_legacy(cache: Any) -> Any:
+    if hasattr(cache, "to_legacy_cache"):
+        return cache.to_legacy_cache()
+    return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
 def _past_length(past_key_values: Any) -> int:
     if past_key_values is None:
         return 0
@@ -217,7 +233,7 @@ class FM9GModel(FM9GPreTrainedModel):
 
         legacy = isinstance(past_key_values, (tuple, list))
         if legacy:
-            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
+            past_key_values = _cache_from_legacy(past_key_values)
         elif use_cache and past_key_values is None and DynamicCache is not None:
             past_key_values = DynamicCache()
         past = _past_length(past_key_values)
@@ -246,7 +262,7 @@ class FM9GModel(FM9GPreTrainedModel):
 
         cache_out = past_key_values if use_cache else None
         if legacy and cache_out is not None:
-            cache_out = cache_out.to_legacy_cache()
+            cache_out = _cache_to_legacy(cache_out)
         if return_dict is False:
             return (h, cache_out)
         return BaseModelOutputWithPast(**{"last_hidden_state": h, _CACHE_NAME: cache_out})
