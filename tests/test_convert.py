@@ -508,3 +508,21 @@ def test_native_export_serves_in_vllm(tmp_path):
     res = llm.generate([{"prompt_token_ids": prompt}], vllm.SamplingParams(max_tokens=8, temperature=0.0))
     got = list(res[0].outputs[0].token_ids)
     assert got[:4] == ids[0, len(prompt):len(prompt) + 4].tolist()
+
+
+def test_original_fm9g7b_layout_with_pytorch_bin(tmp_path):
+    """The released 7B layout: model_type "fm9g7b", pytorch_model.bin, q/k/v biases, no muP keys used."""
+    ckpt, model = _save_fm9g(tmp_path / "ckpt", "7b")
+    native = bmt_to_hf(ckpt, tmp_path / "native")
+    orig = tmp_path / "orig7b"
+    orig.mkdir()
+    hf_cfg = json.loads((native / "config.json").read_text())
+    hf_cfg.update(model_type="fm9g7b", architectures=["FM9GForCausalLM"], scale_emb=12, dim_model_base=128, scale_depth=-1)
+    (orig / "config.json").write_text(json.dumps(hf_cfg))
+    torch.save(_hf_tensors(native), orig / "pytorch_model.bin")
+    cfg = hf_to_bmt(orig, tmp_path / "back" / "model.pt")
+    assert cfg.qkv_bias and not cfg.scale and not cfg.tie_lm_head
+    _assert_same_tensors(torch.load(ckpt, weights_only=True), torch.load(tmp_path / "back" / "model.pt", weights_only=True))
+    x = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(orig)(x).logits, model(x).logits, rtol=0, atol=1e-5)
