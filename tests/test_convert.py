@@ -526,3 +526,23 @@ def test_original_fm9g7b_layout_with_pytorch_bin(tmp_path):
     x = _ids()
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(orig)(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_tied_config_with_stored_head(tmp_path):
+    """tie_word_embeddings=true wins over a stored lm_head.weight (as in transformers): it is dropped,
+    with a warning only when it differs from the embedding."""
+    import warnings
+
+    src = _make_hf_dir(tmp_path, "llama", tied=True)
+    sd = _hf_tensors(src)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf_to_bmt(src, tmp_path / "a.pt")
+    assert "lm_head.weight" not in torch.load(tmp_path / "a.pt", weights_only=True)
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="lm_head.weight differs from the embedding"):
+        hf_to_bmt(src, tmp_path / "b.pt")
+    assert "lm_head.weight" not in torch.load(tmp_path / "b.pt", weights_only=True)
