@@ -364,6 +364,10 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(ConversionError, match="no FM9G name: model.layers.0.self_attn.rotary.extra"):
         hf_to_bmt(src, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+    # writing into an HF directory would replace its config.json
+    with pytest.raises(ConversionError, match="is a Hugging Face config"):
+        hf_to_bmt(src, src / "model.pt")
+    assert not (src / "model.pt").exists()
 
     # shape mismatch between a checkpoint and the given config names the key and both shapes
     ckpt, _ = _save_fm9g(tmp_path / "ckpt", "7b")

@@ -769,6 +769,17 @@ def hf_to_bmt(
         raise ConversionError(f"out_path {out_path} is a directory; give a file name such as {out_path / 'model.pt'}")
     cast = _as_dtype(dtype)
     config = load_hf_config(src)
+    beside = out_path.parent / "config.json"
+    if write_config and beside.is_file():
+        try:
+            existing = json.loads(beside.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            existing = {}
+        if isinstance(existing, dict) and "hidden_size" in existing and "model_type" in existing:
+            raise ConversionError(
+                f"{beside} is a Hugging Face config that writing the fm9g config.json would replace; "
+                f"put {out_path.name} in another directory (e.g. 9g_models/{out_path.name})"
+            )
     with ExitStack() as stack:
         hf_sd = read_hf_state_dict(src, stack)
         if config.tie_lm_head and "lm_head.weight" in hf_sd:
