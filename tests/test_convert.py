@@ -383,6 +383,9 @@ def test_bad_input_messages(tmp_path):
         bmt_to_hf(ckpt, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         bmt_to_hf(tmp_path / "missing.pt", tmp_path / "out", config=_tiny_config("7b"))
+    with pytest.raises(ConversionError, match="would replace the checkpoint"):
+        bmt_to_hf(ckpt, ckpt.parent, config=_tiny_config("7b"), overwrite=True)
+    assert ckpt.exists()
     with pytest.raises(ConversionError, match="format must be"):
         bmt_to_hf(ckpt, tmp_path / "out", config=_tiny_config("7b"), format="gguf")
 

@@ -1055,6 +1055,9 @@ def bmt_to_hf(
     ref = _check_hf_dir(reference_dir) if reference_dir is not None else None
     cfg = _resolve_config(config, ckpt_path, ref)
     out = Path(out_dir)
+    for inside, what in ((ckpt_path, "the checkpoint"), (ref, "reference_dir")):
+        if inside is not None and (out.resolve() == inside.resolve() or out.resolve() in inside.resolve().parents):
+            raise ConversionError(f"out_dir {out} would replace {what} {inside}; choose another output directory")
     cast = _as_dtype(dtype)
     ref_config = _read_json(ref / "config.json") if ref is not None else None
 
