@@ -281,6 +281,21 @@ class Trainer:
             return list(batch["task_names"])
         return list(getattr(self._loader, "task_names", []) or [])
 
+    def describe(self) -> str:
+        """One paragraph about the run: model size, trainable share, engine, device, schedule."""
+        c = self.config
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        eng = self.engine
+        where = f"{eng.name} engine on {getattr(eng, 'device', '?')}, precision {getattr(eng, 'precision', '?')}"
+        return (
+            f"fm9g train: {total / 1e6:,.2f}M parameters, {trainable / 1e6:,.2f}M trainable"
+            f"{' (LoRA)' if self.is_lora else ''}; {where}\n"
+            f"  {c.train_iters} iterations of {c.grad_accum} x {c.batch_size} x {c.max_length} tokens; "
+            f"lr {c.lr:g} {c.lr_scheduler} (warmup {c.warmup_steps:g}, drop {c.drop_steps:g}); "
+            f"starting after step {self.step}; checkpoints: {c.run_dir or 'off'}"
+        )
+
     # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict[str, Any]]) -> StepOutput:
         """One optimizer step (iteration ``self.step + 1``) over ``batches`` (grad_accum micro-batches).
@@ -339,6 +354,7 @@ class Trainer:
         )
         peak = self.engine.peak_flops()
         result = TrainResult(step=self.step)
+        logger.print(self.describe())
         if self.step == 0 and cfg.inspect_iters:
             logger.print(inspect_model(self.model))
         t_prev = time.perf_counter()
