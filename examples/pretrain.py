@@ -30,14 +30,14 @@ def cpu_smoke(work: Path) -> None:
         {"dataset_name": "qa", "task_name": "qa", "path": str(work / "index" / "qa"), "abs_weight": 0.3},
     ]))
     common = dict(model=FM9GConfig.from_name("tiny", vocab_size=512), tokenizer_path=str(tok_dir), data=str(mix),
-                  lr=1e-2, warmup_iters=0.1, drop_iters=0.2, lr_scheduler="warmupstabledrop", train_iters=20,
+                  lr=1e-2, warmup_iters=0.1, drop_iters=0.2, lr_scheduler="warmupstabledrop", train_iters=12,
                   batch_size=2, max_length=64, save=str(work / "checkpoints"), model_unique="pretrain_smoke",
-                  save_iters=10, progress_bar=False, log_iters=5, inspect_iters=0)
-    result = Trainer(TrainConfig(**common)).fit()  # checkpoints at steps 10 and 20
-    # resuming from step 10 (as after a crash) reproduces steps 11..20 exactly
-    again = Trainer(TrainConfig(**common, resume_ckpt="10")).fit()
-    print(f"straight: {result.losses[10:]}\nresumed:  {again.losses}")
-    assert again.losses == result.losses[10:]
+                  save_iters=6, progress_bar=False, log_iters=3, inspect_iters=0)
+    result = Trainer(TrainConfig(**common)).fit()  # checkpoints at steps 6 and 12
+    # resuming from step 6 (as after a crash) reproduces steps 7..12 exactly
+    again = Trainer(TrainConfig(**common, resume_ckpt="6")).fit()
+    print(f"straight: {result.losses[6:]}\nresumed:  {again.losses}")
+    assert again.losses == result.losses[6:]
 
 
 def main() -> None:
