@@ -54,7 +54,7 @@ def make_toy_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     bpe = ByteLevelBPETokenizer()
     corpus = TEXT + [q + " " + a for q, a in FACTS] + ["system user assistant You are a helpful assistant."]
-    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials)
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.save_pretrained(out_dir)
