@@ -20,3 +20,24 @@ def test_unknown_public_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fm9g.nope
+
+
+def test_atomic_write_keeps_the_old_file_on_error_and_uses_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    import pytest
+
+    from fm9g._io import atomic_file, atomic_write_text
+
+    target = tmp_path / "config.json"
+    atomic_write_text(target, "old\n")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask  # not mkstemp's private 0600
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half-writ")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind

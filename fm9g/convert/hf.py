@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from fm9g._io import atomic_file, atomic_write_text, default_permissions
 from fm9g.models.config import FM9GConfig
 
 __all__ = [
@@ -145,30 +146,6 @@ def _check_hf_dir(hf_dir: PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _chmod_default(path: Path, *, directory: bool = False) -> None:
-    """mkstemp / mkdtemp create private (0600 / 0700) entries; give outputs the usual permissions."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        _chmod_default(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ================================================================================================
@@ -705,7 +682,7 @@ class _TmpDir:
             raise FileExistsError(f"output directory {dest} exists and is not empty; pass overwrite=True or pick another")
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-        _chmod_default(self.path, directory=True)
+        default_permissions(self.path, directory=True)
 
     def commit(self) -> None:
         old = None
@@ -810,20 +787,12 @@ def hf_to_bmt(
         _check_state_dict(sd, config, str(src), what="Hugging Face checkpoint")
         sd = {k: sd[k] for k in expected_bmt_shapes(config)}  # canonical order
 
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(out_path) as tmp:
             if safetensors:
                 plans = [_TensorPlan(name=k, shape=tuple(v.shape), dtype=v.dtype, make=(lambda v=v: v)) for k, v in sd.items()]
-                _write_safetensors(Path(tmp), plans)
+                _write_safetensors(tmp, plans)
             else:
                 torch.save(sd, tmp)
-            _chmod_default(Path(tmp))
-            os.replace(tmp, out_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     if write_config:
         config.to_json(out_path.parent / "config.json")
     return config
@@ -1124,7 +1093,7 @@ def bmt_to_hf(
         tmp = _TmpDir(out, overwrite)
         try:
             save_safetensors_sharded(tmp.path, plans, max_shard_size=max_shard_size)
-            _atomic_write_text(tmp.path / "config.json", json.dumps(hf_config, indent=2) + "\n")
+            atomic_write_text(tmp.path / "config.json", json.dumps(hf_config, indent=2) + "\n")
             if format == "fm9g":
                 for name in REMOTE_FILES:
                     shutil.copy2(REMOTE_CODE_DIR / name, tmp.path / name)

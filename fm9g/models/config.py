@@ -17,12 +17,13 @@ import difflib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fm9g._io import atomic_write_text
 
 __all__ = ["FM9GConfig", "ConfigError", "PRESETS"]
 
@@ -352,17 +353,7 @@ class FM9GConfig:
         """Serialise to JSON (and write it atomically to `path` when given). Returns the text."""
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write_text(path, text)
         return text
 
 

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fm9g._io import atomic_file, atomic_write_bytes
 
 __all__ = [
     "ORIGINAL_TARGETS",
@@ -267,7 +268,7 @@ class LoraConfig:
         """Return the config as JSON text; when ``path`` is given also write it there (atomically)."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            _atomic_write_bytes(Path(path), text.encode("utf-8"))
+            atomic_write_bytes(path, text.encode("utf-8"))
         return text
 
 
@@ -740,15 +741,8 @@ def save_lora_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None
     """``torch.save`` :func:`lora_state_dict` to ``path`` (atomically); loadable by the original tools."""
     path = Path(path)
     sd = {k: v.clone().cpu() for k, v in lora_state_dict(model).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_lora_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> None:
@@ -804,18 +798,6 @@ def _native_scales(model: nn.Module, format: str) -> dict[str, float]:
         if width != 1.0:
             scales["lm_head"] = 1.0 / width
     return scales
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_peft_adapter(
@@ -892,8 +874,8 @@ def save_peft_adapter(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
-    _atomic_write_bytes(out / "adapter_config.json", (json.dumps(adapter_config, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(out / "adapter_config.json", (json.dumps(adapter_config, indent=2) + "\n").encode())
     return out
 
 
