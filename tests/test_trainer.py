@@ -448,3 +448,36 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys)
     assert main(["plot", str(stats), "-o", str(tmp_path / "x.png")]) == 1
     assert "pip install 'fm9g[plot]'" in capsys.readouterr().out
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_engine_clips_like_clip_grad_norm(device):
+    """The engine's clipping (foreach divide on CPU, folded into fused AdamW on CUDA) updates the
+    weights exactly as torch's clip_grad_norm_ + AdamW would, over steps whose clip factors differ
+    (Adam is invariant to one constant gradient scale, not to a changing one)."""
+    import copy
+
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+    from fm9g.training.engine import TorchEngine
+
+    torch.manual_seed(0)
+    model = FM9GModel(FM9GConfig.from_name("tiny", scale=False, scale_depth=-1.0, attn_impl="sdpa"))
+    reference, unclipped = copy.deepcopy(model).to(device), copy.deepcopy(model).to(device)
+    engine = TorchEngine(model, lr=1e-2, clip_grad=0.05, device=device, precision="fp32")
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+            for m in (reference, unclipped)]
+    for step in range(3):
+        ids = torch.randint(0, 99, (2, 8 + 8 * step))
+        out = engine.train_step([{"input_ids": ids, "labels": ids}], lr=1e-2)
+        assert out.grad_norm > 0.05  # the clip is active
+        for m, opt, clip in ((reference, opts[0], 0.05), (unclipped, opts[1], None)):
+            m(ids.to(device), labels=ids.to(device)).loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), clip or float("inf"))
+            opt.step()
+            opt.zero_grad()
+            if clip:
+                assert out.grad_norm == pytest.approx(float(norm), rel=1e-4)
+    for (name, p), q, u in zip(model.named_parameters(), reference.parameters(), unclipped.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert max((p - u).abs().max().item() for p, u in zip(model.parameters(), unclipped.parameters())) > 1e-3

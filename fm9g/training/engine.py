@@ -278,8 +278,10 @@ class TorchEngine(Engine):
             self.zero_grad()
             result.skipped = "nonfinite"
             return result
-        max_norm = self.clip_grad if self.clip_grad and self.clip_grad > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=self.device.type == "cuda"))
+        grads = [p.grad for p in self.params if p.grad is not None]
+        cuda = self.device.type == "cuda"
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=cuda)  # pre-clip global L2 norm
+        grad_norm = float(norm)
         result.grad_norm = grad_norm
         if not math.isfinite(grad_norm):
             self.zero_grad()
@@ -287,7 +289,18 @@ class TorchEngine(Engine):
             return result
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        self.optimizer.step()
+        if self.clip_grad and self.clip_grad > 0 and grad_norm > self.clip_grad:
+            inv_coef = (norm.float() + 1e-6) / self.clip_grad  # grads are divided by this
+            if cuda and self.optimizer.defaults.get("fused"):
+                # The fused CUDA AdamW kernel divides each gradient by `grad_scale` as it reads it:
+                # clipping costs no extra pass over the gradients.
+                self.optimizer.grad_scale = inv_coef.to(self.device)
+            else:
+                torch._foreach_div_(grads, inv_coef.to(grads[0].device))
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.grad_scale = None
         self.zero_grad()
         return result
 
