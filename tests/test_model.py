@@ -329,3 +329,34 @@ def test_gpu_backends_agree_in_model(dtype: torch.dtype) -> None:
     for name, (logits, grad) in results.items():
         assert (logits - results["sdpa"][0]).abs().max().item() < tol, name
         assert (grad - results["sdpa"][1]).abs().max().item() < tol, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_layers_do_not_recompile_for_each_packing_layout(device: str) -> None:
+    """Real training packs a different document layout into every batch; with compiled layers
+    that must not mean a new graph per batch (at most one recompile per layer, to go dynamic)."""
+    import random
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    attn = "sdpa" if device == "cpu" else "auto"
+    model = FM9GModel(FM9GConfig.from_name("tiny", attn_impl=attn)).to(device)
+    backend = "eager" if device == "cpu" else "inductor"  # dynamo's guards are the same either way
+    for layer in model.encoder.layers:
+        layer.compile(backend=backend)
+    rng = random.Random(0)
+    ids = torch.randint(0, 99, (1, 96), device=device)
+    graphs = []
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        for _ in range(12):
+            cuts = sorted(rng.sample(range(1, 96), rng.randint(1, 5)))
+            cu = torch.tensor([0, *cuts, 96], dtype=torch.int32, device=device)
+            model(ids, cu_seqlens=cu, labels=ids).loss.backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    # after a warm-up (one recompile to make lengths dynamic), new layouts reuse the graphs
+    assert graphs[3] == graphs[-1], graphs
+    torch._dynamo.reset()

@@ -59,6 +59,10 @@ class AttentionFn(Protocol):
 
 
 # --------------------------------------------------------------------------------------- sdpa
+# Not traced by torch.compile: the per-document loop runs over Python ints that change with every
+# packing layout, and tracing it would recompile for each new layout. Compiled layers break the
+# graph here and run this one function eagerly.
+@torch.compiler.disable
 def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -74,10 +78,9 @@ def sdpa_attention(
     Running each document on its own is exactly the block-diagonal causal mask, needs no [N, N]
     mask in memory, and gives bit-identical results to running the document alone.
     """
-    bounds = cache.get("sdpa_bounds")
-    if bounds is None:
-        bounds = cu_seqlens.tolist()  # one host sync per forward, shared by all layers
-        cache["sdpa_bounds"] = bounds
+    # Python ints for the loop (a host sync on CUDA; this is the reference backend). Deliberately
+    # not kept in `cache`: compiled layers would guard on the list and recompile per layout.
+    bounds = cu_seqlens.tolist()
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -425,13 +425,12 @@ class FM9GModel(nn.Module):
                 position_ids = torch.arange(T, device=device).expand(B, T)
         else:
             cu = cu_seqlens.to(device=device, dtype=torch.int32)
-            bounds = cu.tolist()  # one host sync; validates the layout and feeds the sdpa backend
+            bounds = cu.tolist()  # one host sync, to validate the layout
             if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != N or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
                 raise ValueError(
                     f"cu_seqlens must rise from 0 to B*T={N} over the flattened tokens, got {bounds[:8]}"
                     f"{'...' if len(bounds) > 8 else ''} (length {len(bounds)})"
                 )
-            cache["sdpa_bounds"] = bounds
             max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
             if position_ids is None:
                 flat = torch.arange(N, device=device)
