@@ -40,8 +40,11 @@ class Block:
     skip: str | None   # reason, when marked skip
 
 
-def extract_blocks(path: str) -> list[Block]:
-    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
+def extract_blocks(path: str, text: str | None = None) -> list[Block]:
+    """The fenced blocks of a markdown file (or of `text`), in order."""
+    if text is None:
+        text = (ROOT / path).read_text(encoding="utf-8")
+    lines = text.splitlines()
     blocks: list[Block] = []
     i = 0
     while i < len(lines):
@@ -100,7 +103,7 @@ def test_doc_examples(path, tmp_path, monkeypatch, smollm2_tokenizer_dir):
 
     torch.manual_seed(0)
     namespace = {"__name__": "__main__", "TOKENIZER_DIR": str(smollm2_tokenizer_dir)}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     ran = 0
     for block in ALL[path]:
         if block.skip is not None:
@@ -136,3 +139,18 @@ def test_readme_commands_run_in_docs():
            for b in blocks if b.lang in SHELL_LANGS and b.skip is None for argv in fm9g_commands(b.code)]
     missing = [shlex.join(a) for a in readme if not any(d[:len(a)] == a for d in run)]
     assert not missing, f"README commands that no docs/*.md example runs: {missing}"
+
+
+def test_extract_blocks_and_commands():
+    md = "\n".join([
+        "intro", "```python", "x = 1", "```", "",
+        "<!-- fm9g-docs: skip (needs CUDA) -->", "```python", "y = 2", "```",
+        "* a list item:", "", "  ```bash", "  $ fm9g inspect a.pt   # comment", "  pip install x", "  ```",
+        "```json", "{}", "```", "```", "fm9g not a shell block", "```",
+    ])
+    blocks = extract_blocks("x.md", md)
+    assert [(b.lang, b.line, b.skip) for b in blocks] == [
+        ("python", 2, None), ("python", 7, "needs CUDA"), ("bash", 12, None), ("json", 16, None), ("", 19, None)]
+    assert blocks[0].code == "x = 1\n"
+    assert fm9g_commands(blocks[2].code) == [["inspect", "a.pt"]]
+    assert [runnable(b) for b in blocks] == [True, True, True, False, False]
