@@ -59,3 +59,25 @@ def make_toy_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def example_main(doc: str, cpu_smoke, config_help: str) -> None:
+    """The shared command line of the examples: `--config X [--set k=v ...]` for a real run
+    (the same as `fm9g train --config X`), or `--cpu-smoke` for the toy run in a temporary folder."""
+    import argparse
+    import tempfile
+
+    from fm9g import TrainConfig, Trainer
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help=config_help)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--cpu-smoke", action="store_true", help="toy model and data on CPU, a few seconds")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        with tempfile.TemporaryDirectory() as d:
+            cpu_smoke(Path(d))
+        return
+    if not args.config:
+        ap.error("give --config or --cpu-smoke")
+    Trainer(TrainConfig.from_json(args.config).override(args.set)).fit()

@@ -10,9 +10,7 @@ each other).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from fm9g import FM9GConfig, TrainConfig, Trainer, build_index
@@ -40,20 +38,7 @@ def cpu_smoke(work: Path) -> None:
     assert again.losses == result.losses[6:]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="train config JSON (ours or the original train_configs/*.json)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    ap.add_argument("--cpu-smoke", action="store_true", help="toy model and data on CPU, a few seconds")
-    args = ap.parse_args()
-    if args.cpu_smoke:
-        with tempfile.TemporaryDirectory() as d:
-            cpu_smoke(Path(d))
-        return
-    if not args.config:
-        ap.error("give --config or --cpu-smoke")
-    Trainer(TrainConfig.from_json(args.config).override(args.set)).fit()
-
-
 if __name__ == "__main__":
-    main()
+    from _toy import example_main
+
+    example_main(__doc__, cpu_smoke, "train config JSON (ours or the original train_configs/*.json)")
