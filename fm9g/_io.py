@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every part of fm9g (standard library only).
+"""File helpers shared by every part of fm9g (standard library only): atomic writes, JSON reads.
 
 A file is written under a temporary name in its destination folder and renamed over the
 destination only once it is complete, so an interrupted write never leaves a half-written file
@@ -6,13 +6,15 @@ and never damages the previous version.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "default_permissions"]
+__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "default_permissions", "read_json"]
 
 
 def default_permissions(path: str | os.PathLike[str], *, directory: bool = False) -> None:
@@ -55,3 +57,23 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike[str], *, expect: type = dict, error: type[Exception] = ValueError) -> Any:
+    """Parse the JSON file `path`, which must hold an `expect` (dict or list).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        error: invalid JSON (naming the file, line and column) or a top-level value of another type.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not isinstance(data, expect):
+        kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+        raise error(f"{path}: expected {kind}, got {type(data).__name__}")
+    return data

@@ -207,7 +207,7 @@ def test_config_from_dict_errors(tmp_path):
         LoraConfig.from_dict({"finetune": {"lora_r": 0}})
     bad = tmp_path / "bad.json"
     bad.write_text('{"r": 4,,}')
-    with pytest.raises(LoraError, match=r"bad.json:1:"):
+    with pytest.raises(LoraError, match=r"bad.json: invalid JSON at line 1"):
         LoraConfig.from_json(bad)
 
 

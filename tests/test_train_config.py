@@ -87,7 +87,7 @@ def test_bad_values_fail_early_naming_the_key(key, value, match):
 def test_bad_json_names_file_and_line(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('{\n "lr": 1e-4,\n}', encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"bad.json: line 3"):
+    with pytest.raises(ConfigError, match=r"bad.json: invalid JSON at line 3"):
         TrainConfig.from_json(p)
     p2 = _write(tmp_path, {"pretrain": {"lr": 1}, "train_iters": 3}, "mixed.json")
     with pytest.raises(ConfigError, match="train_iters"):

@@ -1,7 +1,6 @@
 """The Trainer on CPU: exact resume across processes (full and LoRA), crash safety, overfitting,
 loss on output tokens only, accumulation, non-finite / OOM skipping, TensorBoard, stats, plot, CLI."""
 import json
-import math
 import struct
 import subprocess
 import sys

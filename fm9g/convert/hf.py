@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fm9g._io import atomic_file, atomic_write_text, default_permissions
+from fm9g._io import atomic_file, atomic_write_text, default_permissions, read_json
 from fm9g.models.config import FM9GConfig
 
 __all__ = [
@@ -119,15 +119,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, error=ConversionError)
 
 
 def _summary(items: list[str], limit: int = 10) -> str:

@@ -55,7 +55,6 @@ as without workers, so the batches are identical for any ``num_workers``).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import multiprocessing
 import queue
@@ -70,6 +69,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from fm9g._io import read_json
 from fm9g.data.tokenize import OVERSIZE_RULES, SampleTokenizer, TokenizedSample
 from fm9g.data.transforms import BUILTIN_TRANSFORMS, load_transform
 
@@ -264,14 +264,7 @@ def load_dataset_config(
         cfg_path = Path(source).expanduser()
         if not cfg_path.is_file():
             raise FileNotFoundError(f"dataset config {cfg_path} not found")
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise MixtureConfigError(
-                f"{cfg_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-            ) from err
-        if not isinstance(raw, list):
-            raise MixtureConfigError(f"{cfg_path}: a dataset config must be a JSON list of objects")
+        raw = read_json(cfg_path, expect=list, error=MixtureConfigError)
         items: Sequence[Any] = raw
         base: Path | None = cfg_path.resolve().parent
         src_name = str(cfg_path)

@@ -18,12 +18,11 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from fm9g._io import atomic_write_text
+from fm9g._io import atomic_write_text, read_json
 
 __all__ = ["FM9GConfig", "ConfigError", "PRESETS"]
 
@@ -333,13 +332,7 @@ class FM9GConfig:
         Raises:
             ConfigError: unreadable JSON, unknown key or inconsistent values (the file is named).
         """
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: line {err.lineno}: invalid JSON: {err.msg}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of model config keys")
+        data = read_json(path, error=ConfigError)
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm9g._io import atomic_file, atomic_write_bytes
+from fm9g._io import atomic_file, atomic_write_bytes, read_json
 
 __all__ = [
     "ORIGINAL_TARGETS",
@@ -257,12 +257,7 @@ class LoraConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "LoraConfig":
         """Read a JSON file written by :meth:`to_json` or an original ``train_configs/*_lora.json``."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LoraError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, error=LoraError), source=str(path))
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """Return the config as JSON text; when ``path`` is given also write it there (atomically)."""
@@ -944,10 +939,7 @@ def load_peft_adapter(
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise LoraError(f"{adapter_dir}: no adapter_config.json; is this a PEFT adapter directory?")
-    try:
-        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LoraError(f"{config_path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+    adapter_config = read_json(config_path, error=LoraError)
     cfg = _config_from_peft(adapter_config, str(config_path))
 
     st_path, bin_path = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"

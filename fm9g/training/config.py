@@ -24,9 +24,11 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
+
+from fm9g._io import read_json
 
 __all__ = ["TrainConfig", "ConfigError", "ALIASES", "IGNORED_KEYS", "SCHEDULERS"]
 
@@ -218,12 +220,7 @@ class TrainConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"train config {path} does not exist")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: line {err.lineno} column {err.colno}: invalid JSON ({err.msg})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raw = read_json(path, error=ConfigError)
         sections = [k for k in ("pretrain", "finetune") if k in raw]
         if sections:
             other = [k for k in raw if k not in ("pretrain", "finetune")]

@@ -21,7 +21,6 @@ weights as N steps straight.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import time
