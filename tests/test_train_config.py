@@ -135,3 +135,11 @@ def test_example_configs_load(name):
     assert cfg.model == "fm9g-7b"
     assert cfg.find_file(cfg.data, "dataset_configs").endswith("dataset_configs/data_example.json")
     assert (cfg.lora is not None) == (name == "lora_7b")
+
+
+def test_compile_is_auto_true_or_false():
+    assert TrainConfig().compile == "auto"
+    assert TrainConfig().override(["compile=false"]).compile is False
+    assert TrainConfig().override(["compile=true"]).compile is True
+    with pytest.raises(ConfigError, match="compile must be true, false or \"auto\""):
+        TrainConfig(compile="sometimes")

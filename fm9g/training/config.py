@@ -126,7 +126,7 @@ class TrainConfig:
     Engine: engine (``"torch"``; ``"bmtrain"`` later), device (auto | cpu | cuda | cuda:N),
     precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on CPU), use_checkpoint
     (activation checkpointing; None = the model config's value), compile (torch.compile each
-    layer), attn_impl (attention backend override), offload (bmtrain engine only), num_workers.
+    layer; ``"auto"`` = on for CUDA, off on CPU), attn_impl (attention backend override), offload (bmtrain engine only), num_workers.
     """
 
     # --- model / data -------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     use_checkpoint: bool | None = None
-    compile: bool = False
+    compile: bool | str = "auto"
     attn_impl: str | None = None
     offload: bool = False
     num_workers: int = 0
@@ -309,6 +309,8 @@ class TrainConfig:
             _choice("lr_scheduler", self.lr_scheduler.lower(), SCHEDULERS)
         _choice("engine", self.engine, ENGINES)
         _choice("precision", self.precision, PRECISIONS)
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise ConfigError(f"compile must be true, false or \"auto\", got {self.compile!r}")
         for name in ("train_iters", "grad_accum", "batch_size", "max_length", "log_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
