@@ -1,4 +1,5 @@
-"""File helpers shared by every part of fm9g (standard library only): atomic writes, JSON reads.
+"""Helpers shared by every part of fm9g (standard library only): atomic writes, JSON reads, and
+the short name lists that error messages use.
 
 A file is written under a temporary name in its destination folder and renamed over the
 destination only once it is complete, so an interrupted write never leaves a half-written file
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "default_permissions", "read_json"]
+__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "default_permissions", "name_list", "read_json"]
 
 
 def default_permissions(path: str | os.PathLike[str], *, directory: bool = False) -> None:
@@ -77,3 +78,9 @@ def read_json(path: str | os.PathLike[str], *, expect: type = dict, error: type[
         kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
         raise error(f"{path}: expected {kind}, got {type(data).__name__}")
     return data
+
+
+def name_list(names: list[str], limit: int = 10, *, quote: bool = False) -> str:
+    """``"a, b, c, ... (7 more)"``: the first `limit` names for an error message (repr-quoted if `quote`)."""
+    shown = ", ".join(repr(n) if quote else str(n) for n in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fm9g._io import atomic_file, atomic_write_text, default_permissions, read_json
+from fm9g._io import atomic_file, atomic_write_text, default_permissions, name_list, read_json
 from fm9g.models.config import FM9GConfig
 
 __all__ = [
@@ -120,11 +120,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return read_json(path, error=ConversionError)
-
-
-def _summary(items: list[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _check_hf_dir(hf_dir: PathLike) -> Path:
@@ -436,11 +431,11 @@ def _check_state_dict(
     ]
     problems = []
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {_summary(mismatched)}")
+        problems.append(f"{len(mismatched)} shape mismatches: {name_list(mismatched)}")
     if missing:
-        problems.append(f"{len(missing)} missing keys: {_summary(missing)}")
+        problems.append(f"{len(missing)} missing keys: {name_list(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_summary(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {name_list(unexpected)}")
     if problems:
         raise ConversionError(
             f"{source}: the {what} does not match the model config "
@@ -467,7 +462,7 @@ def _hf_weight_files(path: Path) -> list[Path]:
             files = list(dict.fromkeys(weight_map.values()))
             absent = [f for f in files if not (path / f).is_file()]
             if absent:
-                raise FileNotFoundError(f"{index} lists shard(s) that are not in {path}: {_summary(absent)}")
+                raise FileNotFoundError(f"{index} lists shard(s) that are not in {path}: {name_list(absent)}")
             return [path / f for f in files]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
@@ -552,7 +547,7 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ConversionError(f"{source}: entries that are not tensors: {_summary(bad)}")
+        raise ConversionError(f"{source}: entries that are not tensors: {name_list(bad)}")
     return dict(obj)
 
 
@@ -567,7 +562,7 @@ def _resolve_ckpt(ckpt: PathLike) -> Path:
         found = live or pts or sts
         if len(found) != 1:
             raise ConversionError(
-                f"{path} is a directory with {len(found)} checkpoint files ({_summary([p.name for p in found])}); "
+                f"{path} is a directory with {len(found)} checkpoint files ({name_list([p.name for p in found])}); "
                 "pass the .pt file itself"
             )
         path = found[0]
@@ -773,7 +768,7 @@ def hf_to_bmt(
             sd[key] = tensor if cast is None else tensor.to(cast)
         if unmapped:
             raise ConversionError(
-                f"{src}: {len(unmapped)} weights have no FM9G name: {_summary(unmapped)}; "
+                f"{src}: {len(unmapped)} weights have no FM9G name: {name_list(unmapped)}; "
                 "this is not a Llama / Qwen2 / MiniCPM-layout checkpoint"
             )
         _check_state_dict(sd, config, str(src), what="Hugging Face checkpoint")
@@ -893,7 +888,7 @@ def _prepare_lora(
         pairs.setdefault(m["mod"], {})[m["kind"]] = value
     if bad:
         raise ConversionError(
-            f"{source}: {len(bad)} tensors are not LoRA weights named '<module>.lora.lora_A/lora_B': {_summary(bad)}. "
+            f"{source}: {len(bad)} tensors are not LoRA weights named '<module>.lora.lora_A/lora_B': {name_list(bad)}. "
             "Pass the LoRA checkpoint as lora= and the full base checkpoint as ckpt"
         )
     if not pairs:
@@ -918,7 +913,7 @@ def _prepare_lora(
     if problems:
         raise ConversionError(
             f"{source}: this LoRA checkpoint does not fit the base checkpoint ({len(problems)} problems: "
-            f"{_summary(problems, 6)}). Was it trained on another model size?"
+            f"{name_list(problems, 6)}). Was it trained on another model size?"
         )
     if len(ranks) != 1:
         raise ConversionError(f"{source}: LoRA layers have different ranks {sorted(ranks)}")

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Mapping, TypeVar
 
+from fm9g._io import name_list
+
 if TYPE_CHECKING:  # pragma: no cover
     from fm9g.models.config import FM9GConfig
 
@@ -158,11 +160,6 @@ def expected_hf_keys(config: "FM9GConfig") -> list[str]:
     return [bmt_to_hf_key(k) for k in expected_bmt_keys(config)]
 
 
-def _listing(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def convert_state_dict(
     state_dict: Mapping[str, T],
     to: Literal["hf", "bmt"],
@@ -214,11 +211,11 @@ def convert_state_dict(
         side = "bmtrain" if to == "hf" else "HF"
         parts = []
         if unknown:
-            parts.append(f"{len(unknown)} unknown {side} key(s): {_listing(unknown)}")
+            parts.append(f"{len(unknown)} unknown {side} key(s): {name_list(unknown, 20, quote=True)}")
         if missing:
-            parts.append(f"{len(missing)} missing key(s) for this config: {_listing(missing)}")
+            parts.append(f"{len(missing)} missing key(s) for this config: {name_list(missing, 20, quote=True)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} key(s) this config does not have: {_listing(unexpected)}")
+            parts.append(f"{len(unexpected)} key(s) this config does not have: {name_list(unexpected, 20, quote=True)}")
         raise KeyMappingError(
             "cannot convert state dict: " + "; ".join(parts)
             + " (check the checkpoint matches the config: num_layers, qkv_bias, tie_lm_head)",

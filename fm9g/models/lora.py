@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm9g._io import atomic_file, atomic_write_bytes, read_json
+from fm9g._io import atomic_file, atomic_write_bytes, name_list, read_json
 
 __all__ = [
     "ORIGINAL_TARGETS",
@@ -669,11 +669,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _summarise(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def load_lora_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -713,11 +708,11 @@ def load_lora_state_dict(
     ]
     problems = []
     if mismatched:
-        problems.append(f"shape mismatch for {len(mismatched)} tensors: {_summarise(mismatched)}")
+        problems.append(f"shape mismatch for {len(mismatched)} tensors: {name_list(mismatched, 8)}")
     if strict and missing:
-        problems.append(f"missing {len(missing)} keys: {_summarise(missing)}")
+        problems.append(f"missing {len(missing)} keys: {name_list(missing, 8)}")
     if strict and unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {_summarise(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)} keys: {name_list(unexpected, 8)}")
     if problems:
         cfg = get_lora_config(model)
         raise LoraError(
@@ -988,7 +983,7 @@ def load_peft_adapter(
         sd[f"{module}.lora.{match['kind']}"] = value
     if bad:
         raise LoraError(
-            f"{weights_path}: {len(bad)} tensors are not LoRA A/B weights of FM9G projections: {_summarise(bad)}"
+            f"{weights_path}: {len(bad)} tensors are not LoRA A/B weights of FM9G projections: {name_list(bad, 8)}"
         )
     load_lora_state_dict(model, sd, strict=strict, source=str(weights_path))
     return model
