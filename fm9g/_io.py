@@ -1,21 +1,31 @@
-"""Helpers shared by every part of fm9g (standard library only): atomic writes, JSON reads, and
-the short name lists that error messages use.
+"""Helpers shared by every part of fm9g (standard library only): the one configuration error,
+atomic writes of files and folders, JSON reads, and the short name lists that error messages use.
 
-A file is written under a temporary name in its destination folder and renamed over the
-destination only once it is complete, so an interrupted write never leaves a half-written file
-and never damages the previous version.
+A file (or folder) is written under a temporary name in its destination folder and renamed over
+the destination only once it is complete, so an interrupted write never leaves a half-written
+output and never damages the previous version.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "default_permissions", "name_list", "read_json"]
+__all__ = ["CHECKPOINT_NAME", "ConfigError", "atomic_dir", "find_model_file", "state_dict_mismatch", "atomic_file", "atomic_write_bytes", "atomic_write_text",
+           "default_permissions", "name_list", "read_json"]
+
+# The original stack's file name of model weights: <folder>/fm9g_live_checkpoint-<step>.pt
+CHECKPOINT_NAME = "fm9g_live_checkpoint"
+
+
+class ConfigError(ValueError):
+    """A configuration (model, training, LoRA, dataset mixture) is invalid; the message names the
+    file and key. The one error class for every config of fm9g."""
 
 
 def default_permissions(path: str | os.PathLike[str], *, directory: bool = False) -> None:
@@ -46,6 +56,35 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, tmp_prefix: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on normal exit it replaces `path` (an
+    existing `path` is swapped out first and removed only after the new one is in place), on an
+    error it is removed and `path` is left as it was.
+
+    Args:
+        path: the destination folder.
+        tmp_prefix: name prefix of the temporary folder (default ``.<name>.tmp-``); callers that
+            clean stale temporaries of their own use it to recognise them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.tmp-"))
+    default_permissions(tmp, directory=True)
+    try:
+        yield tmp
+        if path.exists() or path.is_symlink():
+            trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, trash / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -84,3 +123,39 @@ def name_list(names: list[str], limit: int = 10, *, quote: bool = False) -> str:
     """``"a, b, c, ... (7 more)"``: the first `limit` names for an error message (repr-quoted if `quote`)."""
     shown = ", ".join(repr(n) if quote else str(n) for n in names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def find_model_file(folder: str | os.PathLike[str]) -> Path | None:
+    """The one ``fm9g_live_checkpoint*.pt`` in `folder` (a checkpoint step folder), or None when
+    there is none.
+
+    Raises:
+        FileExistsError: the folder holds several, naming them (pass the file itself).
+    """
+    found = sorted(Path(folder).glob(f"{CHECKPOINT_NAME}*.pt"))
+    if len(found) > 1:
+        raise FileExistsError(f"{folder} holds {len(found)} model files ({name_list([p.name for p in found])}); "
+                              "pass the .pt file itself")
+    return found[0] if found else None
+
+
+def state_dict_mismatch(expected: dict[str, Any], got: dict[str, Any], *, source: str = "checkpoint") -> str | None:
+    """Describe how the state dict `got` differs from `expected` (both name -> tensor, or name ->
+    shape), or None when names and shapes agree. One sentence listing every missing, unexpected
+    and mis-shaped key (the first few of each), for the error that callers raise.
+    """
+    def shape(v: Any) -> tuple[int, ...]:
+        return tuple(getattr(v, "shape", v))
+
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [f"{k}: {shape(got[k])} in {source} vs {shape(expected[k])} expected"
+             for k in expected if k in got and shape(got[k]) != shape(expected[k])]
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} with another shape: " + name_list(wrong, 5))
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {name_list(missing, 5)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {name_list(unexpected, 5)}")
+    return "; ".join(parts) or None

@@ -111,3 +111,18 @@ def smollm2_model(smollm2_hf_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(autouse=True)
+def _process_state_is_restored():
+    """Fail the test that leaves process-wide state changed (thread count, default dtype, cwd,
+    grad mode): later tests, and subprocesses they compare against, must see the process as it was."""
+    before = (torch.get_num_threads(), torch.get_default_dtype(), os.getcwd(), torch.is_grad_enabled())
+    yield
+    after = (torch.get_num_threads(), torch.get_default_dtype(), os.getcwd(), torch.is_grad_enabled())
+    if after != before:
+        names = ("threads", "default dtype", "cwd", "grad mode")
+        changed = [f"{n}: {a!r} -> {b!r}" for n, a, b in zip(names, before, after) if a != b]
+        torch.set_num_threads(before[0]); torch.set_default_dtype(before[1]); os.chdir(before[2])
+        torch.set_grad_enabled(before[3])
+        pytest.fail("the test changed process-wide state and did not restore it: " + "; ".join(changed))

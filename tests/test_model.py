@@ -11,7 +11,16 @@ from fm9g.convert.keys import convert_state_dict
 from fm9g.models.config import FM9GConfig
 from fm9g.models.fm9g import FM9GModel, chunked_cross_entropy
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These small fp32 comparisons run on one thread; the thread count is restored afterwards so
+    later tests (and the subprocesses they start) see the process as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
