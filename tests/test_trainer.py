@@ -234,7 +234,7 @@ class _PoisonModel(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(10, 1)
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None):
+    def forward(self, input_ids, *, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None):
         if int(input_ids[0, 0]) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         tl = self.emb(input_ids)[..., 0] ** 2 * (labels != -100)

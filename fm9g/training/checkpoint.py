@@ -11,8 +11,9 @@ Layout of one checkpoint (``<save>/<model_unique>/<step>/``, the original's layo
     config.json                              the model config (FM9GConfig.to_dict())
     train_config.json                        the TrainConfig of the run
 
-Crash safety: every file is written into ``<run>/.tmp-<step>-<pid>/`` and the folder is renamed to
-``<run>/<step>`` only when all files are on disk (``os.replace`` is atomic on POSIX). A crash in the
+Crash safety: every file is written (and fsynced) into ``<run>/.tmp-<step>-<pid>-*/`` and the folder is
+renamed to ``<run>/<step>`` only when all files are on disk (``fm9g._io.atomic_dir``; ``os.replace``
+is atomic on POSIX). A crash in the
 middle leaves the previous checkpoints untouched and a ``.tmp-*`` folder that is never picked up
 (it is deleted by the next save). Only folders whose name is a number and which hold the
 ``.pt`` and ``trainer_state.pt`` files count as checkpoints.
@@ -29,10 +30,13 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch import nn
+
+from fm9g._io import CHECKPOINT_NAME, atomic_dir, state_dict_mismatch
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -47,9 +51,9 @@ __all__ = [
     "from_safe",
     "get_rng_state",
     "set_rng_state",
+    "load_state_dict_checked",
 ]
 
-CHECKPOINT_NAME = "fm9g_live_checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 LOADER_STATE = os.path.join("dataset_ckpt", "loader_state.pt")
 FORMAT_VERSION = 1
@@ -178,10 +182,6 @@ def save_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".tmp-*"):  # leftovers of a crashed save: never a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
-    final = run_dir / str(step)
-    tmp = run_dir / f".tmp-{step}-{os.getpid()}"
-    tmp.mkdir()
-    (tmp / "dataset_ckpt").mkdir()
     trainer_state = dict(trainer_state or {})
     trainer_state.setdefault("step", step)
     trainer_state["format_version"] = FORMAT_VERSION
@@ -200,21 +200,13 @@ def save_checkpoint(
         # written last: its presence marks a complete folder even before the rename
         (TRAINER_STATE, lambda f: torch.save(to_safe(trainer_state), f), True),
     ]
-    try:
+    final = run_dir / str(step)
+    with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as tmp:
+        (tmp / "dataset_ckpt").mkdir()
         for name, write, binary in files:
             _write_file(tmp / name, write, binary)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: swap the old folder out first
-            old = run_dir / f".tmp-old-{step}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _fsync_dir(run_dir)
     if keep_last is not None:
         for _, old_path in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old_path, ignore_errors=True)
@@ -331,3 +323,18 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         path=p, step=step, model_state=model_state, optimizer_state=opt, loader_state=loader,
         trainer_state=trainer_state, model_config=_json("config.json"), train_config=_json("train_config.json"),
     )
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """``model.load_state_dict(state, strict=True)`` with an error naming the keys and shapes.
+
+    Raises:
+        ValueError: names or shapes differ (the message lists them and says what to check).
+    """
+    problem = state_dict_mismatch(model.state_dict(), dict(state), source=source)
+    if problem:
+        raise ValueError(
+            f"the {source} does not fit the model ({problem}); check that the model config "
+            "(dims, layers, vocab, tie_lm_head, qkv_bias) is the one the weights were trained with"
+        )
+    model.load_state_dict(state, strict=True)

@@ -3,12 +3,13 @@
 The field names are the ones users of the original FM9G scripts know (`lr`, `warmup_iters`,
 `drop_iters`, `lr_scheduler`, `batch_size`, `max_length`, `train_iters`, `save_iters`, ...).
 :meth:`TrainConfig.from_json` reads our own JSON (a flat object) and the original
-`train_configs/*.json` files (``{"pretrain": {...}, "finetune": {...}}``; the finetune section
-overrides the pretrain one, as the original LoRA launcher did), including keys that only made sense
-to the original shell launcher (those are accepted and listed in :data:`IGNORED_KEYS` with the reason).
+`train_configs/*.json` files; the translation of the original launcher's key names, file layout
+and string values lives in :mod:`fm9g.training.legacy`. This module keeps the dataclass, its
+validation and JSON in / out. Unknown keys are errors that name the key and suggest the nearest one.
 
-Values may be strings, as in the original launcher (``"4096"``, ``"True"``, ``"1e-4"``); they are
-converted to the field's type. Unknown keys are errors that name the key and suggest the nearest one.
+``model``, ``data`` and ``lora`` are typed: a dict given for them becomes an ``FM9GConfig``, a list
+of ``DatasetEntry`` or a ``LoraConfig`` once, when the config is built; a string stays a preset name
+or a path, resolved by the builders (:func:`fm9g.training.trainer.build_model`, ``build_loader``).
 
 Example::
 
@@ -22,66 +23,22 @@ import dataclasses
 import difflib
 import json
 import os
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from fm9g._io import read_json
+from fm9g._io import ConfigError, atomic_write_text, read_json
+from fm9g.data.mixture import DatasetEntry
+from fm9g.models.config import FM9GConfig
+from fm9g.models.lora import LoraConfig
+from fm9g.training.legacy import ALIASES, IGNORED_KEYS, coerce, lora_values, merge_sections, translate_keys
+from fm9g.training.schedules import SCHEDULERS, normalise_name
 
 __all__ = ["TrainConfig", "ConfigError", "ALIASES", "IGNORED_KEYS", "SCHEDULERS"]
 
-SCHEDULERS = ("cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant")
 ENGINES = ("torch", "bmtrain")
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-class ConfigError(ValueError):
-    """A bad training configuration: names the key (and file) and says what to do."""
-
-
-# original key (after '-' -> '_' normalisation) -> our field name
-ALIASES: dict[str, str] = {
-    "model_config": "model",
-    "config": "model",
-    "dataset_config": "data",
-    "dataset": "data",
-    "dataloader_num_workers": "num_workers",
-    "tensorboard_all_tasks": "log_task_loss",
-    "load": "pretrained_model",
-    "log_dir": "stats_dir",
-}
-
-# keys of the original launcher that have no meaning here: accepted (so the original JSON files
-# load unchanged) and ignored. value = why.
-IGNORED_KEYS: dict[str, str] = {
-    "n_gpus": "the GPU count comes from torchrun (--nproc_per_node)",
-    "flash": "the attention backend is chosen by the model (attn_impl)",
-    "local": "launcher switch",
-    "dataloader": "only the indexed loader exists",
-    "load_grad": "optimizer state is always restored on resume (only_load_model=true skips it)",
-    "grad_ckpt_num": "unused in the original",
-    "exp_group": "name runs with model_unique / tensorboard",
-    "only_run_dataloader": "unused in the original",
-    "eps": "layer-norm eps comes from the model config; Adam eps is adam_eps",
-    "strict_state_dict": "state dicts are always loaded strictly",
-    "resume_no_optimze": "not supported",
-    "tp_size": "tensor parallelism is not supported",
-    "async_save": "saves are synchronous and atomic",
-    "dataloader_num_threads": "use num_workers",
-    "dataloader_prefetch": "use num_workers",
-    "dataloader_prefetch_factor": "use num_workers",
-    "parallel_load_datastate": "loader state is one file",
-    "delta_tuning": "LoRA is on when lora_r > 0 (or `lora` is set)",
-    "save_name": "checkpoint files are always named fm9g_live_checkpoint-<step>.pt",
-    "save_model": "unused in the original",
-    "flash_attn_mask_shape": "unused",
-}
-
-# LoRA keys of the original finetune section -> LoraConfig field
-_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_layer": "target_modules"}
-DEFAULT_LORA_TARGETS = ["project_q", "project_k", "project_v", "w_0", "w_1", "w_out"]
 
 
 @dataclass(kw_only=True)
@@ -96,7 +53,8 @@ class TrainConfig:
         pretrained_model: initial weights: a ``.pt`` in the original key names, or an HF directory.
         tokenizer_path: HF tokenizer directory (defaults to ``pretrained_model`` when that is a dir).
         data: mixture config path (the original ``dataset_configs/*.json``; a bare name is looked up
-            as ``dataset_configs/<name>.json``) or a list of entries.
+            as ``dataset_configs/<name>.json``) or a list of entries (``DatasetEntry`` or dicts;
+            relative paths in dicts resolve against ``base_dir``).
         lora: ``LoraConfig`` / dict (``r``, ``alpha``, ``dropout``, ``target_modules``) or None
             (full training). The original keys ``lora_r``, ``lora_alpha``, ``lora_dropout``,
             ``lora_layer`` fill it in.
@@ -123,18 +81,23 @@ class TrainConfig:
     jsonl; ``"auto"`` = ``<save>/<model_unique>/train_stats``), log_task_loss, progress_bar,
     peak_flops (for MFU; None = detect from the GPU name).
 
-    Engine: engine (``"torch"``; ``"bmtrain"`` later), device (auto | cpu | cuda | cuda:N),
-    precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on CPU), use_checkpoint
-    (activation checkpointing; None = the model config's value), compile (torch.compile each
-    layer; ``"auto"`` = on for CUDA, off on CPU), attn_impl (attention backend override), offload (bmtrain engine only), num_workers.
+    Engine: engine (``"torch"``, one process; ``"bmtrain"`` is not in this version), device (auto |
+    cpu | cuda | cuda:N), precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on
+    CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), offload (kept
+    for the original configs; the torch engine keeps the optimizer on the device), num_workers.
+
+    Training-time switches applied to the model when it is built: use_checkpoint (activation
+    checkpointing) and attn_impl (attention backend). None (the default) takes the value of the
+    model config (an original model JSON may carry ``use_checkpoint`` / ``attn_impl``); a value
+    here wins (docs/training.md, "Training-time switches").
     """
 
     # --- model / data -------------------------------------------------------------------------
-    model: Any = None
+    model: FM9GConfig | str | None = None
     pretrained_model: str | None = None
     tokenizer_path: str | None = None
-    data: Any = None
-    lora: Any = None
+    data: list[DatasetEntry] | str | None = None
+    lora: LoraConfig | None = None
     # --- optimisation -------------------------------------------------------------------------
     lr: float = 1e-4
     lr_scheduler: str = "cosine"
@@ -199,7 +162,7 @@ class TrainConfig:
         Raises:
             ConfigError: unknown key (with the nearest valid key) or a value of the wrong type.
         """
-        values = _normalise(d, source)
+        values = translate_keys(d, set(_field_names()), source)
         if base_dir is not None and "base_dir" not in values:
             values["base_dir"] = str(base_dir)
         try:
@@ -220,22 +183,7 @@ class TrainConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"train config {path} does not exist")
-        raw = read_json(path, error=ConfigError)
-        sections = [k for k in ("pretrain", "finetune") if k in raw]
-        if sections:
-            other = [k for k in raw if k not in ("pretrain", "finetune")]
-            if other:
-                raise ConfigError(
-                    f"{path}: keys {other} next to the 'pretrain'/'finetune' sections; move them into a section"
-                )
-            merged: dict[str, Any] = {}
-            for s in sections if section is None else [section]:
-                if s not in raw:
-                    raise ConfigError(f"{path}: no section {s!r} (has {sections})")
-                if not isinstance(raw[s], dict):
-                    raise ConfigError(f"{path}: section {s!r} must be an object")
-                merged.update({f"{k}": v for k, v in raw[s].items()})
-            raw = merged
+        raw = merge_sections(read_json(path, error=ConfigError), str(path), section)
         return cls.from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()))
 
     def override(self, updates: dict[str, Any] | list[str]) -> "TrainConfig":
@@ -257,10 +205,10 @@ class TrainConfig:
                     parsed[k.strip()] = v
             updates = parsed
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        new = _normalise(updates, "--set")
+        new = translate_keys(updates, set(_field_names()), "--set")
         if new.get("lora") is not None:  # merge LoRA keys into the current LoRA settings
-            base = _lora_to_dict(current.get("lora")) or {}
-            base.update(_lora_to_dict(new["lora"]) or {})
+            base = lora_values(current.get("lora")) or {}
+            base.update(lora_values(new["lora"]) or {})
             new["lora"] = base
         current.update(new)
         return TrainConfig(**current)
@@ -271,13 +219,10 @@ class TrainConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "lora":
-                v = _lora_to_dict(v)
-            elif f.name == "model" and hasattr(v, "to_dict"):
+            if f.name in ("model", "lora") and v is not None and not isinstance(v, str):
                 v = v.to_dict()
-            elif f.name == "data" and isinstance(v, (list, tuple)):
-                v = [x.to_dict() if hasattr(x, "to_dict") else (dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x)
-                     for x in v]
+            elif f.name == "data" and isinstance(v, list):
+                v = [x.to_dict() for x in v]
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
@@ -287,9 +232,7 @@ class TrainConfig:
         """Serialise to JSON text; also write it to ``path`` when given (atomically)."""
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str)
         if path is not None:
-            tmp = Path(f"{path}.tmp")
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, text + "\n")
         return text
 
     # ------------------------------------------------------------------ checks / derived
@@ -299,10 +242,10 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             if f.name in ("model", "data", "lora"):
                 continue
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        self.lora = _lora_normalise(self.lora)
-        from fm9g.training.schedules import normalise_name
-
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.model = _model_value(self.model)
+        self.data = _data_value(self.data, self.base_dir)
+        self.lora = _lora_value(self.lora)
         try:
             self.lr_scheduler = normalise_name(self.lr_scheduler)
         except ValueError:
@@ -325,10 +268,6 @@ class TrainConfig:
             raise ConfigError(f"keep_last must be >= 1 or null, got {self.keep_last}")
         if self.max_bad_steps < 1:
             raise ConfigError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        if self.model is not None and not isinstance(self.model, (str, dict, os.PathLike)) and not hasattr(
-            self.model, "to_dict"
-        ):
-            raise ConfigError(f"model must be a preset name, a JSON path, a dict or an FM9GConfig, got {self.model!r}")
         if self.resume_ckpt is not None and str(self.resume_ckpt).strip() == "":
             self.resume_ckpt = None
         if self.save is not None and str(self.save).lower() in ("true", "false"):
@@ -400,33 +339,6 @@ def _field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def _normalise(d: dict[str, Any], source: str | None) -> dict[str, Any]:
-    """Map original / hyphenated keys to field names; collect LoRA keys; reject unknown keys."""
-    names = set(_field_names())
-    out: dict[str, Any] = {}
-    lora: dict[str, Any] = {}
-    where = f"{source}: " if source else ""
-    for key, value in d.items():
-        k = str(key).strip().replace("-", "_")
-        if k in _LORA_KEYS:
-            lora[_LORA_KEYS[k]] = value
-            continue
-        if k in IGNORED_KEYS:
-            continue
-        k = ALIASES.get(k, k)
-        if k not in names:
-            known = sorted(names | set(ALIASES) | set(_LORA_KEYS) | set(IGNORED_KEYS))
-            near = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(names))}"
-            raise ConfigError(f"{where}unknown key {key!r}{hint}")
-        out[k] = value
-    if lora:
-        base = _lora_to_dict(out.get("lora")) or {}
-        base.update(lora)
-        out["lora"] = base
-    return out
-
-
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         near = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
@@ -434,101 +346,54 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} = {value!r} is not one of {list(allowed)}{hint}")
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` (possibly a string from a shell-style config) to type ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-            if type(None) in typing.get_args(tp):
-                return None
-        # for `str | None` fields a number is fine as a string (resume_ckpt=5)
-        last_err: Exception | None = None
-        for a in args:
+def _model_value(model: Any) -> FM9GConfig | str | None:
+    """A dict becomes an FM9GConfig; a name / path stays a string (resolved by build_model)."""
+    if model is None or isinstance(model, FM9GConfig):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    if isinstance(model, dict):
+        try:
+            return FM9GConfig.from_dict(model, source="TrainConfig.model")
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+    raise ConfigError(f"model must be a preset name, a JSON path, a dict or an FM9GConfig, got {model!r}")
+
+
+def _data_value(data: Any, base_dir: str | None) -> list[DatasetEntry] | str | None:
+    """A list of dicts becomes DatasetEntry objects (relative paths against `base_dir`); a
+    dataset-config name / path stays a string (resolved by build_loader)."""
+    if data is None or isinstance(data, str):
+        return data
+    if isinstance(data, os.PathLike):
+        return str(data)
+    if not isinstance(data, (list, tuple)):
+        raise ConfigError(f"data must be a dataset config path / name or a list of entries, got {data!r}")
+    entries = []
+    for i, item in enumerate(data):
+        if isinstance(item, DatasetEntry):
+            entries.append(item)
+        elif isinstance(item, dict):
             try:
-                return _coerce(name, value, a)
-            except ConfigError as err:
-                last_err = err
-        raise last_err or ConfigError(f"{name}: bad value {value!r}")
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list of numbers, got {value!r}")
-        return tuple(_coerce(name, v, float) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{name} must be true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (str, int, os.PathLike)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    return value
+                entries.append(DatasetEntry.from_dict(item, base_dir=base_dir, where=f"data entry {i}"))
+            except ValueError as err:
+                raise ConfigError(f"data: {err}") from None
+        else:
+            raise ConfigError(f"data entry {i} must be a dict or a DatasetEntry, got {item!r}")
+    return entries
 
 
-def _lora_to_dict(lora: Any) -> dict[str, Any] | None:
-    if lora is None:
-        return None
-    if isinstance(lora, dict):
-        return dict(lora)
-    if dataclasses.is_dataclass(lora):
-        return dataclasses.asdict(lora)
-    raise ConfigError(f"lora must be a LoraConfig, a dict or null, got {lora!r}")
-
-
-def _lora_normalise(lora: Any) -> Any:
-    """dict -> LoraConfig (when fm9g.models.lora is available); r <= 0 -> None (full training)."""
-    if lora is None or dataclasses.is_dataclass(lora):
+def _lora_value(lora: Any) -> LoraConfig | None:
+    """A dict becomes a LoraConfig (:meth:`LoraConfig.from_dict`); ``r <= 0`` means full training (None)."""
+    if lora is None or isinstance(lora, LoraConfig):
         return lora
-    d = _lora_to_dict(lora) or {}
-    d = {("target_modules" if k == "layers" else k): v for k, v in d.items()}
-    tm = d.get("target_modules")
-    if isinstance(tm, str):  # the original stores the list as a JSON string: "[\"project_q\", ...]"
-        try:
-            tm = json.loads(tm)
-        except json.JSONDecodeError:
-            tm = [t.strip().strip("'\"") for t in tm.strip("[]").split(",") if t.strip()]
-        d["target_modules"] = tm
-    allowed = {"r", "alpha", "dropout", "target_modules"}
-    extra = [k for k in d if k not in allowed]
-    if extra:
-        raise ConfigError(f"lora: unknown key(s) {extra}; valid: {sorted(allowed)} (or lora_r, lora_alpha, lora_dropout, lora_layer)")
-    r = int(float(d.get("r", 0) or 0))
+    d = lora_values(lora) or {}
+    r = d.get("r", 0)
+    if not isinstance(r, (int, float)) or isinstance(r, bool):
+        raise ConfigError(f"lora.r must be an integer, got {r!r}")
     if r <= 0:
         return None
-    d["r"] = r
-    if "alpha" in d:
-        d["alpha"] = float(d["alpha"])
-    if "dropout" in d:
-        d["dropout"] = float(d["dropout"])
-    d.setdefault("target_modules", list(DEFAULT_LORA_TARGETS))
     try:
-        from fm9g.models.lora import LoraConfig
-    except ImportError:
-        return d
-    kwargs = dict(d)
-    return LoraConfig(**kwargs)
+        return LoraConfig.from_dict(d, source="lora")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

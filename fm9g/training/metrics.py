@@ -1,6 +1,6 @@
 """Throughput, MFU and the run's logs: console line, progress bar, TensorBoard, train_stats jsonl.
 
-MFU (BENCHMARKS.md): ``tokens/s × FLOPs per token / peak``, with FLOPs per token (torchtitan's
+MFU: ``tokens/s × FLOPs per token / peak``, with FLOPs per token (torchtitan's
 formula) ``6·N + 12·L·H·d_head·S``: N = parameters except the input embedding, S = packed row
 length (``max_length``), peak = the GPU's dense bf16 FLOP/s (989e12 on H100/H200).
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC §4.3), as pure functions of the 1-based iteration number.
+"""Learning-rate schedules, as pure functions of the 1-based iteration number.
 
 Timing (a deliberate fix of the original): iteration ``k`` (1, 2, ..., the k-th optimizer step)
 trains with ``lr(k)``, and ``lr(k)`` is also what is logged for that iteration. The original built

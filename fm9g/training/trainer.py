@@ -26,27 +26,32 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from fm9g._io import find_model_file
+from fm9g.models.config import FM9GConfig
+from fm9g.models.lora import apply_lora, lora_modules
 from fm9g.training.checkpoint import (
     CheckpointError,
     get_rng_state,
     list_checkpoints,
     load_checkpoint,
+    load_state_dict_checked,
     resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
 from fm9g.training.config import TrainConfig
-from fm9g.training.engine import Engine, StepOutput, build_engine, load_state_dict_checked
+from fm9g.training.engine import Engine, StepOutput, build_engine
 from fm9g.training.metrics import MetricsLogger, flops_per_token, inspect_model, mfu
 from fm9g.training.schedules import lr_at
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "build_model", "build_tokenizer", "build_loader", "seed_everything"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "build_model", "build_tokenizer", "build_loader", "pretrained_state",
+           "seed_everything"]
 
 # model-config fields that must agree between a checkpoint and the model it is loaded into
 SHAPE_FIELDS = ("vocab_size", "dim_model", "num_layers", "num_heads", "num_kv_heads", "dim_head", "dim_ff",
@@ -86,74 +91,126 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------ builders
-def _resolve_model_config(config: TrainConfig) -> Any:
-    from fm9g.models.config import FM9GConfig
-
+def _resolve_model_config(config: TrainConfig) -> FM9GConfig | None:
+    """``config.model`` as an FM9GConfig (a preset name or a model JSON is read here), with the
+    ``attn_impl`` switch of the TrainConfig applied; None when ``model`` is not set."""
     m = config.model
     if m is None:
         return None
     if isinstance(m, FM9GConfig):
         mc = m
-    elif isinstance(m, dict):
-        mc = FM9GConfig.from_dict(m, source="TrainConfig.model")
     else:
-        s = str(m)
-        path = config.find_file(s, "model_configs")
+        path = config.find_file(m, "model_configs")
         if path is not None and os.path.isfile(path):
             mc = FM9GConfig.from_json(path)
         else:
             try:
-                mc = FM9GConfig.from_name(s)
+                mc = FM9GConfig.from_name(m)
             except Exception as err:
                 raise FileNotFoundError(
-                    f"model={s!r} is neither a preset name nor a model config JSON "
-                    f"(looked for {s}, {s}.json and model_configs/{s}.json next to the train config): {err}"
+                    f"model={m!r} is neither a preset name nor a model config JSON "
+                    f"(looked for {m}, {m}.json and model_configs/{m}.json next to the train config): {err}"
                 ) from None
-    if config.attn_impl:
-        mc = dataclasses.replace(mc, attn_impl=config.attn_impl)
-    return mc
+    return _with_switches(mc, config)
 
 
-def build_model(config: TrainConfig, *, device: str | torch.device | None = None) -> nn.Module:
-    """The FM9GModel the config describes, with ``pretrained_model`` weights if set.
+def _with_switches(mc: FM9GConfig, config: TrainConfig) -> FM9GConfig:
+    """The model config with the TrainConfig's ``attn_impl`` when that is set (else the model's own)."""
+    return dataclasses.replace(mc, attn_impl=config.attn_impl) if config.attn_impl else mc
+
+
+def _pretrained_path(config: TrainConfig) -> Path | None:
+    """``pretrained_model`` resolved against the config's folder (None when not set)."""
+    if not config.pretrained_model:
+        return None
+    pre = Path(config.resolve_path(config.pretrained_model))
+    if not pre.exists():
+        raise FileNotFoundError(f"pretrained_model {config.pretrained_model!r} does not exist")
+    return pre
+
+
+def _model_file(folder: Path) -> Path | None:
+    """The one fm9g_live_checkpoint*.pt of a checkpoint folder (None: an HF directory)."""
+    try:
+        return find_model_file(folder)
+    except FileExistsError as err:
+        raise FileNotFoundError(f"pretrained_model folder {folder}: {err}") from None
+
+
+def pretrained_state(config: TrainConfig) -> Mapping[str, torch.Tensor] | None:
+    """The ``pretrained_model`` weights in the original FM9G names, without building a model.
+
+    A ``.pt`` (or a checkpoint folder holding one) is memory-mapped
+    (``torch.load(mmap=True, weights_only=True)``): tensors are read from disk when touched, so an
+    engine can load them shard by shard. An HF directory is converted by
+    :func:`fm9g.convert.hf.load_pretrained` (on CPU).
+
+    Returns:
+        name -> tensor, or None when ``pretrained_model`` is not set.
+    """
+    pre = _pretrained_path(config)
+    if pre is None:
+        return None
+    file = _model_file(pre) if pre.is_dir() else pre
+    if file is None:
+        from fm9g.convert.hf import load_pretrained
+
+        return load_pretrained(pre).state_dict()
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (pre-zip) file cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def build_model(config: TrainConfig, *, device: str | torch.device | None = None,
+                load_weights: bool = True) -> nn.Module:
+    """The FM9GModel the config describes, with ``pretrained_model`` weights when `load_weights`.
 
     ``pretrained_model`` may be a ``.pt`` in the original key names (needs ``model``), a checkpoint
     folder of ours, or a Hugging Face directory (the model config is read from it when ``model``
     is not set; when set, the shapes must agree).
+
+    Args:
+        config: the run's TrainConfig.
+        device: where the parameters are created (None: CPU). ``"meta"`` with
+            ``load_weights=False`` builds the structure without memory; an engine then loads
+            :func:`pretrained_state` shard by shard.
+        load_weights: load ``pretrained_model`` (when set).
+    Returns:
+        The model in train mode.
     """
     from fm9g.models.fm9g import FM9GModel
 
     mc = _resolve_model_config(config)
-    pre = config.resolve_path(config.pretrained_model) if config.pretrained_model else None
-    if pre is not None and not os.path.exists(pre):
-        raise FileNotFoundError(f"pretrained_model {config.pretrained_model!r} does not exist")
-    if pre is not None and os.path.isdir(pre) and not list(Path(pre).glob("fm9g_live_checkpoint*.pt")):
-        from fm9g.convert.hf import load_pretrained
+    pre = _pretrained_path(config)
+    hf_dir = pre if pre is not None and pre.is_dir() and _model_file(pre) is None else None
+    if load_weights and str(device) == "meta" and pre is not None:
+        raise ValueError("build_model(device='meta') cannot hold weights: pass load_weights=False and load "
+                         "pretrained_state(config) into the engine")
+    if hf_dir is not None:
+        from fm9g.convert.hf import load_hf_config, load_pretrained
 
-        model = load_pretrained(pre)
+        if load_weights:
+            model = load_pretrained(hf_dir)
+            found = model.config
+        else:
+            found = load_hf_config(hf_dir)
         if mc is not None:
-            _check_same_shape(mc, model.config, f"pretrained_model {pre}")
-            if config.attn_impl:
-                model.config = dataclasses.replace(model.config, attn_impl=config.attn_impl)
-        if device is not None:
-            model = model.to(device)
-        return model.train()
+            _check_same_shape(mc, found, f"pretrained_model {hf_dir}")
+        mc = _with_switches(found, config)
+        if load_weights:
+            model.config = mc
+            return (model.to(device) if device is not None else model).train()
     if mc is None:
         raise ValueError("TrainConfig.model is not set: give a preset name, a model JSON or an FM9GConfig "
                          "(or pretrained_model = an HF directory)")
     with torch.device(device or "cpu"):
         model = FM9GModel(mc)
-    if pre is not None:
-        p = Path(pre)
-        if p.is_dir():
-            pts = sorted(p.glob("fm9g_live_checkpoint*.pt"))
-            if len(pts) != 1:
-                raise FileNotFoundError(f"pretrained_model folder {p} must hold exactly one fm9g_live_checkpoint*.pt, found {len(pts)}")
-            p = pts[0]
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        load_state_dict_checked(model, state, source=f"pretrained_model {p}")
+    if load_weights and pre is not None and hf_dir is None:
+        load_state_dict_checked(model, pretrained_state(config), source=f"pretrained_model {pre}")
     return model.train()
 
 
@@ -174,12 +231,12 @@ def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_si
     """``MixtureLoader`` for ``config.data`` (a dataset-config JSON path / name or a list)."""
     from fm9g.data.mixture import MixtureLoader
 
-    data = config.data
+    data: Any = config.data
     if data is None:
         raise ValueError("TrainConfig.data is not set: give a dataset config JSON (dataset_config) or a list of entries")
     base_dir = None
-    if isinstance(data, (str, os.PathLike)):
-        found = config.find_file(str(data), "dataset_configs")
+    if isinstance(data, str):
+        found = config.find_file(data, "dataset_configs")
         if found is None:
             raise FileNotFoundError(f"dataset config {data!r} not found (also looked for dataset_configs/{data}.json)")
         data = found
@@ -200,7 +257,8 @@ def _check_same_shape(a: Any, b: Any, what: str) -> None:
 
 
 def _has_lora(model: nn.Module) -> bool:
-    return any(n.endswith("lora_A") for n, _ in model.named_parameters())
+    """True when the model holds LoRA layers (asked of fm9g.models.lora)."""
+    return next(lora_modules(model), None) is not None
 
 
 # ------------------------------------------------------------------------------ the trainer
@@ -236,10 +294,7 @@ class Trainer:
             dev = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             model = build_model(config, device=dev if dev.startswith("cuda") else None)
         if config.lora is not None and not _has_lora(model):
-            from fm9g.models.lora import LoraConfig, apply_lora
-
-            lcfg = config.lora if isinstance(config.lora, LoraConfig) else LoraConfig.from_dict(config.lora)
-            apply_lora(model, lcfg)
+            apply_lora(model, config.lora)
         self.is_lora = _has_lora(model)
         self.model = model
         self.engine = engine or build_engine(config, model, lora_only=self.is_lora)
@@ -289,7 +344,7 @@ class Trainer:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         eng = self.engine
-        where = f"{eng.name} engine on {getattr(eng, 'device', '?')}, precision {getattr(eng, 'precision', '?')}"
+        where = f"{eng.name} engine on {eng.device}, precision {eng.precision}"
         return (
             f"fm9g train: {total / 1e6:,.2f}M parameters, {trainable / 1e6:,.2f}M trainable"
             f"{' (LoRA)' if self.is_lora else ''}; {where}\n"
@@ -300,15 +355,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict[str, Any]]) -> StepOutput:
-        """One optimizer step (iteration ``self.step + 1``) over ``batches`` (grad_accum micro-batches).
+        """The Trainer's half of iteration ``self.step + 1`` over ``batches`` (grad_accum micro-batches).
 
-        Updates the counters; a skipped step (non-finite, or OOM with ``ignore_cuda_oom``) leaves
-        ``self.step`` unchanged. Returns the engine's :class:`StepOutput`.
+        The engine runs forward / backward / clip / update (:meth:`Engine.train_step`); here: the
+        learning rate of the iteration, the out-of-memory skip (``ignore_cuda_oom``), the skip
+        bookkeeping and the counters. A skipped step leaves ``self.step`` unchanged.
+
+        Returns:
+            The engine's :class:`StepOutput` (global figures).
         """
         k = self.step + 1
-        lr = self.lr_at(k)
         try:
-            out = self.engine.train_step(batches, lr)
+            out = self.engine.train_step(batches, self.lr_at(k))
         except torch.cuda.OutOfMemoryError:
             if not self.config.ignore_cuda_oom:
                 raise
@@ -321,7 +379,7 @@ class Trainer:
             return out
         self.bad_in_row = 0
         self.step = k
-        self.tokens += out.num_tokens * self.engine.world_size
+        self.tokens += out.num_tokens  # already the count over every rank
         names = self.task_names(batches[0])
         for tid, n in out.task_tokens.items():
             name = names[tid] if tid < len(names) else str(tid)
@@ -339,22 +397,9 @@ class Trainer:
         cfg = self.config
         if cfg.resume_ckpt is not None and not self._resumed:
             self.resume(cfg.resume_ckpt)
-        loader = self.loader
         if self._data_iter is None:
-            self._data_iter = iter(loader)
-        main = self.engine.is_main
-        run_dir = cfg.run_dir
-        tb = stats = None
-        if run_dir is not None:
-            tb = None if cfg.tensorboard is None else (run_dir / "tensorboard" if cfg.tensorboard == "auto" else Path(cfg.resolve_path(cfg.tensorboard)))
-            stats = None if cfg.stats_dir is None else (run_dir / "train_stats" if cfg.stats_dir == "auto" else Path(cfg.resolve_path(cfg.stats_dir)))
-        elif cfg.tensorboard not in (None, "auto"):
-            tb = Path(cfg.resolve_path(cfg.tensorboard))
-        self.logger = logger = MetricsLogger(
-            total_steps=cfg.train_iters, start_step=self.step, tensorboard_dir=tb, stats_dir=stats,
-            log_iters=cfg.log_iters, progress_bar=cfg.progress_bar, enabled=main, stream=self.log_stream,
-        )
-        peak = self.engine.peak_flops()
+            self._data_iter = iter(self.loader)
+        self.logger = logger = self._open_logger()
         result = TrainResult(step=self.step)
         logger.print(self.describe())
         if self.step == 0 and cfg.inspect_iters:
@@ -362,13 +407,8 @@ class Trainer:
         t_prev = time.perf_counter()
         try:
             while not cfg.stop_when_end or self.step < cfg.train_iters:
-                batches = []
-                for _ in range(cfg.grad_accum):
-                    try:
-                        batches.append(next(self._data_iter))
-                    except StopIteration:
-                        break
-                if len(batches) < cfg.grad_accum:
+                batches = self._next_batches()
+                if batches is None:
                     result.stop_reason = "data_exhausted"
                     logger.print(f"data ran out after iteration {self.step}; stopping"
                                  + (f" (train_iters={cfg.train_iters})" if cfg.stop_when_end else ""))
@@ -376,52 +416,102 @@ class Trainer:
                 t0 = time.perf_counter()
                 out = self.train_step(batches)
                 now = time.perf_counter()
-                model_time, iter_time, t_prev = now - t0, now - t_prev, now
+                times, t_prev = (now - t_prev, now - t0), now
                 if out.skipped:
-                    logger.print(f"iteration {self.step + 1}: batch skipped ({'loss or gradient not finite' if out.skipped == 'nonfinite' else 'CUDA out of memory'}); "
-                                 f"{self.bad_in_row} in a row, {sum(self.skipped.values())} in total")
-                    if self.bad_in_row >= cfg.max_bad_steps:
-                        raise TrainingError(
-                            f"{self.bad_in_row} consecutive steps were skipped ({out.skipped}) at iteration {self.step + 1}; "
-                            "stopping. Lower lr, check the data, or resume from an earlier checkpoint "
-                            f"(max_bad_steps={cfg.max_bad_steps})"
-                        )
+                    self._report_skip(out)
                     continue
                 result.losses.append(out.loss)
-                tps = out.num_tokens * self.engine.world_size / max(iter_time, 1e-9)
-                mem = self.engine.memory_stats()
-                names = self.task_names(batches[0])
-                task_loss = {}
-                if cfg.log_task_loss:
-                    for tid, s in out.task_loss_sum.items():
-                        n = out.task_label_tokens.get(tid, 0)
-                        if n:
-                            task_loss[names[tid] if tid < len(names) else str(tid)] = s / n
-                row = {
-                    "loss": out.loss, "lr": self.lr_at(self.step), "grad_norm": out.grad_norm,
-                    "tokens_per_s": tps, "mfu": mfu(tps / self.engine.world_size, self.flops_per_token, peak),
-                    "iter_time": iter_time, "model_time": model_time, "token_pass": self.tokens,
-                    "num_tokens": out.num_tokens, "num_label_tokens": out.num_label_tokens,
-                    "mask_max": out.num_label_tokens / max(1, sum(int(b["labels"].numel()) for b in batches)),
-                }
-                if mem:
-                    row["mem_gb"], row["peak_mem_gb"] = mem["allocated"], mem["peak"]
-                logger.log(self.step, row, task_loss)
+                logger.log(self.step, self._metrics_row(out, batches, *times), self._task_losses(out, batches))
                 if cfg.inspect_iters and self.step % cfg.inspect_iters == 0:
                     logger.print(inspect_model(self.model))
-                if run_dir is not None and cfg.save_iters and self.step % cfg.save_iters == 0:
-                    self.save()
-            if run_dir is not None and cfg.save_final and self.step > 0 and (
-                self.last_checkpoint is None or self.last_checkpoint.name != str(self.step)
-            ):
-                self.save()
+                self._maybe_save()
+            self._maybe_save(final=True)
         finally:
             logger.close()
-        result.step = self.step
-        result.tokens = self.tokens
-        result.skipped = dict(self.skipped)
+        result.step, result.tokens, result.skipped = self.step, self.tokens, dict(self.skipped)
         result.last_checkpoint = self.last_checkpoint
         return result
+
+    # ------------------------------------------------------------------ pieces of the loop
+    def _open_logger(self) -> MetricsLogger:
+        """The run's logger; TensorBoard and train_stats folders resolved from the config
+        (``"auto"``: inside the run folder). Only the main rank writes."""
+        cfg, run_dir = self.config, self.config.run_dir
+
+        def folder(value: str | None, auto: str) -> Path | None:
+            if value is None or (value == "auto" and run_dir is None):
+                return None
+            return run_dir / auto if value == "auto" else Path(cfg.resolve_path(value))
+
+        stats = folder(cfg.stats_dir, "train_stats") if run_dir is not None else None
+        return MetricsLogger(
+            total_steps=cfg.train_iters, start_step=self.step, tensorboard_dir=folder(cfg.tensorboard, "tensorboard"),
+            stats_dir=stats, log_iters=cfg.log_iters, progress_bar=cfg.progress_bar, enabled=self.engine.is_main,
+            stream=self.log_stream,
+        )
+
+    def _next_batches(self) -> list[dict[str, Any]] | None:
+        """The next ``grad_accum`` micro-batches, or None when the data ran out first."""
+        assert self._data_iter is not None
+        batches = []
+        for _ in range(self.config.grad_accum):
+            try:
+                batches.append(next(self._data_iter))
+            except StopIteration:
+                return None
+        return batches
+
+    def _report_skip(self, out: StepOutput) -> None:
+        """Log a skipped step; raise :class:`TrainingError` after ``max_bad_steps`` in a row."""
+        why = "loss or gradient not finite" if out.skipped == "nonfinite" else "CUDA out of memory"
+        assert self.logger is not None
+        self.logger.print(f"iteration {self.step + 1}: batch skipped ({why}); "
+                          f"{self.bad_in_row} in a row, {sum(self.skipped.values())} in total")
+        if self.bad_in_row >= self.config.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_in_row} consecutive steps were skipped ({out.skipped}) at iteration {self.step + 1}; "
+                "stopping. Lower lr, check the data, or resume from an earlier checkpoint "
+                f"(max_bad_steps={self.config.max_bad_steps})"
+            )
+
+    def _metrics_row(self, out: StepOutput, batches: list[dict[str, Any]], iter_time: float,
+                     model_time: float) -> dict[str, Any]:
+        """The logged figures of a completed step (tokens are global; MFU is per device)."""
+        world = self.engine.world_size
+        tps = out.num_tokens / max(iter_time, 1e-9)
+        slots = world * sum(int(b["labels"].numel()) for b in batches)  # label slots over all ranks
+        row = {
+            "loss": out.loss, "lr": self.lr_at(self.step), "grad_norm": out.grad_norm,
+            "tokens_per_s": tps, "mfu": mfu(tps / world, self.flops_per_token, self.engine.peak_flops()),
+            "iter_time": iter_time, "model_time": model_time, "token_pass": self.tokens,
+            "num_tokens": out.num_tokens, "num_label_tokens": out.num_label_tokens,
+            "mask_max": out.num_label_tokens / max(1, slots),
+        }
+        mem = self.engine.memory_stats()
+        if mem:
+            row["mem_gb"], row["peak_mem_gb"] = mem["allocated"], mem["peak"]
+        return row
+
+    def _task_losses(self, out: StepOutput, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """Mean loss per task name of a step (empty unless ``log_task_loss``)."""
+        if not self.config.log_task_loss:
+            return {}
+        names = self.task_names(batches[0])
+        return {(names[tid] if tid < len(names) else str(tid)): s / out.task_label_tokens[tid]
+                for tid, s in out.task_loss_sum.items() if out.task_label_tokens.get(tid, 0)}
+
+    def _maybe_save(self, *, final: bool = False) -> None:
+        """Save every ``save_iters`` steps, and at the end (``save_final``) unless this step is saved."""
+        cfg = self.config
+        if cfg.run_dir is None:
+            return
+        if final:
+            due = cfg.save_final and self.step > 0 and (
+                self.last_checkpoint is None or self.last_checkpoint.name != str(self.step))
+        else:
+            due = bool(cfg.save_iters) and self.step % cfg.save_iters == 0
+        if due:
+            self.save()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
