@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fm9g._io import atomic_file
+
 
 def plot_run(path: str | os.PathLike, out: str | os.PathLike, *, tasks: bool = True) -> Path:
     """Draw loss (and per-task losses) and lr against the iteration into a PNG.
@@ -48,11 +50,11 @@ def plot_run(path: str | os.PathLike, out: str | os.PathLike, *, tasks: bool = T
     fig.suptitle(str(path))
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 

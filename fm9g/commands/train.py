@@ -1,6 +1,6 @@
 """`fm9g train --config train.json [--set key=value ...]`: run the Trainer from a config file.
 
-Also the multi-GPU / multi-node launch (later engines): ``torchrun ... -m fm9g train --config X``.
+Training runs in one process (CPU or one GPU) in this version; see docs/training.md.
 """
 from __future__ import annotations
 

@@ -20,27 +20,24 @@ weights as N steps straight.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from fm9g._io import find_model_file
-from fm9g.models.config import FM9GConfig
 from fm9g.models.lora import apply_lora, lora_modules
+from fm9g.training.builders import check_same_shape, build_loader, build_model, build_tokenizer, pretrained_state
 from fm9g.training.checkpoint import (
     CheckpointError,
     get_rng_state,
     list_checkpoints,
     load_checkpoint,
-    load_state_dict_checked,
     resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -52,11 +49,6 @@ from fm9g.training.schedules import lr_at
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "build_model", "build_tokenizer", "build_loader", "pretrained_state",
            "seed_everything"]
-
-# model-config fields that must agree between a checkpoint and the model it is loaded into
-SHAPE_FIELDS = ("vocab_size", "dim_model", "num_layers", "num_heads", "num_kv_heads", "dim_head", "dim_ff",
-                "tie_lm_head", "qkv_bias")
-
 
 class TrainingError(RuntimeError):
     """Training cannot go on (too many non-finite steps, data ran out, bad resume)."""
@@ -88,172 +80,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------ builders
-def _resolve_model_config(config: TrainConfig) -> FM9GConfig | None:
-    """``config.model`` as an FM9GConfig (a preset name or a model JSON is read here), with the
-    ``attn_impl`` switch of the TrainConfig applied; None when ``model`` is not set."""
-    m = config.model
-    if m is None:
-        return None
-    if isinstance(m, FM9GConfig):
-        mc = m
-    else:
-        path = config.find_file(m, "model_configs")
-        if path is not None and os.path.isfile(path):
-            mc = FM9GConfig.from_json(path)
-        else:
-            try:
-                mc = FM9GConfig.from_name(m)
-            except Exception as err:
-                raise FileNotFoundError(
-                    f"model={m!r} is neither a preset name nor a model config JSON "
-                    f"(looked for {m}, {m}.json and model_configs/{m}.json next to the train config): {err}"
-                ) from None
-    return _with_switches(mc, config)
-
-
-def _with_switches(mc: FM9GConfig, config: TrainConfig) -> FM9GConfig:
-    """The model config with the TrainConfig's ``attn_impl`` when that is set (else the model's own)."""
-    return dataclasses.replace(mc, attn_impl=config.attn_impl) if config.attn_impl else mc
-
-
-def _pretrained_path(config: TrainConfig) -> Path | None:
-    """``pretrained_model`` resolved against the config's folder (None when not set)."""
-    if not config.pretrained_model:
-        return None
-    pre = Path(config.resolve_path(config.pretrained_model))
-    if not pre.exists():
-        raise FileNotFoundError(f"pretrained_model {config.pretrained_model!r} does not exist")
-    return pre
-
-
-def _model_file(folder: Path) -> Path | None:
-    """The one fm9g_live_checkpoint*.pt of a checkpoint folder (None: an HF directory)."""
-    try:
-        return find_model_file(folder)
-    except FileExistsError as err:
-        raise FileNotFoundError(f"pretrained_model folder {folder}: {err}") from None
-
-
-def pretrained_state(config: TrainConfig) -> Mapping[str, torch.Tensor] | None:
-    """The ``pretrained_model`` weights in the original FM9G names, without building a model.
-
-    A ``.pt`` (or a checkpoint folder holding one) is memory-mapped
-    (``torch.load(mmap=True, weights_only=True)``): tensors are read from disk when touched, so an
-    engine can load them shard by shard. An HF directory is converted by
-    :func:`fm9g.convert.hf.load_pretrained` (on CPU).
-
-    Returns:
-        name -> tensor, or None when ``pretrained_model`` is not set.
-    """
-    pre = _pretrained_path(config)
-    if pre is None:
-        return None
-    file = _model_file(pre) if pre.is_dir() else pre
-    if file is None:
-        from fm9g.convert.hf import load_pretrained
-
-        return load_pretrained(pre).state_dict()
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (pre-zip) file cannot be memory-mapped
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
-
-
-def build_model(config: TrainConfig, *, device: str | torch.device | None = None,
-                load_weights: bool = True) -> nn.Module:
-    """The FM9GModel the config describes, with ``pretrained_model`` weights when `load_weights`.
-
-    ``pretrained_model`` may be a ``.pt`` in the original key names (needs ``model``), a checkpoint
-    folder of ours, or a Hugging Face directory (the model config is read from it when ``model``
-    is not set; when set, the shapes must agree).
-
-    Args:
-        config: the run's TrainConfig.
-        device: where the parameters are created (None: CPU). ``"meta"`` with
-            ``load_weights=False`` builds the structure without memory; an engine then loads
-            :func:`pretrained_state` shard by shard.
-        load_weights: load ``pretrained_model`` (when set).
-    Returns:
-        The model in train mode.
-    """
-    from fm9g.models.fm9g import FM9GModel
-
-    mc = _resolve_model_config(config)
-    pre = _pretrained_path(config)
-    hf_dir = pre if pre is not None and pre.is_dir() and _model_file(pre) is None else None
-    if load_weights and str(device) == "meta" and pre is not None:
-        raise ValueError("build_model(device='meta') cannot hold weights: pass load_weights=False and load "
-                         "pretrained_state(config) into the engine")
-    if hf_dir is not None:
-        from fm9g.convert.hf import load_hf_config, load_pretrained
-
-        if load_weights:
-            model = load_pretrained(hf_dir)
-            found = model.config
-        else:
-            found = load_hf_config(hf_dir)
-        if mc is not None:
-            _check_same_shape(mc, found, f"pretrained_model {hf_dir}")
-        mc = _with_switches(found, config)
-        if load_weights:
-            model.config = mc
-            return (model.to(device) if device is not None else model).train()
-    if mc is None:
-        raise ValueError("TrainConfig.model is not set: give a preset name, a model JSON or an FM9GConfig "
-                         "(or pretrained_model = an HF directory)")
-    with torch.device(device or "cpu"):
-        model = FM9GModel(mc)
-    if load_weights and pre is not None and hf_dir is None:
-        load_state_dict_checked(model, pretrained_state(config), source=f"pretrained_model {pre}")
-    return model.train()
-
-
-def build_tokenizer(config: TrainConfig) -> Any:
-    """``AutoTokenizer`` from ``tokenizer_path`` (or the ``pretrained_model`` directory)."""
-    path = config.tokenizer_path or (config.pretrained_model if config.pretrained_model and
-                                     os.path.isdir(config.resolve_path(config.pretrained_model)) else None)
-    if path is None:
-        raise ValueError("tokenizer_path is not set (needed to tokenize the data)")
-    path = config.resolve_path(path)
-    from transformers import AutoTokenizer
-
-    remote = os.path.isdir(path) and any(Path(path).glob("tokenization_*.py"))  # the FM9G tokenizers ship code
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-
-
-def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_size: int = 1) -> Any:
-    """``MixtureLoader`` for ``config.data`` (a dataset-config JSON path / name or a list)."""
-    from fm9g.data.mixture import MixtureLoader
-
-    data: Any = config.data
-    if data is None:
-        raise ValueError("TrainConfig.data is not set: give a dataset config JSON (dataset_config) or a list of entries")
-    base_dir = None
-    if isinstance(data, str):
-        found = config.find_file(data, "dataset_configs")
-        if found is None:
-            raise FileNotFoundError(f"dataset config {data!r} not found (also looked for dataset_configs/{data}.json)")
-        data = found
-    else:
-        base_dir = config.base_dir
-    kwargs = {"base_dir": base_dir} if base_dir else {}
-    return MixtureLoader.from_config(data, tokenizer, config.max_length, config.batch_size, seed=config.seed,
-                                     rank=rank, world_size=world_size, num_workers=config.num_workers, **kwargs)
-
-
-def _check_same_shape(a: Any, b: Any, what: str) -> None:
-    da = a if isinstance(a, dict) else a.to_dict()
-    db = b if isinstance(b, dict) else b.to_dict()
-    diff = [f"{k}: {db.get(k)!r} in {what} vs {da.get(k)!r} in this model" for k in SHAPE_FIELDS
-            if k in da and k in db and da[k] != db[k]]
-    if diff:
-        raise CheckpointError(f"{what} has another model shape ({'; '.join(diff)}); use the model config it was trained with")
 
 
 def _has_lora(model: nn.Module) -> bool:
@@ -560,7 +386,7 @@ class Trainer:
         ck = load_checkpoint(path, rank=self.engine.rank, weights_only_model=cfg.only_load_model)
         mc = getattr(self.model, "config", None)
         if ck.model_config and mc is not None and hasattr(mc, "to_dict"):
-            _check_same_shape(mc, ck.model_config, f"checkpoint {path}")
+            check_same_shape(mc, ck.model_config, f"checkpoint {path}")
         ck_lora = bool(ck.trainer_state.get("is_lora", False))
         if ck_lora != self.is_lora:
             raise CheckpointError(

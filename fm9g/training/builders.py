@@ -1,0 +1,193 @@
+"""Builders: the model, its pretrained weights, the tokenizer and the data loader a TrainConfig describes.
+
+:func:`build_model` makes the model (on any device, ``"meta"`` included, with or without the
+``pretrained_model`` weights); :func:`pretrained_state` gives those weights alone, in the original
+FM9G names and memory-mapped where the format allows, so an engine that shards the model can load
+them piece by piece. The Trainer builds what it is not given through these functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from fm9g._io import find_model_file
+from fm9g.models.config import FM9GConfig
+from fm9g.training.checkpoint import CheckpointError, load_state_dict_checked
+from fm9g.training.config import TrainConfig
+
+__all__ = ["build_model", "pretrained_state", "build_tokenizer", "build_loader", "check_same_shape", "SHAPE_FIELDS"]
+
+# model-config fields that must agree between a checkpoint and the model it is loaded into
+SHAPE_FIELDS = ("vocab_size", "dim_model", "num_layers", "num_heads", "num_kv_heads", "dim_head", "dim_ff",
+                "tie_lm_head", "qkv_bias")
+
+
+
+def _resolve_model_config(config: TrainConfig) -> FM9GConfig | None:
+    """``config.model`` as an FM9GConfig (a preset name or a model JSON is read here), with the
+    ``attn_impl`` switch of the TrainConfig applied; None when ``model`` is not set."""
+    m = config.model
+    if m is None:
+        return None
+    if isinstance(m, FM9GConfig):
+        mc = m
+    else:
+        path = config.find_file(m, "model_configs")
+        if path is not None and os.path.isfile(path):
+            mc = FM9GConfig.from_json(path)
+        else:
+            try:
+                mc = FM9GConfig.from_name(m)
+            except Exception as err:
+                raise FileNotFoundError(
+                    f"model={m!r} is neither a preset name nor a model config JSON "
+                    f"(looked for {m}, {m}.json and model_configs/{m}.json next to the train config): {err}"
+                ) from None
+    return _with_switches(mc, config)
+
+
+def _with_switches(mc: FM9GConfig, config: TrainConfig) -> FM9GConfig:
+    """The model config with the TrainConfig's ``attn_impl`` when that is set (else the model's own)."""
+    return dataclasses.replace(mc, attn_impl=config.attn_impl) if config.attn_impl else mc
+
+
+def _pretrained_path(config: TrainConfig) -> Path | None:
+    """``pretrained_model`` resolved against the config's folder (None when not set)."""
+    if not config.pretrained_model:
+        return None
+    pre = Path(config.resolve_path(config.pretrained_model))
+    if not pre.exists():
+        raise FileNotFoundError(f"pretrained_model {config.pretrained_model!r} does not exist")
+    return pre
+
+
+def _model_file(folder: Path) -> Path | None:
+    """The one fm9g_live_checkpoint*.pt of a checkpoint folder (None: an HF directory)."""
+    try:
+        return find_model_file(folder)
+    except FileExistsError as err:
+        raise FileNotFoundError(f"pretrained_model folder {folder}: {err}") from None
+
+
+def pretrained_state(config: TrainConfig) -> Mapping[str, torch.Tensor] | None:
+    """The ``pretrained_model`` weights in the original FM9G names, without building a model.
+
+    A ``.pt`` (or a checkpoint folder holding one) is memory-mapped
+    (``torch.load(mmap=True, weights_only=True)``): tensors are read from disk when touched, so an
+    engine can load them shard by shard. An HF directory is converted by
+    :func:`fm9g.convert.hf.load_pretrained` (on CPU).
+
+    Returns:
+        name -> tensor, or None when ``pretrained_model`` is not set.
+    """
+    pre = _pretrained_path(config)
+    if pre is None:
+        return None
+    file = _model_file(pre) if pre.is_dir() else pre
+    if file is None:
+        from fm9g.convert.hf import load_pretrained
+
+        return load_pretrained(pre).state_dict()
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (pre-zip) file cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def build_model(config: TrainConfig, *, device: str | torch.device | None = None,
+                load_weights: bool = True) -> nn.Module:
+    """The FM9GModel the config describes, with ``pretrained_model`` weights when `load_weights`.
+
+    ``pretrained_model`` may be a ``.pt`` in the original key names (needs ``model``), a checkpoint
+    folder of ours, or a Hugging Face directory (the model config is read from it when ``model``
+    is not set; when set, the shapes must agree).
+
+    Args:
+        config: the run's TrainConfig.
+        device: where the parameters are created (None: CPU). ``"meta"`` with
+            ``load_weights=False`` builds the structure without memory; an engine then loads
+            :func:`pretrained_state` shard by shard.
+        load_weights: load ``pretrained_model`` (when set).
+    Returns:
+        The model in train mode.
+    """
+    from fm9g.models.fm9g import FM9GModel
+
+    mc = _resolve_model_config(config)
+    pre = _pretrained_path(config)
+    hf_dir = pre if pre is not None and pre.is_dir() and _model_file(pre) is None else None
+    if load_weights and str(device) == "meta" and pre is not None:
+        raise ValueError("build_model(device='meta') cannot hold weights: pass load_weights=False and load "
+                         "pretrained_state(config) into the engine")
+    if hf_dir is not None:
+        from fm9g.convert.hf import load_hf_config, load_pretrained
+
+        if load_weights:
+            model = load_pretrained(hf_dir)
+            found = model.config
+        else:
+            found = load_hf_config(hf_dir)
+        if mc is not None:
+            check_same_shape(mc, found, f"pretrained_model {hf_dir}")
+        mc = _with_switches(found, config)
+        if load_weights:
+            model.config = mc
+            return (model.to(device) if device is not None else model).train()
+    if mc is None:
+        raise ValueError("TrainConfig.model is not set: give a preset name, a model JSON or an FM9GConfig "
+                         "(or pretrained_model = an HF directory)")
+    with torch.device(device or "cpu"):
+        model = FM9GModel(mc)
+    if load_weights and pre is not None and hf_dir is None:
+        load_state_dict_checked(model, pretrained_state(config), source=f"pretrained_model {pre}")
+    return model.train()
+
+
+def build_tokenizer(config: TrainConfig) -> Any:
+    """``AutoTokenizer`` from ``tokenizer_path`` (or the ``pretrained_model`` directory)."""
+    path = config.tokenizer_path or (config.pretrained_model if config.pretrained_model and
+                                     os.path.isdir(config.resolve_path(config.pretrained_model)) else None)
+    if path is None:
+        raise ValueError("tokenizer_path is not set (needed to tokenize the data)")
+    path = config.resolve_path(path)
+    from transformers import AutoTokenizer
+
+    remote = os.path.isdir(path) and any(Path(path).glob("tokenization_*.py"))  # the FM9G tokenizers ship code
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+
+
+def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_size: int = 1) -> Any:
+    """``MixtureLoader`` for ``config.data`` (a dataset-config JSON path / name or a list)."""
+    from fm9g.data.mixture import MixtureLoader
+
+    data: Any = config.data
+    if data is None:
+        raise ValueError("TrainConfig.data is not set: give a dataset config JSON (dataset_config) or a list of entries")
+    base_dir = None
+    if isinstance(data, str):
+        found = config.find_file(data, "dataset_configs")
+        if found is None:
+            raise FileNotFoundError(f"dataset config {data!r} not found (also looked for dataset_configs/{data}.json)")
+        data = found
+    else:
+        base_dir = config.base_dir
+    kwargs = {"base_dir": base_dir} if base_dir else {}
+    return MixtureLoader.from_config(data, tokenizer, config.max_length, config.batch_size, seed=config.seed,
+                                     rank=rank, world_size=world_size, num_workers=config.num_workers, **kwargs)
+
+
+def check_same_shape(a: Any, b: Any, what: str) -> None:
+    da = a if isinstance(a, dict) else a.to_dict()
+    db = b if isinstance(b, dict) else b.to_dict()
+    diff = [f"{k}: {db.get(k)!r} in {what} vs {da.get(k)!r} in this model" for k in SHAPE_FIELDS
+            if k in da and k in db and da[k] != db[k]]
+    if diff:
+        raise CheckpointError(f"{what} has another model shape ({'; '.join(diff)}); use the model config it was trained with")
