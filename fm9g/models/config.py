@@ -120,10 +120,13 @@ class FM9GConfig:
         dim_model_base: muP base width (scale_width = dim_model / dim_model_base when scale).
         init_std: init standard deviation (see `FM9GModel.init_weights`).
         dropout_p: attention dropout; must be 0.0 (all FM9G configs use 0).
-        use_checkpoint: per-layer activation checkpointing during training.
-        dtype: training compute dtype ("bf16", "fp16" or "fp32"); parameters are built in torch's
-            default dtype and engines cast / autocast.
-        attn_impl: attention backend ("auto", "sdpa", "flex", "torch_varlen", "flash_attn").
+        use_checkpoint: per-layer activation checkpointing; the default of a training run whose
+            TrainConfig leaves `use_checkpoint` unset (docs/training.md, "Training-time switches").
+        dtype: the original files' compute dtype ("bf16", "fp16" or "fp32"), kept for round trip;
+            parameters are built in torch's default dtype and the training precision is
+            TrainConfig's `precision`.
+        attn_impl: attention backend ("auto", "sdpa", "flex", "torch_varlen", "flash_attn"); a
+            TrainConfig `attn_impl` overrides it for training.
         extra: informational keys of the source file (e.g. `half_type`), kept for `to_json`.
     """
 

@@ -356,7 +356,7 @@ def _model_value(model: Any) -> FM9GConfig | str | None:
         try:
             return FM9GConfig.from_dict(model, source="TrainConfig.model")
         except ValueError as err:
-            raise ConfigError(f"model: {err}") from None
+            raise ConfigError(str(err)) from None
     raise ConfigError(f"model must be a preset name, a JSON path, a dict or an FM9GConfig, got {model!r}")
 
 
@@ -375,9 +375,9 @@ def _data_value(data: Any, base_dir: str | None) -> list[DatasetEntry] | str | N
             entries.append(item)
         elif isinstance(item, dict):
             try:
-                entries.append(DatasetEntry.from_dict(item, base_dir=base_dir, where=f"data entry {i}"))
+                entries.append(DatasetEntry.from_dict(item, base_dir=base_dir, where=f"TrainConfig.data entry {i}"))
             except ValueError as err:
-                raise ConfigError(f"data: {err}") from None
+                raise ConfigError(str(err)) from None
         else:
             raise ConfigError(f"data entry {i} must be a dict or a DatasetEntry, got {item!r}")
     return entries
