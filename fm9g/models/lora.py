@@ -8,9 +8,9 @@ small native replacement that keeps the original checkpoint format:
   ``<module>.lora.lora_A`` / ``<module>.lora.lora_B`` -- the names the original tools read and write.
 * ``y = base(x) + dropout(x) @ Aᵀ @ Bᵀ · (alpha / r)``; ``A`` ~ kaiming-uniform(a=√5), ``B = 0``, so
   a freshly wrapped model computes exactly what the base model computes.
-* PEFT adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``, Hugging Face
-  module names) are written and read, so an fm9g LoRA runs on the exported Hugging Face model
-  with ``peft.PeftModel`` and an adapter trained with peft continues in fm9g.
+* PEFT adapter directories (Hugging Face module names) are written and read by
+  `fm9g.convert.peft`, which also registers the Hugging Face target names (``q_proj`` ...) as
+  aliases `LoraConfig` accepts.
 
 Typical use::
 
@@ -19,10 +19,8 @@ Typical use::
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     ...
     torch.save(lora_state_dict(model), "lora.pt")      # original naming
-    save_peft_adapter(model, "adapter/")               # for transformers + peft
 
-Only torch (and, for the PEFT functions, safetensors and the key table of ``fm9g.convert.keys``,
-both imported lazily) is needed.
+Only torch (and `fm9g._io`) is imported.
 """
 from __future__ import annotations
 
@@ -45,7 +43,8 @@ from fm9g._io import atomic_file, atomic_write_bytes, name_list, read_json
 
 __all__ = [
     "ORIGINAL_TARGETS",
-    "HF_TO_ORIGINAL_TARGET",
+    "TARGET_ALIASES",
+    "register_target_aliases",
     "LoraError",
     "LoraConfig",
     "LoraBranch",
@@ -63,25 +62,24 @@ __all__ = [
     "load_lora_checkpoint",
     "trainable_parameters",
     "count_parameters",
-    "save_peft_adapter",
-    "load_peft_adapter",
 ]
 
 #: The linear layers of an FM9G block, in block order (original bmtrain names).
 ORIGINAL_TARGETS: tuple[str, ...] = (
     "project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out",
 )
-#: Hugging Face (Llama / Qwen2) module names accepted in ``target_modules`` and their original names.
-HF_TO_ORIGINAL_TARGET: dict[str, str] = {
-    "q_proj": "project_q",
-    "k_proj": "project_k",
-    "v_proj": "project_v",
-    "o_proj": "attention_out",
-    "gate_proj": "w_0",
-    "up_proj": "w_1",
-    "down_proj": "w_out",
-}
-ORIGINAL_TO_HF_TARGET: dict[str, str] = {v: k for k, v in HF_TO_ORIGINAL_TARGET.items()}
+#: Other names of the targets, mapped to the original ones by `LoraConfig`. Export formats add
+#: theirs: importing `fm9g.convert.peft` adds the Hugging Face names (``q_proj`` -> ``project_q``).
+TARGET_ALIASES: dict[str, str] = {}
+
+
+def register_target_aliases(aliases: Mapping[str, str]) -> None:
+    """Accept ``aliases`` (other name -> one of `ORIGINAL_TARGETS`) in ``target_modules``."""
+    unknown = sorted(set(aliases.values()) - set(ORIGINAL_TARGETS))
+    if unknown:
+        raise LoraError(f"target aliases must map to {list(ORIGINAL_TARGETS)}, got {unknown}")
+    TARGET_ALIASES.update(aliases)
+
 
 # Infixes that wrappers (activation checkpointing, torch.compile, FSDP, DDP) add to module names but
 # that never appear in state-dict keys.
@@ -96,8 +94,8 @@ class LoraError(ValueError):
 # Config
 # ----------------------------------------------------------------------------------------------
 
-# Effective settings of the original LoRA runs (SPEC §5: train_configs/<size>_lora.json "finetune"
-# sections override the run_bmtrain_lora.sh defaults).
+# Effective settings of the original LoRA runs (docs/lora.md: train_configs/<size>_lora.json
+# "finetune" sections override the run_bmtrain_lora.sh defaults).
 _PRESETS: dict[str, dict[str, Any]] = {
     "fm9g-4b": dict(r=16, alpha=32, dropout=0.0, target_modules=list(ORIGINAL_TARGETS)),
     "fm9g-7b": dict(r=64, alpha=32, dropout=0.0, target_modules=list(ORIGINAL_TARGETS)),
@@ -142,8 +140,9 @@ class LoraConfig:
         target_modules: linear layers to wrap, matched against the end of module names (a name
             matches ``X`` if it equals ``X`` or ends with ``.X``). Original names
             (``project_q``, ``project_k``, ``project_v``, ``attention_out``, ``w_0``, ``w_1``,
-            ``w_out``) or Hugging Face names (``q_proj`` ... ``down_proj``, mapped to
-            the original ones). Duplicates are dropped, order kept.
+            ``w_out``) or a registered alias (`TARGET_ALIASES`: the Hugging Face names ``q_proj``
+            ... ``down_proj`` once `fm9g.convert.peft` is imported), mapped to the original
+            ones. Duplicates are dropped, order kept.
 
     Example::
 
@@ -174,7 +173,7 @@ class LoraConfig:
             name = name.strip()
             if not name:
                 raise LoraError(f"LoraConfig.target_modules contains an empty name: {names!r}")
-            name = HF_TO_ORIGINAL_TARGET.get(name, name)
+            name = TARGET_ALIASES.get(name, name)
             if name not in mapped:
                 mapped.append(name)
         self.target_modules = mapped
@@ -192,7 +191,7 @@ class LoraConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "LoraConfig":
-        """A preset matching the original runs' effective settings (SPEC §5).
+        """A preset matching the original runs' effective settings (docs/lora.md).
 
         ``fm9g-7b``: r 64, α 32, all 7 projections; ``fm9g-4b``: r 16, α 32, all 7;
         ``fm9g-70b``: r 16, α 32, ``project_q``/``project_v`` only; ``original-default``: the
@@ -215,7 +214,8 @@ class LoraConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "LoRA config") -> "LoraConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "LoRA config",
+                  require: tuple[str, ...] = ()) -> "LoraConfig":
         """Build from our keys or from the original ``"finetune"`` keys.
 
         Accepts ``{"r", "alpha", "dropout", "target_modules"}`` (unknown keys are an error), or the
@@ -223,12 +223,13 @@ class LoraConfig:
         original ``finetune`` section, such as ``lr``, are ignored). A dict with a ``"finetune"``
         (or ``"lora"``) section is read from that section. ``lora_layer`` may be a list or the
         python-literal string used by the original scripts (``"['project_q','project_v']"``).
+        ``require`` names fields that must be given (in either spelling) rather than defaulted.
         """
         if not isinstance(data, Mapping):
             raise LoraError(f"{source}: expected a JSON object, got {type(data).__name__}")
         for section in ("finetune", "lora"):
             if isinstance(data.get(section), Mapping):
-                return cls.from_dict(data[section], source=f"{source} [{section!r}]")
+                return cls.from_dict(data[section], source=f"{source} [{section!r}]", require=require)
         original = [k for k in data if k in _ORIGINAL_KEYS]
         ours = [k for k in data if k in {f.name for f in dataclasses.fields(cls)}]
         if original:
@@ -245,6 +246,9 @@ class LoraConfig:
                     "(or the original lora_r, lora_alpha, lora_dropout, lora_layer)"
                 )
             values = dict(data)
+        absent = [name for name in require if name not in values]
+        if absent:
+            raise LoraError(f"{source}: does not give {absent}")
         if "target_modules" in values:
             values["target_modules"] = _parse_target_list(values["target_modules"], source=f"{source}: target_modules")
         try:
@@ -741,249 +745,3 @@ def load_lora_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, stri
     if not isinstance(sd, Mapping):
         raise LoraError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     load_lora_state_dict(model, sd, strict=strict, source=str(path))
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT adapters
-# ----------------------------------------------------------------------------------------------
-
-_PEFT_PREFIX = "base_model.model."
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
-
-
-def _bmt_module_to_hf(name: str) -> str:
-    """``encoder.layers.3.self_att.self_attention.project_q`` -> ``model.layers.3.self_attn.q_proj``."""
-    from fm9g.convert.keys import bmt_to_hf_module  # the one name table (imported lazily: convert -> models)
-
-    return bmt_to_hf_module(name)
-
-
-def _hf_module_to_bmt(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``encoder.layers.3.self_att.self_attention.project_q``."""
-    from fm9g.convert.keys import hf_to_bmt_module
-
-    return hf_to_bmt_module(name)
-
-
-def _native_scales(model: nn.Module, format: str) -> dict[str, float]:
-    """Per-target factors between fm9g's LoRA B and the exported model's (``format="native"``).
-
-    The native export folds muP into weights: the residual factor ``scale_depth/√num_layers`` into
-    ``o_proj`` / ``down_proj`` and ``1/scale_width`` into ``lm_head``; their LoRA updates must carry
-    the same factor. 1.0 everywhere for models without muP (7B, 70B) and for ``format="fm9g"``.
-    """
-    if format not in ("native", "fm9g"):
-        raise LoraError(f"format must be 'native' or 'fm9g', got {format!r}")
-    cfg = getattr(model, "config", None)
-    if format == "fm9g" or cfg is None:
-        return {}
-    scales: dict[str, float] = {}
-    scale_depth = float(getattr(cfg, "scale_depth", -1) or -1)
-    num_layers = int(getattr(cfg, "num_layers", 0) or 0)
-    if scale_depth > 0 and num_layers > 0:
-        c = float(getattr(cfg, "residual_scale", scale_depth / math.sqrt(num_layers)))
-        scales["attention_out"] = scales["w_out"] = c
-    if getattr(cfg, "scale", False):
-        width = float(getattr(cfg, "scale_width", 1.0) or 1.0)
-        if width != 1.0:
-            scales["lm_head"] = 1.0 / width
-    return scales
-
-
-def save_peft_adapter(
-    model: nn.Module,
-    out_dir: str | os.PathLike[str],
-    base_model_name_or_path: str | None = None,
-    *,
-    format: str = "native",
-) -> Path:
-    """Write the LoRA layers as a PEFT adapter directory.
-
-    Writes ``adapter_config.json`` (``peft_type`` LORA, ``task_type`` CAUSAL_LM, ``r``,
-    ``lora_alpha``, ``lora_dropout``, ``target_modules`` in Hugging Face names, ``bias`` none) and
-    ``adapter_model.safetensors`` with keys
-    ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` etc. Load it with
-    ``peft.PeftModel.from_pretrained(hf_model, out_dir)`` on the model exported by ``bmt_to_hf``.
-
-    Args:
-        model: a LoRA model (:func:`apply_lora`), not merged.
-        out_dir: directory to create / write into (existing files of the same name are replaced
-            atomically, other files are left alone).
-        base_model_name_or_path: recorded in ``adapter_config.json`` (the HF export it belongs to).
-        format: the export flavour of the base model: ``"native"`` (Llama/Qwen2 with muP folded
-            into the weights -- LoRA updates of folded layers are scaled to match) or ``"fm9g"``.
-
-    Returns:
-        The output directory.
-    """
-    from safetensors.torch import save
-
-    mods = _require_lora(model, "save_peft_adapter")
-    if any(m.merged for _, m in mods):
-        raise LoraError("save_peft_adapter: the LoRA layers are merged; call unmerge_lora(model) first")
-    cfg = get_lora_config(model)
-    assert cfg is not None
-    scales = _native_scales(model, format)
-    tensors: dict[str, torch.Tensor] = {}
-    hf_leaves: list[str] = []
-    for name, m in mods:
-        try:
-            hf = _bmt_module_to_hf(name)
-        except Exception as e:  # KeyMappingError or a name outside the table
-            raise LoraError(
-                f"save_peft_adapter: LoRA layer {name!r} has no Hugging Face name ({e}); only the "
-                f"FM9G projections {list(ORIGINAL_TARGETS)} (and lm_head) can be exported"
-            ) from None
-        leaf = name.rsplit(".", 1)[-1]
-        hf_leaf = hf.rsplit(".", 1)[-1]
-        if hf_leaf not in hf_leaves:
-            hf_leaves.append(hf_leaf)
-        b = m.lora.lora_B.detach().float() * scales.get(leaf, 1.0)
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = m.lora.lora_A.detach().cpu().contiguous()
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = b.to(m.lora.lora_B.dtype).cpu().contiguous()
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": hf_leaves,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(out / "adapter_config.json", (json.dumps(adapter_config, indent=2) + "\n").encode())
-    return out
-
-
-def _config_from_peft(adapter_config: Mapping[str, Any], source: str) -> LoraConfig:
-    """Translate a PEFT ``adapter_config.json`` into a LoraConfig, refusing features fm9g lacks."""
-    if adapter_config.get("peft_type", "LORA") != "LORA":
-        raise LoraError(f"{source}: peft_type is {adapter_config.get('peft_type')!r}; only LORA adapters can be imported")
-    unsupported = []
-    for key, neutral in (
-        ("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None),
-        ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False),
-        ("exclude_modules", None), ("layer_replication", None), ("target_parameters", None),
-        ("trainable_token_indices", None),
-    ):
-        value = adapter_config.get(key, neutral)
-        if value not in (neutral, None, {}, [], False) or (key == "bias" and value != "none"):
-            unsupported.append(f"{key}={value!r}")
-    if unsupported:
-        raise LoraError(f"{source}: uses PEFT features fm9g does not support: {', '.join(unsupported)}")
-    targets = adapter_config.get("target_modules")
-    if targets == "all-linear":
-        targets = list(ORIGINAL_TARGETS)
-    elif isinstance(targets, str):
-        raise LoraError(
-            f"{source}: target_modules is the regular expression {targets!r}; fm9g imports adapters whose "
-            "target_modules is a list of names (q_proj, k_proj, ...) or 'all-linear'"
-        )
-    r = adapter_config.get("r")
-    alpha = adapter_config.get("lora_alpha", r)
-    if adapter_config.get("use_rslora", False):
-        # PEFT's rsLoRA scales by alpha/√r; the same update with our alpha/r scaling:
-        alpha = float(alpha) * math.sqrt(r)
-    try:
-        return LoraConfig(r=r, alpha=alpha, dropout=adapter_config.get("lora_dropout", 0.0) or 0.0,
-                          target_modules=list(targets or []))
-    except LoraError as e:
-        raise LoraError(f"{source}: {e}") from None
-
-
-def load_peft_adapter(
-    model: nn.Module,
-    adapter_dir: str | os.PathLike[str],
-    *,
-    format: str = "native",
-    strict: bool = True,
-    adapter_dtype: torch.dtype | None = torch.float32,
-) -> nn.Module:
-    """Import a PEFT LoRA adapter (made by peft or by :func:`save_peft_adapter`) into ``model``.
-
-    Applies LoRA with the adapter's settings when the model has none yet (same as
-    ``apply_lora(model, cfg)``); if it already has LoRA layers their targets and rank must agree.
-
-    Args:
-        model: an ``FM9GModel`` (plain or already with LoRA).
-        adapter_dir: directory with ``adapter_config.json`` and ``adapter_model.safetensors``
-            (or ``adapter_model.bin``).
-        format: export flavour of the HF base model the adapter was trained on (``"native"``
-            or ``"fm9g"``, see :func:`save_peft_adapter`).
-        strict: missing / unexpected adapter tensors are errors.
-        adapter_dtype: dtype for newly created LoRA parameters.
-
-    Returns:
-        ``model``.
-    """
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise LoraError(f"{adapter_dir}: no adapter_config.json; is this a PEFT adapter directory?")
-    adapter_config = read_json(config_path, error=LoraError)
-    cfg = _config_from_peft(adapter_config, str(config_path))
-
-    st_path, bin_path = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
-    if st_path.is_file():
-        from safetensors.torch import load_file
-
-        raw = load_file(str(st_path))
-        weights_path = st_path
-    elif bin_path.is_file():
-        raw = torch.load(bin_path, map_location="cpu", weights_only=True)
-        weights_path = bin_path
-    else:
-        raise LoraError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin found")
-
-    existing = get_lora_config(model)
-    if existing is None:
-        apply_lora(model, cfg, adapter_dtype=adapter_dtype)
-    elif existing.r != cfg.r or set(existing.target_modules) != set(cfg.target_modules):
-        raise LoraError(
-            f"{adapter_dir}: adapter has r={cfg.r}, targets={cfg.target_modules} but the model's LoRA layers have "
-            f"r={existing.r}, targets={existing.target_modules}; apply the adapter to a model without LoRA"
-        )
-    elif any(m.merged for _, m in lora_modules(model)):
-        raise LoraError(f"load_peft_adapter({adapter_dir}): the LoRA layers are merged; call unmerge_lora(model) first")
-    else:
-        for _, m in lora_modules(model):
-            m.lora.alpha, m.lora.scaling = float(cfg.alpha), float(cfg.alpha) / cfg.r
-
-    scales = _native_scales(model, format)
-    sd: dict[str, torch.Tensor] = {}
-    bad: list[str] = []
-    for key, value in raw.items():
-        k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-        match = _PEFT_KEY.match(k)
-        if match is None:
-            bad.append(key)
-            continue
-        try:
-            module = _hf_module_to_bmt(match["module"])
-        except Exception:
-            bad.append(key)
-            continue
-        leaf = module.rsplit(".", 1)[-1]
-        if match["kind"] == "lora_B" and leaf in scales:
-            value = (value.float() / scales[leaf]).to(value.dtype)
-        sd[f"{module}.lora.{match['kind']}"] = value
-    if bad:
-        raise LoraError(
-            f"{weights_path}: {len(bad)} tensors are not LoRA A/B weights of FM9G projections: {name_list(bad, 8)}"
-        )
-    load_lora_state_dict(model, sd, strict=strict, source=str(weights_path))
-    return model
