@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fm9g._io import atomic_write_text, name_list
+from fm9g._io import atomic_write_text, name_list, state_dict_mismatch
 from fm9g.convert.files import (
     DEFAULT_MAX_SHARD_SIZE,
     ConversionError,
@@ -134,24 +134,13 @@ def _check_state_dict(
     sd: Mapping[str, torch.Tensor], config: FM9GConfig, source: str, *, what: str = "checkpoint"
 ) -> None:
     """Raise one ConversionError naming every missing, unexpected and mis-shaped key."""
-    expected = expected_bmt_shapes(config)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [f"{k}: {tuple(sd[k].shape)} vs expected {expected[k]}"
-                  for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {name_list(mismatched)}")
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {name_list(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {name_list(unexpected)}")
+    problems = state_dict_mismatch(expected_bmt_shapes(config), dict(sd), source=f"the {what}")
     if problems:
         raise ConversionError(
             f"{source}: the {what} does not match the model config "
             f"(dim_model={config.dim_model}, num_layers={config.num_layers}, num_heads={config.num_heads}, "
             f"num_kv_heads={config.num_kv_heads}, dim_ff={config.dim_ff}, vocab_size={config.vocab_size}, "
-            f"tie_lm_head={config.tie_lm_head}, qkv_bias={config.qkv_bias}): " + "; ".join(problems)
+            f"tie_lm_head={config.tie_lm_head}, qkv_bias={config.qkv_bias}): " + problems
             + ". Pass the config the checkpoint was trained with (config=... or a config.json beside it)."
         )
 
