@@ -41,6 +41,7 @@ __all__ = [
     "write_state_dict",
     "output_dir",
     "copy_reference_files",
+    "read_conversion_json",
 ]
 
 PathLike = str | os.PathLike[str]

@@ -57,6 +57,7 @@ from fm9g.convert.hf_config import (
     export_factors,
     fm9g_config_from_hf,
     hf_config_from_fm9g,
+    is_hf_config,
     load_hf_config,
     native_unties,
     resolve_config,
@@ -181,7 +182,7 @@ def _refuse_hf_config_beside(out_path: Path) -> None:
         existing = json.loads(beside.read_text(encoding="utf-8")) if beside.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         existing = {}
-    if isinstance(existing, dict) and "hidden_size" in existing and "model_type" in existing:
+    if is_hf_config(existing):
         raise ConversionError(
             f"{beside} is a Hugging Face config that writing the fm9g config.json would replace; "
             f"put {out_path.name} in another directory (e.g. 9g_models/{out_path.name})"

@@ -32,6 +32,7 @@ __all__ = [
     "hf_config_from_fm9g",
     "load_hf_config",
     "load_model_config",
+    "is_hf_config",
     "resolve_config",
     "native_unties",
     "export_factors",
@@ -272,11 +273,16 @@ def load_hf_config(hf_dir: PathLike) -> FM9GConfig:
                                source=str(path / "config.json"))
 
 
+def is_hf_config(data: Any) -> bool:
+    """Whether a parsed JSON is a Hugging Face ``config.json`` (not an original model JSON)."""
+    return isinstance(data, Mapping) and "model_type" in data and "hidden_size" in data
+
+
 def load_model_config(path: PathLike) -> FM9GConfig:
     """An original / fm9g model JSON (`FM9GConfig.from_json`) or a Hugging Face ``config.json``
-    (`fm9g_config_from_hf`), told apart by its keys."""
+    (`fm9g_config_from_hf`), told apart by `is_hf_config`."""
     data = read_conversion_json(Path(path))
-    if "model_type" in data and "hidden_size" in data:
+    if is_hf_config(data):
         return fm9g_config_from_hf(data, source=str(path))
     return FM9GConfig.from_json(path)
 

@@ -297,7 +297,9 @@ def load_peft_adapter(
 # ================================================================================================
 
 
-def _read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, Path | None]:
+def _read_lora(
+    lora: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], str, Path | None]:
     if isinstance(lora, Mapping):
         return unwrap_state_dict(lora, "lora state dict"), "lora state dict", None
     path = Path(lora)

@@ -27,7 +27,7 @@ from fm9g._io import ConfigError, atomic_write_text, read_json
 __all__ = ["FM9GConfig", "ConfigError", "PRESETS", "DTYPES", "PRECISIONS", "dtype_name"]
 
 
-# Keys found in the original model_configs JSON (or HF config.json) that the model does not use.
+# Keys found in the original model_configs JSON (and in exported config.json files) that the model does not use.
 # They are accepted, kept in `FM9GConfig.extra` and written back by `to_json`, so files round-trip.
 INFORMATIONAL_KEYS: frozenset[str] = frozenset(
     {
@@ -69,7 +69,8 @@ INFORMATIONAL_KEYS: frozenset[str] = frozenset(
 DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "bf16": (torch.bfloat16, "BF16"), "fp16": (torch.float16, "F16"), "fp32": (torch.float32, "F32"),
     "fp64": (torch.float64, "F64"), "int64": (torch.int64, "I64"), "int32": (torch.int32, "I32"),
-    "int16": (torch.int16, "I16"), "int8": (torch.int8, "I8"), "uint8": (torch.uint8, "U8"), "bool": (torch.bool, "BOOL"),
+    "int16": (torch.int16, "I16"), "int8": (torch.int8, "I8"), "uint8": (torch.uint8, "U8"),
+    "bool": (torch.bool, "BOOL"),
 }
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
 # other spellings of the precisions (a "torch." prefix is accepted as well)
