@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str] = {
     "FM9GConfig": "fm9g.models.config",
     "FM9GModel": "fm9g.models.fm9g",
     "FM9GOutput": "fm9g.models.fm9g",
-    "LoraConfig": "fm9g.models.lora",
+    "LoraConfig": "fm9g.convert.peft",  # defined in fm9g.models.lora; fm9g.convert.peft adds the HF target names
     "apply_lora": "fm9g.models.lora",
     "merge_lora": "fm9g.models.lora",
     "unmerge_lora": "fm9g.models.lora",
@@ -28,8 +28,8 @@ _EXPORTS: dict[str, str] = {
     "load_lora_state_dict": "fm9g.models.lora",
     "unload_lora": "fm9g.models.lora",
     "trainable_parameters": "fm9g.models.lora",
-    "save_peft_adapter": "fm9g.models.lora",
-    "load_peft_adapter": "fm9g.models.lora",
+    "save_peft_adapter": "fm9g.convert.peft",
+    "load_peft_adapter": "fm9g.convert.peft",
     "build_index": "fm9g.data.indexed",
     "IndexedDataset": "fm9g.data.indexed",
     "SampleTokenizer": "fm9g.data.tokenize",
@@ -64,8 +64,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from fm9g.data.tokenize import SampleTokenizer
     from fm9g.models.config import FM9GConfig
     from fm9g.models.fm9g import FM9GModel, FM9GOutput
-    from fm9g.models.lora import (LoraConfig, apply_lora, load_lora_state_dict, load_peft_adapter,
-                                  lora_state_dict, merge_lora, save_peft_adapter, trainable_parameters,
-                                  unload_lora, unmerge_lora)
+    from fm9g.convert.peft import load_peft_adapter, save_peft_adapter
+    from fm9g.models.lora import (LoraConfig, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora,
+                                  trainable_parameters, unload_lora, unmerge_lora)
     from fm9g.training.config import TrainConfig
     from fm9g.training.trainer import Trainer

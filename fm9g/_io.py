@@ -149,11 +149,11 @@ def state_dict_mismatch(expected: dict[str, Any], got: dict[str, Any], *, source
 
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    wrong = [f"{k}: {shape(got[k])} in {source} vs {shape(expected[k])} expected"
+    wrong = [f"{k}: {shape(got[k])} vs expected {shape(expected[k])}"
              for k in expected if k in got and shape(got[k]) != shape(expected[k])]
     parts = []
     if wrong:
-        parts.append(f"{len(wrong)} with another shape: " + name_list(wrong, 5))
+        parts.append(f"{len(wrong)} with another shape in {source}: " + name_list(wrong, 5))
     if missing:
         parts.append(f"{len(missing)} missing keys: {name_list(missing, 5)}")
     if unexpected:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from fm9g.convert.hf_config import fm9g_config_from_hf, load_model_config
 from fm9g.models.config import ConfigError, FM9GConfig
 
-# The original apps/fm9g_{4b,7b}/model_configs JSON shapes (SPEC §1.1), written out here.
+# The original apps/fm9g_{4b,7b}/model_configs JSON shapes (docs/model.md), written out here.
 ORIGINAL_4B = {
     "vocab_size": 73448, "dim_model": 2560, "dim_ff": 6400, "num_layers": 62, "num_heads": 40,
     "num_kv_heads": 4, "dim_head": 64, "activate_fn": "silu", "ffn_gated": True, "eps": 1e-5,
@@ -110,14 +111,14 @@ def test_hf_alias_names(tmp_path: Path) -> None:
           "intermediate_size": 1536, "num_hidden_layers": 30, "rms_norm_eps": 1e-5, "hidden_act": "silu",
           "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
           "model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
-    cfg = FM9GConfig.from_json(_write(tmp_path, "config.json", hf))
+    cfg = load_model_config(_write(tmp_path, "config.json", hf))
     assert (cfg.dim_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_head, cfg.dim_ff, cfg.num_layers) == \
         (576, 9, 3, 64, 1536, 30)
     assert (cfg.eps, cfg.base, cfg.max_length, cfg.tie_lm_head) == (1e-5, 100000.0, 8192, True)
     # transformers 5 stores theta in rope_parameters
     v5 = {k: v for k, v in hf.items() if k != "rope_theta"}
     v5["rope_parameters"] = {"rope_theta": 50000.0, "rope_type": "default"}
-    assert FM9GConfig.from_dict(v5).base == 50000.0
+    assert fm9g_config_from_hf(v5).base == 50000.0
 
 
 def test_conflicting_alias_rejected() -> None:
@@ -177,11 +178,11 @@ def test_hf_config_json_from_transformers(tmp_path: Path) -> None:
                   num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
     LlamaConfig(**common).save_pretrained(tmp_path / "llama")
     Qwen2Config(**common).save_pretrained(tmp_path / "qwen2")
-    llama = FM9GConfig.from_json(tmp_path / "llama" / "config.json")
-    qwen2 = FM9GConfig.from_json(tmp_path / "qwen2" / "config.json")
+    llama = load_model_config(tmp_path / "llama" / "config.json")
+    qwen2 = load_model_config(tmp_path / "qwen2" / "config.json")
     for cfg in (llama, qwen2):
         assert (cfg.dim_model, cfg.num_kv_heads, cfg.dim_head, cfg.base, cfg.eps) == (64, 2, 16, 5000.0, 1e-6)
     assert (llama.qkv_bias, qwen2.qkv_bias) == (False, True)
     LlamaConfig(**common, attention_bias=True).save_pretrained(tmp_path / "biased")
     with pytest.raises(ConfigError, match="attention_bias"):
-        FM9GConfig.from_json(tmp_path / "biased" / "config.json")
+        load_model_config(tmp_path / "biased" / "config.json")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fm9g.convert import files
 from fm9g.convert import hf as conv
 from fm9g.convert.hf import ConversionError, bmt_to_hf, hf_to_bmt, load_hf_config, load_pretrained
 from fm9g.convert.keys import bmt_to_hf_key
@@ -398,7 +399,7 @@ def test_output_is_never_half_written(tmp_path, monkeypatch):
         bmt_to_hf(ckpt, out)
 
     calls = {"n": 0}
-    real = conv._write_safetensors
+    real = files.write_safetensors
 
     def failing(path, plans, metadata=None):
         calls["n"] += 1
@@ -406,13 +407,13 @@ def test_output_is_never_half_written(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real(path, plans, metadata)
 
-    monkeypatch.setattr(conv, "_write_safetensors", failing)
+    monkeypatch.setattr(files, "write_safetensors", failing)
     with pytest.raises(OSError, match="disk full"):
         bmt_to_hf(ckpt, out, overwrite=True, max_shard_size=60_000)
     # the old export is intact and no temporary directory is left behind
     _assert_same_tensors(before, _hf_tensors(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
-    monkeypatch.setattr(conv, "_write_safetensors", real)
+    monkeypatch.setattr(files, "write_safetensors", real)
     bmt_to_hf(ckpt, out, overwrite=True, max_shard_size=60_000)
     assert (out / "model.safetensors.index.json").exists() and not (out / "model.safetensors").exists()
 

@@ -18,7 +18,7 @@ from fm9g.convert.keys import (
 from fm9g.models.config import FM9GConfig
 from fm9g.models.fm9g import FM9GModel
 
-# SPEC §2.2 / §2.3, written out independently of the table.
+# The documented names (docs/convert.md), written out independently of the table.
 PAIRS = [
     ("input_embedding.weight", "model.embed_tokens.weight"),
     ("encoder.output_layernorm.weight", "model.norm.weight"),

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from fm9g.convert.peft import HF_TO_ORIGINAL_TARGET, load_peft_adapter, save_peft_adapter
 from fm9g.models.lora import (
-    HF_TO_ORIGINAL_TARGET,
     ORIGINAL_TARGETS,
     LoraConfig,
     LoraError,
@@ -23,12 +23,10 @@ from fm9g.models.lora import (
     get_lora_config,
     load_lora_checkpoint,
     load_lora_state_dict,
-    load_peft_adapter,
     lora_modules,
     lora_state_dict,
     merge_lora,
     save_lora_checkpoint,
-    save_peft_adapter,
     trainable_parameters,
     reset_lora_parameters,
     unload_lora,

@@ -94,9 +94,9 @@ def inspect_path(path: str | Path) -> str:
             from fm9g.training.config import TrainConfig
 
             return f"train config {p}\n" + TrainConfig.from_json(p).to_json()
-        from fm9g.models.config import FM9GConfig
+        from fm9g.convert.hf_config import load_model_config  # an original model JSON or an HF config.json
 
-        cfg = FM9GConfig.from_json(p)
+        cfg = load_model_config(p)
         return (f"model config {p}: {cfg.num_parameters() / 1e9:.3f} B parameters\n" + cfg.to_json())
     if p.suffix == ".jsonl":
         from fm9g.training.metrics import read_train_stats

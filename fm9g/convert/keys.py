@@ -64,7 +64,7 @@ class NameRow:
     params: tuple[str, ...] = ("weight",)
 
 
-# The table (SPEC §2.2 / §2.3). Order does not matter: rows are matched as whole-name patterns.
+# The table (docs/convert.md). Order does not matter: rows are matched as whole-name patterns.
 NAME_TABLE: tuple[NameRow, ...] = (
     NameRow(bmt="input_embedding", hf="model.embed_tokens"),
     NameRow(bmt="encoder.output_layernorm", hf="model.norm"),

@@ -1,8 +1,8 @@
 """`FM9GConfig`: the model hyper-parameters of the FM9G ("Dragonfly") decoder, with presets.
 
 The field names and defaults are those of the original bmtrain `model_configs/*.json` files, so
-those files load unchanged (`FM9GConfig.from_json("model_configs/7b.json")`). Hugging Face names
-(`hidden_size`, `num_attention_heads`, ...) are accepted as aliases.
+those files load unchanged (`FM9GConfig.from_json("model_configs/7b.json")`). A Hugging Face
+`config.json` is read by `fm9g.convert.hf_config` (`load_model_config` reads either kind).
 
 Example::
 
@@ -22,16 +22,12 @@ from typing import Any
 
 import torch
 
-from fm9g._io import atomic_write_text, read_json
+from fm9g._io import ConfigError, atomic_write_text, read_json
 
-__all__ = ["FM9GConfig", "ConfigError", "PRESETS"]
-
-
-class ConfigError(ValueError):
-    """A model config that cannot be used: an unknown key, a bad value or inconsistent shapes."""
+__all__ = ["FM9GConfig", "ConfigError", "PRESETS", "DTYPES", "PRECISIONS", "dtype_name"]
 
 
-# Keys found in the original model_configs JSON (or HF config.json) that the model does not use.
+# Keys found in the original model_configs JSON (and in exported config.json files) that the model does not use.
 # They are accepted, kept in `FM9GConfig.extra` and written back by `to_json`, so files round-trip.
 INFORMATIONAL_KEYS: frozenset[str] = frozenset(
     {
@@ -68,34 +64,36 @@ INFORMATIONAL_KEYS: frozenset[str] = frozenset(
     }
 )
 
-# Hugging Face name -> FM9GConfig field (DragonflyConfig's attribute_map plus a few common ones).
-HF_ALIASES: dict[str, str] = {
-    "hidden_size": "dim_model",
-    "num_attention_heads": "num_heads",
-    "num_key_value_heads": "num_kv_heads",
-    "intermediate_size": "dim_ff",
-    "num_hidden_layers": "num_layers",
-    "rms_norm_eps": "eps",
-    "hidden_act": "activate_fn",
-    "rope_theta": "base",
-    "max_position_embeddings": "max_length",
-    "tie_word_embeddings": "tie_lm_head",
-    "head_dim": "dim_head",
+#: The one dtype table: name -> (torch dtype, safetensors code). bf16 / fp16 / fp32 are the
+#: precisions a config names (`PRECISIONS`); the others let any checkpoint tensor be stored.
+DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "bf16": (torch.bfloat16, "BF16"), "fp16": (torch.float16, "F16"), "fp32": (torch.float32, "F32"),
+    "fp64": (torch.float64, "F64"), "int64": (torch.int64, "I64"), "int32": (torch.int32, "I32"),
+    "int16": (torch.int16, "I16"), "int8": (torch.int8, "I8"), "uint8": (torch.uint8, "U8"),
+    "bool": (torch.bool, "BOOL"),
+}
+PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
+# other spellings of the precisions (a "torch." prefix is accepted as well)
+_DTYPE_ALIASES: dict[str, str] = {
+    "bfloat16": "bf16", "half": "fp16", "float16": "fp16", "float": "fp32", "float32": "fp32",
 }
 
-_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_ALIASES: dict[str, str] = {
-    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
-    "fp16": "fp16", "half": "fp16", "float16": "fp16", "torch.float16": "fp16",
-    "fp32": "fp32", "float": "fp32", "float32": "fp32", "torch.float32": "fp32",
-}
+
+def dtype_name(value: str | torch.dtype) -> str | None:
+    """The `PRECISIONS` name of a dtype given as a torch dtype or any spelling (``"bfloat16"``,
+    ``"torch.float16"``, ``"half"``, ``"fp32"``, ...), or None when it is none of them."""
+    key = str(value).lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(key, key)
+    return name if name in PRECISIONS else None
+
+
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
 ATTN_IMPLS: tuple[str, ...] = ("auto", "sdpa", "flex", "torch_varlen", "flash_attn")
 
 
 @dataclass(kw_only=True)
 class FM9GConfig:
-    """Hyper-parameters of an FM9G decoder (SPEC §1.1). Defaults are the original class defaults.
+    """Hyper-parameters of an FM9G decoder (docs/model.md). Defaults are the original class defaults.
 
     Args:
         vocab_size: number of token ids V.
@@ -194,9 +192,9 @@ class FM9GConfig:
             raise ConfigError(f"base (RoPE theta) must be > 0, got {self.base}")
         if not self.init_std > 0:
             raise ConfigError(f"init_std must be > 0, got {self.init_std}")
-        dtype = _DTYPE_ALIASES.get(str(self.dtype).lower())
+        dtype = dtype_name(self.dtype)
         if dtype is None:
-            raise ConfigError(f"dtype={self.dtype!r} is not known; use one of {sorted(_DTYPES)}")
+            raise ConfigError(f"dtype={self.dtype!r} is not known; use one of {sorted(PRECISIONS)}")
         self.dtype = dtype
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not known; use one of {list(ATTN_IMPLS)}")
@@ -224,7 +222,7 @@ class FM9GConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """`dtype` as a torch dtype."""
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype][0]
 
     def num_parameters(self, *, include_embedding: bool = True) -> int:
         """Number of parameters of `FM9GModel(self)`, counted from the shapes (no model is built).
@@ -266,10 +264,11 @@ class FM9GConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "FM9GConfig":
-        """Build from a dict of original (bmtrain) or Hugging Face keys.
+        """Build from a dict of original (bmtrain) keys.
 
-        Informational keys (`half_type`, `model_type`, ...) go to `extra`; HF names are mapped to
-        fields. An unknown key raises `ConfigError` naming it (and the closest known key).
+        Informational keys (`half_type`, `model_type`, ...) go to `extra`. An unknown key raises
+        `ConfigError` naming it (and the closest known key). A Hugging Face ``config.json`` uses
+        other names: `fm9g.convert.hf_config.fm9g_config_from_hf` reads it.
 
         Args:
             data: the key/value pairs.
@@ -282,42 +281,23 @@ class FM9GConfig:
         for key, value in data.items():
             if key == "extra":
                 continue
-            target = HF_ALIASES.get(key, key)
-            if target in names:
-                if target in values and values[target] != value:
-                    raise ConfigError(
-                        f"{source}: {key!r} and another name for field {target!r} disagree "
-                        f"({values[target]!r} vs {value!r}); keep one of them"
-                    )
-                values[target] = value
+            if key in names:
+                values[key] = value
             elif key in INFORMATIONAL_KEYS:
                 extra[key] = value
             else:
                 unknown.append(key)
         if unknown:
-            known = sorted(names | set(HF_ALIASES) | INFORMATIONAL_KEYS)
+            known = sorted(names | INFORMATIONAL_KEYS)
             parts = []
             for key in unknown:
                 close = difflib.get_close_matches(key, known, n=1)
                 parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ConfigError(
                 f"{source}: unknown model config key(s) {', '.join(parts)}; "
-                f"fix or remove them (known keys: {', '.join(sorted(names - {'extra'}))})"
+                f"fix or remove them (known keys: {', '.join(sorted(names - {'extra'}))}; a Hugging Face "
+                "config.json is read by fm9g.convert.hf_config.load_model_config)"
             )
-        rope = extra.get("rope_parameters")
-        if isinstance(rope, dict):  # transformers >= 5 keeps rope_theta here
-            if rope.get("rope_type", "default") not in ("default", None):
-                raise ConfigError(f"{source}: rope_parameters.rope_type={rope.get('rope_type')!r} is not supported (only unscaled RoPE)")
-            if "base" not in values and "rope_theta" in rope:
-                values["base"] = rope["rope_theta"]
-        model_type = str(extra.get("model_type", "")).lower()
-        if model_type == "qwen2" and "qkv_bias" not in values:
-            values["qkv_bias"] = True  # Qwen2 always has q/k/v biases (and none on o_proj)
-        if model_type == "llama" and extra.get("attention_bias"):
-            raise ConfigError(f"{source}: attention_bias=true (Llama: biases on q/k/v AND o_proj) is not supported; "
-                              "FM9G has biases on q/k/v only")
-        if extra.get("use_sliding_window"):
-            raise ConfigError(f"{source}: use_sliding_window=true is not supported (FM9G uses full causal attention)")
         if "dtype" not in values and "half_type" in extra:
             values["dtype"] = extra["half_type"]
         values["extra"] = extra
@@ -330,7 +310,7 @@ class FM9GConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "FM9GConfig":
-        """Load an original `model_configs/*.json` (or an HF `config.json`) unchanged.
+        """Load an original `model_configs/*.json` unchanged.
 
         Raises:
             ConfigError: unreadable JSON, unknown key or inconsistent values (the file is named).

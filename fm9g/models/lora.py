@@ -1,4 +1,5 @@
-"""LoRA for FM9G: config, the LoRA linear layer, injection, merging and checkpoint formats.
+"""LoRA for FM9G: the LoRA linear layer, injection, merging and the original checkpoint format
+(`LoraConfig` is defined in `fm9g.models.lora_config` and re-exported here).
 
 The original FM9G stack injected LoRA with OpenDelta, which no longer installs. This module is a
 small native replacement that keeps the original checkpoint format:
@@ -8,9 +9,9 @@ small native replacement that keeps the original checkpoint format:
   ``<module>.lora.lora_A`` / ``<module>.lora.lora_B`` -- the names the original tools read and write.
 * ``y = base(x) + dropout(x) @ Aᵀ @ Bᵀ · (alpha / r)``; ``A`` ~ kaiming-uniform(a=√5), ``B = 0``, so
   a freshly wrapped model computes exactly what the base model computes.
-* PEFT adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``, Hugging Face
-  module names) are written and read, so an fm9g LoRA runs on the exported Hugging Face model
-  with ``peft.PeftModel`` and an adapter trained with peft continues in fm9g.
+* PEFT adapter directories (Hugging Face module names) are written and read by
+  `fm9g.convert.peft`, which also registers the Hugging Face target names (``q_proj`` ...) as
+  aliases `LoraConfig` accepts.
 
 Typical use::
 
@@ -19,33 +20,27 @@ Typical use::
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     ...
     torch.save(lora_state_dict(model), "lora.pt")      # original naming
-    save_peft_adapter(model, "adapter/")               # for transformers + peft
 
-Only torch (and, for the PEFT functions, safetensors and the key table of ``fm9g.convert.keys``,
-both imported lazily) is needed.
+Only torch (and `fm9g._io`) is imported.
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
-import json
 import math
 import os
-import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm9g._io import atomic_file, atomic_write_bytes, name_list, read_json
+from fm9g._io import atomic_file, name_list
+from fm9g.models.lora_config import ORIGINAL_TARGETS, TARGET_ALIASES, LoraConfig, LoraError, register_target_aliases
 
 __all__ = [
     "ORIGINAL_TARGETS",
-    "HF_TO_ORIGINAL_TARGET",
+    "TARGET_ALIASES",
+    "register_target_aliases",
     "LoraError",
     "LoraConfig",
     "LoraBranch",
@@ -63,208 +58,11 @@ __all__ = [
     "load_lora_checkpoint",
     "trainable_parameters",
     "count_parameters",
-    "save_peft_adapter",
-    "load_peft_adapter",
 ]
-
-#: The linear layers of an FM9G block, in block order (original bmtrain names).
-ORIGINAL_TARGETS: tuple[str, ...] = (
-    "project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out",
-)
-#: Hugging Face (Llama / Qwen2) module names accepted in ``target_modules`` and their original names.
-HF_TO_ORIGINAL_TARGET: dict[str, str] = {
-    "q_proj": "project_q",
-    "k_proj": "project_k",
-    "v_proj": "project_v",
-    "o_proj": "attention_out",
-    "gate_proj": "w_0",
-    "up_proj": "w_1",
-    "down_proj": "w_out",
-}
-ORIGINAL_TO_HF_TARGET: dict[str, str] = {v: k for k, v in HF_TO_ORIGINAL_TARGET.items()}
 
 # Infixes that wrappers (activation checkpointing, torch.compile, FSDP, DDP) add to module names but
 # that never appear in state-dict keys.
 _WRAPPER_INFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-class LoraError(ValueError):
-    """A LoRA config, target list or checkpoint that does not fit the model."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-# Effective settings of the original LoRA runs (SPEC §5: train_configs/<size>_lora.json "finetune"
-# sections override the run_bmtrain_lora.sh defaults).
-_PRESETS: dict[str, dict[str, Any]] = {
-    "fm9g-4b": dict(r=16, alpha=32, dropout=0.0, target_modules=list(ORIGINAL_TARGETS)),
-    "fm9g-7b": dict(r=64, alpha=32, dropout=0.0, target_modules=list(ORIGINAL_TARGETS)),
-    "fm9g-70b": dict(r=16, alpha=32, dropout=0.0, target_modules=["project_q", "project_v"]),
-    # run_bmtrain_lora.sh / README defaults, before the *_lora.json override.
-    "original-default": dict(
-        r=16, alpha=32, dropout=0.0,
-        target_modules=["project_q", "project_k", "project_v", "w_0", "w_1", "w_out"],
-    ),
-}
-_PRESET_ALIASES = {"4b": "fm9g-4b", "7b": "fm9g-7b", "70b": "fm9g-70b", "default": "original-default"}
-_ORIGINAL_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_layer": "target_modules"}
-
-
-def _parse_target_list(value: Any, *, source: str = "target_modules") -> list[str]:
-    """Turn a target list given as a list, a python-literal string or a comma list into names."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            parsed = ast.literal_eval(text)  # "['project_q','project_v']" as in the original JSONs
-        except (ValueError, SyntaxError):
-            if not re.fullmatch(r"[\w.,\s]+", text):
-                raise LoraError(
-                    f"{source}={value!r} is neither a list of module names nor a python-literal list "
-                    "such as \"['project_q', 'project_v']\""
-                ) from None
-            parsed = [t for t in (p.strip() for p in text.split(",")) if t]
-        value = [parsed] if isinstance(parsed, str) else parsed
-    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(t, str) for t in value):
-        raise LoraError(f"{source} must be a list of module names, got {value!r}")
-    return list(value)
-
-
-@dataclass(kw_only=True)
-class LoraConfig:
-    """LoRA hyper-parameters.
-
-    Args:
-        r: rank of the update (> 0).
-        alpha: scale numerator; the update is multiplied by ``alpha / r``.
-        dropout: dropout probability applied to the LoRA branch input (0 ≤ p < 1).
-        target_modules: linear layers to wrap, matched against the end of module names (a name
-            matches ``X`` if it equals ``X`` or ends with ``.X``). Original names
-            (``project_q``, ``project_k``, ``project_v``, ``attention_out``, ``w_0``, ``w_1``,
-            ``w_out``) or Hugging Face names (``q_proj`` ... ``down_proj``, mapped to
-            the original ones). Duplicates are dropped, order kept.
-
-    Example::
-
-        LoraConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"]).target_modules
-        # -> ['project_q', 'project_v']
-    """
-
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["project_q", "project_k", "project_v", "w_0", "w_1", "w_out"]
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise LoraError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise LoraError(f"LoraConfig.alpha must be a finite number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
-            raise LoraError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
-        names = _parse_target_list(self.target_modules)
-        if not names:
-            raise LoraError("LoraConfig.target_modules is empty: name at least one linear layer, e.g. ['project_q', 'project_v']")
-        mapped: list[str] = []
-        for name in names:
-            name = name.strip()
-            if not name:
-                raise LoraError(f"LoraConfig.target_modules contains an empty name: {names!r}")
-            name = HF_TO_ORIGINAL_TARGET.get(name, name)
-            if name not in mapped:
-                mapped.append(name)
-        self.target_modules = mapped
-
-    @property
-    def scaling(self) -> float:
-        """The factor ``alpha / r`` applied to the LoRA update."""
-        return float(self.alpha) / self.r
-
-    # -- presets ---------------------------------------------------------------------------------
-    @classmethod
-    def presets(cls) -> list[str]:
-        """Names accepted by :meth:`from_name`."""
-        return sorted(_PRESETS)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "LoraConfig":
-        """A preset matching the original runs' effective settings (SPEC §5).
-
-        ``fm9g-7b``: r 64, α 32, all 7 projections; ``fm9g-4b``: r 16, α 32, all 7;
-        ``fm9g-70b``: r 16, α 32, ``project_q``/``project_v`` only; ``original-default``: the
-        README defaults (r 16, α 32, no ``attention_out``). Dropout is 0 in all of them.
-
-        Args:
-            name: preset name (``7b``/``4b``/``70b`` accepted too).
-            **overrides: fields to change, e.g. ``dropout=0.05``.
-        """
-        key = _PRESET_ALIASES.get(name.lower(), name.lower())
-        if key not in _PRESETS:
-            raise LoraError(f"unknown LoRA preset {name!r}; choose one of {cls.presets()}")
-        values = {**_PRESETS[key], **overrides}
-        values["target_modules"] = list(values["target_modules"])
-        return cls(**values)
-
-    # -- dict / JSON -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict of the fields (``r``, ``alpha``, ``dropout``, ``target_modules``)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "LoRA config") -> "LoraConfig":
-        """Build from our keys or from the original ``"finetune"`` keys.
-
-        Accepts ``{"r", "alpha", "dropout", "target_modules"}`` (unknown keys are an error), or the
-        original ``{"lora_r", "lora_alpha", "lora_dropout", "lora_layer"}`` (other keys of the
-        original ``finetune`` section, such as ``lr``, are ignored). A dict with a ``"finetune"``
-        (or ``"lora"``) section is read from that section. ``lora_layer`` may be a list or the
-        python-literal string used by the original scripts (``"['project_q','project_v']"``).
-        """
-        if not isinstance(data, Mapping):
-            raise LoraError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        for section in ("finetune", "lora"):
-            if isinstance(data.get(section), Mapping):
-                return cls.from_dict(data[section], source=f"{source} [{section!r}]")
-        original = [k for k in data if k in _ORIGINAL_KEYS]
-        ours = [k for k in data if k in {f.name for f in dataclasses.fields(cls)}]
-        if original:
-            clash = [k for k in original if _ORIGINAL_KEYS[k] in data]
-            if clash:
-                raise LoraError(f"{source}: both {clash} and {[_ORIGINAL_KEYS[k] for k in clash]} are set; keep one spelling")
-            values = {_ORIGINAL_KEYS[k]: data[k] for k in original}
-            values.update({k: data[k] for k in ours})
-        else:
-            unknown = sorted(set(data) - set(ours))
-            if unknown:
-                raise LoraError(
-                    f"{source}: unknown keys {unknown}; expected r, alpha, dropout, target_modules "
-                    "(or the original lora_r, lora_alpha, lora_dropout, lora_layer)"
-                )
-            values = dict(data)
-        if "target_modules" in values:
-            values["target_modules"] = _parse_target_list(values["target_modules"], source=f"{source}: target_modules")
-        try:
-            return cls(**values)
-        except LoraError as e:
-            raise LoraError(f"{source}: {e}") from None
-        except TypeError as e:  # a wrong value type reaching the dataclass
-            raise LoraError(f"{source}: {e}") from None
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> "LoraConfig":
-        """Read a JSON file written by :meth:`to_json` or an original ``train_configs/*_lora.json``."""
-        return cls.from_dict(read_json(path, error=LoraError), source=str(path))
-
-    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
-        """Return the config as JSON text; when ``path`` is given also write it there (atomically)."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            atomic_write_bytes(path, text.encode("utf-8"))
-        return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,249 +539,3 @@ def load_lora_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, stri
     if not isinstance(sd, Mapping):
         raise LoraError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     load_lora_state_dict(model, sd, strict=strict, source=str(path))
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT adapters
-# ----------------------------------------------------------------------------------------------
-
-_PEFT_PREFIX = "base_model.model."
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
-
-
-def _bmt_module_to_hf(name: str) -> str:
-    """``encoder.layers.3.self_att.self_attention.project_q`` -> ``model.layers.3.self_attn.q_proj``."""
-    from fm9g.convert.keys import bmt_to_hf_module  # the one name table (imported lazily: convert -> models)
-
-    return bmt_to_hf_module(name)
-
-
-def _hf_module_to_bmt(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``encoder.layers.3.self_att.self_attention.project_q``."""
-    from fm9g.convert.keys import hf_to_bmt_module
-
-    return hf_to_bmt_module(name)
-
-
-def _native_scales(model: nn.Module, format: str) -> dict[str, float]:
-    """Per-target factors between fm9g's LoRA B and the exported model's (``format="native"``).
-
-    The native export folds muP into weights: the residual factor ``scale_depth/√num_layers`` into
-    ``o_proj`` / ``down_proj`` and ``1/scale_width`` into ``lm_head``; their LoRA updates must carry
-    the same factor. 1.0 everywhere for models without muP (7B, 70B) and for ``format="fm9g"``.
-    """
-    if format not in ("native", "fm9g"):
-        raise LoraError(f"format must be 'native' or 'fm9g', got {format!r}")
-    cfg = getattr(model, "config", None)
-    if format == "fm9g" or cfg is None:
-        return {}
-    scales: dict[str, float] = {}
-    scale_depth = float(getattr(cfg, "scale_depth", -1) or -1)
-    num_layers = int(getattr(cfg, "num_layers", 0) or 0)
-    if scale_depth > 0 and num_layers > 0:
-        c = float(getattr(cfg, "residual_scale", scale_depth / math.sqrt(num_layers)))
-        scales["attention_out"] = scales["w_out"] = c
-    if getattr(cfg, "scale", False):
-        width = float(getattr(cfg, "scale_width", 1.0) or 1.0)
-        if width != 1.0:
-            scales["lm_head"] = 1.0 / width
-    return scales
-
-
-def save_peft_adapter(
-    model: nn.Module,
-    out_dir: str | os.PathLike[str],
-    base_model_name_or_path: str | None = None,
-    *,
-    format: str = "native",
-) -> Path:
-    """Write the LoRA layers as a PEFT adapter directory.
-
-    Writes ``adapter_config.json`` (``peft_type`` LORA, ``task_type`` CAUSAL_LM, ``r``,
-    ``lora_alpha``, ``lora_dropout``, ``target_modules`` in Hugging Face names, ``bias`` none) and
-    ``adapter_model.safetensors`` with keys
-    ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` etc. Load it with
-    ``peft.PeftModel.from_pretrained(hf_model, out_dir)`` on the model exported by ``bmt_to_hf``.
-
-    Args:
-        model: a LoRA model (:func:`apply_lora`), not merged.
-        out_dir: directory to create / write into (existing files of the same name are replaced
-            atomically, other files are left alone).
-        base_model_name_or_path: recorded in ``adapter_config.json`` (the HF export it belongs to).
-        format: the export flavour of the base model: ``"native"`` (Llama/Qwen2 with muP folded
-            into the weights -- LoRA updates of folded layers are scaled to match) or ``"fm9g"``.
-
-    Returns:
-        The output directory.
-    """
-    from safetensors.torch import save
-
-    mods = _require_lora(model, "save_peft_adapter")
-    if any(m.merged for _, m in mods):
-        raise LoraError("save_peft_adapter: the LoRA layers are merged; call unmerge_lora(model) first")
-    cfg = get_lora_config(model)
-    assert cfg is not None
-    scales = _native_scales(model, format)
-    tensors: dict[str, torch.Tensor] = {}
-    hf_leaves: list[str] = []
-    for name, m in mods:
-        try:
-            hf = _bmt_module_to_hf(name)
-        except Exception as e:  # KeyMappingError or a name outside the table
-            raise LoraError(
-                f"save_peft_adapter: LoRA layer {name!r} has no Hugging Face name ({e}); only the "
-                f"FM9G projections {list(ORIGINAL_TARGETS)} (and lm_head) can be exported"
-            ) from None
-        leaf = name.rsplit(".", 1)[-1]
-        hf_leaf = hf.rsplit(".", 1)[-1]
-        if hf_leaf not in hf_leaves:
-            hf_leaves.append(hf_leaf)
-        b = m.lora.lora_B.detach().float() * scales.get(leaf, 1.0)
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = m.lora.lora_A.detach().cpu().contiguous()
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = b.to(m.lora.lora_B.dtype).cpu().contiguous()
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": hf_leaves,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(out / "adapter_config.json", (json.dumps(adapter_config, indent=2) + "\n").encode())
-    return out
-
-
-def _config_from_peft(adapter_config: Mapping[str, Any], source: str) -> LoraConfig:
-    """Translate a PEFT ``adapter_config.json`` into a LoraConfig, refusing features fm9g lacks."""
-    if adapter_config.get("peft_type", "LORA") != "LORA":
-        raise LoraError(f"{source}: peft_type is {adapter_config.get('peft_type')!r}; only LORA adapters can be imported")
-    unsupported = []
-    for key, neutral in (
-        ("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None),
-        ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False),
-        ("exclude_modules", None), ("layer_replication", None), ("target_parameters", None),
-        ("trainable_token_indices", None),
-    ):
-        value = adapter_config.get(key, neutral)
-        if value not in (neutral, None, {}, [], False) or (key == "bias" and value != "none"):
-            unsupported.append(f"{key}={value!r}")
-    if unsupported:
-        raise LoraError(f"{source}: uses PEFT features fm9g does not support: {', '.join(unsupported)}")
-    targets = adapter_config.get("target_modules")
-    if targets == "all-linear":
-        targets = list(ORIGINAL_TARGETS)
-    elif isinstance(targets, str):
-        raise LoraError(
-            f"{source}: target_modules is the regular expression {targets!r}; fm9g imports adapters whose "
-            "target_modules is a list of names (q_proj, k_proj, ...) or 'all-linear'"
-        )
-    r = adapter_config.get("r")
-    alpha = adapter_config.get("lora_alpha", r)
-    if adapter_config.get("use_rslora", False):
-        # PEFT's rsLoRA scales by alpha/√r; the same update with our alpha/r scaling:
-        alpha = float(alpha) * math.sqrt(r)
-    try:
-        return LoraConfig(r=r, alpha=alpha, dropout=adapter_config.get("lora_dropout", 0.0) or 0.0,
-                          target_modules=list(targets or []))
-    except LoraError as e:
-        raise LoraError(f"{source}: {e}") from None
-
-
-def load_peft_adapter(
-    model: nn.Module,
-    adapter_dir: str | os.PathLike[str],
-    *,
-    format: str = "native",
-    strict: bool = True,
-    adapter_dtype: torch.dtype | None = torch.float32,
-) -> nn.Module:
-    """Import a PEFT LoRA adapter (made by peft or by :func:`save_peft_adapter`) into ``model``.
-
-    Applies LoRA with the adapter's settings when the model has none yet (same as
-    ``apply_lora(model, cfg)``); if it already has LoRA layers their targets and rank must agree.
-
-    Args:
-        model: an ``FM9GModel`` (plain or already with LoRA).
-        adapter_dir: directory with ``adapter_config.json`` and ``adapter_model.safetensors``
-            (or ``adapter_model.bin``).
-        format: export flavour of the HF base model the adapter was trained on (``"native"``
-            or ``"fm9g"``, see :func:`save_peft_adapter`).
-        strict: missing / unexpected adapter tensors are errors.
-        adapter_dtype: dtype for newly created LoRA parameters.
-
-    Returns:
-        ``model``.
-    """
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise LoraError(f"{adapter_dir}: no adapter_config.json; is this a PEFT adapter directory?")
-    adapter_config = read_json(config_path, error=LoraError)
-    cfg = _config_from_peft(adapter_config, str(config_path))
-
-    st_path, bin_path = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
-    if st_path.is_file():
-        from safetensors.torch import load_file
-
-        raw = load_file(str(st_path))
-        weights_path = st_path
-    elif bin_path.is_file():
-        raw = torch.load(bin_path, map_location="cpu", weights_only=True)
-        weights_path = bin_path
-    else:
-        raise LoraError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin found")
-
-    existing = get_lora_config(model)
-    if existing is None:
-        apply_lora(model, cfg, adapter_dtype=adapter_dtype)
-    elif existing.r != cfg.r or set(existing.target_modules) != set(cfg.target_modules):
-        raise LoraError(
-            f"{adapter_dir}: adapter has r={cfg.r}, targets={cfg.target_modules} but the model's LoRA layers have "
-            f"r={existing.r}, targets={existing.target_modules}; apply the adapter to a model without LoRA"
-        )
-    elif any(m.merged for _, m in lora_modules(model)):
-        raise LoraError(f"load_peft_adapter({adapter_dir}): the LoRA layers are merged; call unmerge_lora(model) first")
-    else:
-        for _, m in lora_modules(model):
-            m.lora.alpha, m.lora.scaling = float(cfg.alpha), float(cfg.alpha) / cfg.r
-
-    scales = _native_scales(model, format)
-    sd: dict[str, torch.Tensor] = {}
-    bad: list[str] = []
-    for key, value in raw.items():
-        k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-        match = _PEFT_KEY.match(k)
-        if match is None:
-            bad.append(key)
-            continue
-        try:
-            module = _hf_module_to_bmt(match["module"])
-        except Exception:
-            bad.append(key)
-            continue
-        leaf = module.rsplit(".", 1)[-1]
-        if match["kind"] == "lora_B" and leaf in scales:
-            value = (value.float() / scales[leaf]).to(value.dtype)
-        sd[f"{module}.lora.{match['kind']}"] = value
-    if bad:
-        raise LoraError(
-            f"{weights_path}: {len(bad)} tensors are not LoRA A/B weights of FM9G projections: {name_list(bad, 8)}"
-        )
-    load_lora_state_dict(model, sd, strict=strict, source=str(weights_path))
-    return model
