@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fm9g._io import find_model_file
+from fm9g.convert.hf_config import load_model_config
 from fm9g.models.config import FM9GConfig
 from fm9g.training.checkpoint import CheckpointError, load_state_dict_checked
 from fm9g.training.config import TrainConfig
@@ -39,7 +40,7 @@ def _resolve_model_config(config: TrainConfig) -> FM9GConfig | None:
     else:
         path = config.find_file(m, "model_configs")
         if path is not None and os.path.isfile(path):
-            mc = FM9GConfig.from_json(path)
+            mc = load_model_config(path)  # an original model JSON or an HF config.json
         else:
             try:
                 mc = FM9GConfig.from_name(m)
