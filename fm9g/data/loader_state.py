@@ -11,7 +11,7 @@ the samples in the packer. See docs/mixture.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any
 
 import torch
 
@@ -24,7 +24,8 @@ class MixtureStateError(ValueError):
     """A loader state cannot be loaded into this loader (different datasets, ranks or settings)."""
 
 
-class StateSettings(Protocol):
+@dataclass(frozen=True, kw_only=True)
+class StateSettings:
     """The settings a state records and a loader must match to load it."""
 
     seed: int
@@ -33,8 +34,8 @@ class StateSettings(Protocol):
     max_length: int
     batch_size: int
     sampler: str
-    task_names: Sequence[str]
-    nlines: Sequence[int]
+    task_names: list[str]
+    nlines: list[int]
 
 
 # per-dataset lists of the position, in state order; initial value of each entry

@@ -182,22 +182,18 @@ class MixtureLoader:
         tokenizer: Any,
         max_length: int,
         batch_size: int,
-        seed: int = 42,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
+        *,
+        base_dir: str | Path | None = None,
         **kwargs: Any,
     ) -> "MixtureLoader":
         """Build a loader from a dataset-config JSON file (original format) or a list of entries.
 
-        Relative ``path`` / ``transforms`` in a file are resolved against the file's directory.
-        Other keyword arguments are those of :class:`MixtureLoader`.
+        Relative ``path`` / ``transforms`` in a file are resolved against the file's directory
+        (in a list of dicts, against ``base_dir``). Other keyword arguments (``seed``, ``rank``,
+        ``world_size``, ``num_workers``, ...) are those of :class:`MixtureLoader`.
         """
-        entries = load_dataset_config(path_or_list, base_dir=kwargs.pop("base_dir", None))
-        return cls(
-            entries, tokenizer, max_length, batch_size, seed=seed, rank=rank, world_size=world_size,
-            num_workers=num_workers, **kwargs,
-        )
+        entries = load_dataset_config(path_or_list, base_dir=base_dir)
+        return cls(entries, tokenizer, max_length, batch_size, **kwargs)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

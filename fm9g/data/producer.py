@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fm9g.data.entries import DatasetEntry
-from fm9g.data.loader_state import Position
+from fm9g.data.loader_state import Position, StateSettings
 from fm9g.data.order import shard_len
 from fm9g.data.packing import Packer
 from fm9g.data.reader import LineSource
@@ -27,12 +27,12 @@ _RNG_BLOCK = 256  # mixer random numbers are generated in blocks of this many st
 
 
 @dataclass(frozen=True, kw_only=True)
-class MixPlan:
-    """The fixed facts of one rank's mixture: settings, datasets, shard sizes and weights.
+class MixPlan(StateSettings):
+    """The fixed facts of one rank's mixture: the settings a state records, and the datasets,
+    shard sizes and weights.
 
     Attributes:
         entries: the dataset config.
-        nlines: lines of each dataset's index.
         shard_lens: lines of this rank's shard of each dataset.
         weights: normalised abs_weight (token shares) or weight x nlines (sample shares).
         token_shares: True when ``weights`` are token shares.
@@ -41,13 +41,6 @@ class MixPlan:
     """
 
     entries: list[DatasetEntry]
-    nlines: list[int]
-    seed: int
-    rank: int
-    world_size: int
-    max_length: int
-    batch_size: int
-    sampler: str
     max_epochs: int | None
     shard_lens: list[int]
     weights: list[float]
@@ -69,13 +62,9 @@ class MixPlan:
         prior = [None if e.ave_tokens_per_line is None else float(min(e.ave_tokens_per_line, max_length)) for e in entries]
         shard_lens = [shard_len(n, settings["rank"], settings["world_size"]) for n in nlines]
         return cls(
-            entries=entries, nlines=nlines, shard_lens=shard_lens, weights=weights, token_shares=token_shares,
-            prior_tokens=prior, **settings,
+            entries=entries, task_names=[e.task_name for e in entries], nlines=nlines, shard_lens=shard_lens,
+            weights=weights, token_shares=token_shares, prior_tokens=prior, **settings,
         )
-
-    @property
-    def task_names(self) -> list[str]:
-        return [e.task_name for e in self.entries]
 
     def avg_tokens(self, d: int, tokens: int, samples: int) -> float:
         """Running mean sample length of dataset ``d`` after drawing ``samples`` samples of
@@ -198,7 +187,7 @@ class Producer:
             pos.out_samples[d] += smp[d]
             pos.out_label_tokens[d] += lab[d]
         pos.batches += 1
-        batch["task_names"] = self.plan.task_names
+        batch["task_names"] = list(self.plan.task_names)
         batch["sample_lines"] = torch.tensor(lines, dtype=torch.int64).reshape(-1, 2)
         return batch
 
