@@ -1,4 +1,4 @@
-"""One sample -> token ids and aligned labels (SPEC §3.6, with the original's quirks decided).
+"""One sample -> token ids and aligned labels (docs/data.md; the original's quirks decided).
 
 Layout of a sample that fits (``1 + len(input) + len(output) <= max_length``)::
 
@@ -8,7 +8,8 @@ Layout of a sample that fits (``1 + len(input) + len(output) <= max_length``)::
 Labels are already aligned: position ``j`` predicts ``labels[j]`` (no shift in the loss). So no
 position is trained to predict BOS or an input (prompt) token; the output tokens and the final
 EOS are. When the output already ends with the EOS id (e.g. ChatML output ending in
-``<|im_end|>`` with a tokenizer whose EOS is ``<|im_end|>``), no second EOS is added (SPEC §6 bug 7).
+``<|im_end|>`` with a tokenizer whose EOS is ``<|im_end|>``), no second EOS is added
+(the original added one).
 
 Texts are encoded with ``tokenizer(text, add_special_tokens=False)`` (or ``.encode``), so the only
 special tokens are the BOS / EOS added here.

@@ -13,7 +13,7 @@ Built-in transforms (pass their name to :func:`load_transform`):
 ``chatml``
     The seed's chat template (``dataset_configs/add_template.py``) with the role name **"user"**
     in lower case, so training prompts match what ``tokenizer.apply_chat_template`` produces at
-    inference time (the original wrote ``"User"``; SPEC §6 bug 7)::
+    inference time (the original wrote ``"User"``)::
 
         input  = "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n"
                  "<|im_start|>user\\n{input}<|im_end|>\\n<|im_start|>assistant\\n"
@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from fm9g._io import ConfigError
+
 __all__ = [
     "TransformError",
     "TransformFn",
@@ -55,8 +57,9 @@ TransformFn = Callable[[dict, int, random.Random], "dict | None"]
 CHATML_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-class TransformError(ValueError):
-    """A transform file could not be loaded, or a transform returned something unusable."""
+class TransformError(ConfigError):
+    """A transform file could not be loaded, or a transform returned something unusable (a
+    :class:`fm9g._io.ConfigError`: the dataset config's ``transforms`` is at fault)."""
 
 
 def _text(data: dict, key: str) -> str:

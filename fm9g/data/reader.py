@@ -1,0 +1,142 @@
+"""Reading a mixture's lines: each dataset's shard in epoch order, transformed and tokenized, in
+the iterating process or ahead of time in worker processes (the same lines either way, so the
+batches do not depend on the number of workers). See docs/mixture.md.
+"""
+from __future__ import annotations
+
+import random
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fm9g.data.entries import DatasetEntry
+from fm9g.data.indexed import IndexedDataset
+from fm9g.data.order import ShardOrder
+from fm9g.data.tokenize import SampleTokenizer, TokenizedSample
+from fm9g.data.transforms import load_transform
+
+__all__ = ["ReaderSpec", "Reader", "LineSource", "worker_init"]
+
+#: ``(line id, windows)`` of each line read; ``windows`` is ``[]`` for a dropped line.
+Lines = list[tuple[int, list[TokenizedSample]]]
+
+
+@dataclass(kw_only=True)
+class ReaderSpec:
+    """Everything a worker process needs to read and tokenize lines (picklable)."""
+
+    entries: list[DatasetEntry]
+    tokenizer: Any
+    max_length: int
+    seed: int
+    rank: int
+    world_size: int
+
+
+class Reader:
+    """Reads the lines of each dataset's shard in epoch order and tokenizes them."""
+
+    def __init__(self, spec: ReaderSpec) -> None:
+        self.spec = spec
+        self.datasets = [IndexedDataset(e.path) for e in spec.entries]
+        self.transforms = [load_transform(e.transforms, None, e.task_name) for e in spec.entries]
+        self.tokenizers = [
+            SampleTokenizer(spec.tokenizer, spec.max_length, oversize_rule=e.oversize_rule, do_compact=e.do_compact)
+            for e in spec.entries
+        ]
+        self.order = ShardOrder(
+            [len(ds) for ds in self.datasets], [e.task_name for e in spec.entries], spec.seed, spec.rank,
+            spec.world_size,
+        )
+
+    def transformed(self, d: int, epoch: int, line: int) -> dict | None:
+        """Line ``line`` of dataset ``d`` after its transform (``None``: the transform skips it)."""
+        entry = self.spec.entries[d]
+        # the transform's Random depends only on (seed, task, epoch, line): same on any worker
+        rnd = random.Random((((self.spec.seed * 0x100000001B3) ^ self.order.keys[d]) << 72) + (epoch << 40) + line)
+        iw = entry.incontext_weight
+        num_sample = rnd.choices(range(len(iw)), weights=iw)[0] if len(iw) > 1 else 0
+        data = self.datasets[d][int(line)]
+        try:
+            return self.transforms[d](data, num_sample, rnd)
+        except Exception as err:
+            msg = f"task {entry.task_name!r}, {entry.path} line {int(line)}: {type(err).__name__}: {err}"
+            raise RuntimeError(msg) from err
+
+    def read(self, d: int, epoch: int, k0: int, k1: int) -> Lines:
+        """``(line id, windows)`` of shard indices ``k0..k1-1`` (windows ``[]`` for a dropped line)."""
+        lines = self.order.line_ids(d, epoch, np.arange(k0, k1, dtype=np.int64)).tolist()
+        samples = [self.transformed(d, epoch, line) for line in lines]
+        return list(zip(lines, self.tokenizers[d].batch(samples)))
+
+
+# A worker process's reader, built once by its pool's initializer (ProcessPoolExecutor runs plain
+# functions in the worker, so the reader has to live at module level there). Never set in the
+# iterating process.
+_WORKER_READER: Reader | None = None
+
+
+def worker_init(spec: ReaderSpec) -> None:
+    """Initializer of a worker process: one thread for torch, its own :class:`Reader`."""
+    global _WORKER_READER
+    torch.set_num_threads(1)
+    _WORKER_READER = Reader(spec)
+
+
+def _worker_read(d: int, epoch: int, k0: int, k1: int) -> Lines:
+    assert _WORKER_READER is not None, "worker_init did not run in this process"
+    return _WORKER_READER.read(d, epoch, k0, k1)
+
+
+class LineSource:
+    """Per-dataset read-ahead of tokenized lines, in chunks, inline or on an executor.
+
+    Args:
+        reader: the iterating process's reader (used when ``executor`` is None).
+        shard_lens: lines of this rank's shard per dataset.
+        executor: a process pool started with :func:`worker_init`, or None (read inline).
+        chunk: lines per read task.
+        ahead: chunks per dataset kept in flight (1 without an executor).
+    """
+
+    def __init__(self, reader: Reader, shard_lens: list[int], executor: Executor | None, chunk: int, ahead: int):
+        self.reader = reader
+        self.shard_lens = shard_lens
+        self.executor = executor
+        self.chunk = chunk
+        self.ahead = ahead if executor is not None else 1
+        self.pending: list[dict[tuple[int, int], Future | Lines]] = [{} for _ in shard_lens]
+
+    def _submit(self, d: int, epoch: int, c: int) -> None:
+        k0 = c * self.chunk
+        k1 = min(k0 + self.chunk, self.shard_lens[d])
+        if self.executor is None:
+            self.pending[d][(epoch, c)] = self.reader.read(d, epoch, k0, k1)
+        else:
+            self.pending[d][(epoch, c)] = self.executor.submit(_worker_read, d, epoch, k0, k1)
+
+    def get(self, d: int, epoch: int, k: int) -> tuple[int, list[TokenizedSample]]:
+        """``(line id, windows)`` of shard index ``k`` of dataset ``d`` in ``epoch``."""
+        c = k // self.chunk
+        n_chunks = -(-self.shard_lens[d] // self.chunk)
+        for cc in range(c, min(c + self.ahead, n_chunks)):
+            if (epoch, cc) not in self.pending[d]:
+                self._submit(d, epoch, cc)
+        item = self.pending[d][(epoch, c)]
+        result = item.result() if isinstance(item, Future) else item
+        if k == min((c + 1) * self.chunk, self.shard_lens[d]) - 1:  # last line of the chunk: forget it
+            del self.pending[d][(epoch, c)]
+            for key in [key for key in self.pending[d] if key[0] < epoch]:
+                del self.pending[d][key]
+        return result[k - c * self.chunk]
+
+    def cancel(self) -> None:
+        """Cancel the read tasks not started yet and forget every pending chunk."""
+        for p in self.pending:
+            for item in p.values():
+                if isinstance(item, Future):
+                    item.cancel()
+            p.clear()
