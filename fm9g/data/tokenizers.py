@@ -1,0 +1,193 @@
+"""Load and save tokenizers in the forms FM9G users have them.
+
+``load_tokenizer(path)`` accepts what the original scripts pointed ``--tokenizer_path`` at:
+
+* a Hugging Face tokenizer directory (``tokenizer_config.json`` + ``tokenizer.json`` and/or
+  ``tokenizer.model``), e.g. the downloaded model folder ``./ckpt``;
+* a ``tokenizer.json`` file (the fast-tokenizer file alone);
+* a sentencepiece ``.model`` file, e.g. the original default ``./tokenizer/tokenizer.model``, or a
+  folder holding only one (converted to a fast tokenizer; ids are the sentencepiece ids).
+
+Python code shipped in a tokenizer directory (``tokenization_*.py`` named by ``auto_map``, as the
+FM9G 4B / 7B / 70B folders do) runs only with ``trust_remote_code=True``; without it the error says
+so. A path that does not exist is ``FileNotFoundError("no tokenizer at PATH ...")``, not a Hub lookup.
+
+``save_tokenizer(tok, out_dir)`` writes a directory that transformers 4.44 (the release the original
+stack pins) and transformers 5 both load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fm9g._io import ConfigError, atomic_write_text, name_list
+
+__all__ = ["load_tokenizer", "save_tokenizer", "needs_remote_code", "TOKENIZER_FILES"]
+
+# files that make a folder a Hugging Face tokenizer directory
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer_config.json", "tokenizer.json")
+
+# tokenizer classes transformers 5 writes that transformers 4.x does not have -> the 4.x class
+# that loads the same tokenizer.json
+_V5_ONLY_CLASSES: dict[str, str] = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _what_to_give(path: str | os.PathLike[str]) -> str:
+    return (f"no tokenizer at {path}: give a Hugging Face tokenizer directory, a tokenizer.json file or a "
+            "sentencepiece .model file (tokenizer_path)")
+
+
+def needs_remote_code(folder: str | os.PathLike[str]) -> list[str]:
+    """The Python files of `folder` that loading its tokenizer would run (``auto_map`` in
+    ``tokenizer_config.json`` or ``config.json`` naming an ``AutoTokenizer``); ``[]`` when none."""
+    folder = Path(folder)
+    modules: list[str] = []
+    for name in ("tokenizer_config.json", "config.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            auto_map = json.loads(f.read_text(encoding="utf-8")).get("auto_map") or {}
+        except (ValueError, AttributeError):
+            continue
+        refs = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+        for ref in refs if isinstance(refs, (list, tuple)) else [refs]:
+            if isinstance(ref, str) and "." in ref:
+                modules.append(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(set(modules))
+
+
+def _sentencepiece_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.model") if p.is_file())
+
+
+def _from_sentencepiece(model_file: Path) -> Any:
+    """A fast tokenizer converted from a sentencepiece model (same ids, same BOS / EOS / UNK)."""
+    from transformers import AutoTokenizer
+
+    # transformers converts a folder that holds only `tokenizer.model`; the user's file may have
+    # another name or sit beside unrelated files, so it is loaded from a private copy.
+    with tempfile.TemporaryDirectory(prefix="fm9g-spm-") as tmp:
+        shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
+        try:
+            return AutoTokenizer.from_pretrained(tmp)
+        except Exception as err:  # a corrupt file, or a transformers without the converter
+            raise ConfigError(f"cannot read the sentencepiece model {model_file}: {err}") from err
+
+
+def _from_directory(folder: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    code = needs_remote_code(folder)
+    if code and not trust_remote_code:
+        raise ConfigError(
+            f"the tokenizer at {folder} runs Python code shipped in that folder ({name_list(code)}); "
+            "if you trust it, pass trust_remote_code=True (TrainConfig: \"trust_remote_code\": true, "
+            "or --set trust_remote_code=true)")
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer from a local directory or file.
+
+    Args:
+        path: a Hugging Face tokenizer directory, a ``tokenizer.json`` file, a sentencepiece
+            ``.model`` file, or a folder whose only tokenizer file is a ``.model``.
+        trust_remote_code: allow running the ``tokenization_*.py`` a directory ships (named by its
+            ``auto_map``). Off by default: such a directory is refused with a message naming the
+            option.
+
+    Returns:
+        A transformers tokenizer (``encode``, ``decode``, ``bos_token_id``, ``eos_token_id``, ...).
+
+    Raises:
+        FileNotFoundError: nothing at `path`, or a folder without tokenizer files.
+        ConfigError: the directory needs remote code and `trust_remote_code` is False; or the file
+            cannot be read as a tokenizer.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(_what_to_give(path))
+    if p.is_file():
+        if p.suffix == ".model":
+            return _from_sentencepiece(p)
+        if p.suffix == ".json":
+            if p.name == "tokenizer.json" and (p.parent / "tokenizer_config.json").is_file():
+                return _from_directory(p.parent, trust_remote_code)  # keeps its special tokens
+            from transformers import PreTrainedTokenizerFast
+
+            try:
+                return PreTrainedTokenizerFast(tokenizer_file=str(p))
+            except Exception as err:
+                raise ConfigError(f"{p} is not a tokenizers JSON file (tokenizer.json): {err}") from err
+        raise ConfigError(f"{p} is not a tokenizer file: expected a tokenizer.json or a sentencepiece .model file")
+    if any((p / name).is_file() for name in TOKENIZER_FILES):
+        return _from_directory(p, trust_remote_code)
+    models = _sentencepiece_files(p)
+    if len(models) == 1:
+        return _from_sentencepiece(models[0])
+    if models:
+        raise ConfigError(f"{p} holds several sentencepiece models ({name_list([m.name for m in models])}): "
+                          "give the one to use as tokenizer_path")
+    raise FileNotFoundError(_what_to_give(path) + f" (the folder has none of {name_list(list(TOKENIZER_FILES))} "
+                            "or a .model file)")
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
+    """``tokenizer.save_pretrained(out_dir)``, made loadable by transformers 4.44 as well as 5.
+
+    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"`` (4.x: "does not exist") and
+    the chat template in ``chat_template.jinja`` only (4.44 reads it from ``tokenizer_config.json``).
+    This writes the 4.x class that loads the same ``tokenizer.json`` (``PreTrainedTokenizerFast``),
+    copies the chat template into ``tokenizer_config.json``, states ``clean_up_tokenization_spaces``
+    (the two releases default differently) and writes BPE merges in the form tokenizers 0.19 reads;
+    transformers 5 reads all of it.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        out_dir: the directory to write (created if needed; existing tokenizer files are replaced).
+
+    Returns:
+        `out_dir` as a Path.
+    """
+    out = Path(out_dir)
+    tokenizer.save_pretrained(str(out))
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    changed = False
+    cls = config.get("tokenizer_class")
+    if cls in _V5_ONLY_CLASSES:
+        config["tokenizer_class"] = _V5_ONLY_CLASSES[cls]
+        changed = True
+    if "clean_up_tokenization_spaces" not in config:  # 4.44 would warn, and default to True
+        config["clean_up_tokenization_spaces"] = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        changed = True
+    template = out / "chat_template.jinja"
+    if template.is_file() and "chat_template" not in config:
+        config["chat_template"] = template.read_text(encoding="utf-8")
+        changed = True
+    if changed:
+        atomic_write_text(config_file, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    _write_merges_as_strings(out / "tokenizer.json")
+    return out
+
+
+def _write_merges_as_strings(tokenizer_json: Path) -> None:
+    """Rewrite BPE merges ``[["a", "b"], ...]`` (tokenizers >= 0.20) as ``["a b", ...]``, the form
+    tokenizers 0.19 (the one transformers 4.44 requires) reads and later releases still read.
+    Left as is when a merged piece contains a space (the string form could not say where it splits)."""
+    if not tokenizer_json.is_file():
+        return
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not all(isinstance(m, list) for m in merges):
+        return
+    if any(len(m) != 2 or " " in m[0] or " " in m[1] for m in merges):
+        return
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    atomic_write_text(tokenizer_json, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
