@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,23 @@ def test_user_errors_and_bugs_are_told_apart():
     assert is_user_error(ConfigError("x")) and is_user_error(FileNotFoundError("x"))
     assert is_user_error(AttentionUnavailableError("x"))
     assert not is_user_error(TypeError("a bug")) and not is_user_error(ZeroDivisionError())
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_editable_install_has_no_setuptools_warning(tmp_path):
+    """`pip install -e .` builds its editable wheel without setuptools' "Editable installation ...
+    folders with the same name" warning (a plain .pth file, no import-hook finder)."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "fm9g", tmp_path / "fm9g", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-W", "always", "-c",
+                          "from setuptools import build_meta; print(build_meta.build_editable('dist'))"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Editable installation" not in out.stdout + out.stderr, out.stderr[-3000:]
+    wheel, = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        pth = [n for n in z.namelist() if n.endswith(".pth")]
+        assert len(pth) == 1 and z.read(pth[0]).decode().strip() == str(tmp_path)
