@@ -138,3 +138,28 @@ def test_saved_tokenizers_load_in_transformers_4_44_and_5(smollm2_tokenizer, spm
     assert version.startswith("4."), version
     assert json.loads(got) == want
     assert "FutureWarning" not in out.stderr, out.stderr[-2000:]
+
+
+def test_the_8b_vocab_txt_format(tmp_path):
+    from fm9g.data.tokenize import SampleTokenizer
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + \
+        ["中", "中国", "首都", "是", "北京", "。", "<用户>", "<AI>", "hello", " ", "he"]
+    (tmp_path / "8b").mkdir()
+    (tmp_path / "8b" / "vocab.txt").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tokens),
+                                               encoding="utf-8")
+    for path in (tmp_path / "8b", tmp_path / "8b" / "vocab.txt"):
+        tok = load_tokenizer(path)
+        assert (len(tok), tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (len(tokens), 0, 1, 2)
+    ids = tok.encode("<用户>中国的首都是北京。<AI>hello 😀")
+    # greedy longest match ("中国", not "中"); "的" and the emoji are not tokens: their UTF-8 bytes
+    assert ids[:2] == [tokens.index("<用户>"), tokens.index("中国")]
+    assert ids[2:5] == [3 + b for b in "的".encode()]
+    assert ids[-4:] == [3 + b for b in "😀".encode()]
+    assert tok.decode(ids) == "<用户>中国的首都是北京。<AI>hello 😀"
+    assert tok.encode("hi", add_special_tokens=True)[0] == 1
+    sample, = SampleTokenizer(tok, max_length=64)({"input": "<用户>北京<AI>", "output": "是"})
+    assert sample.input_ids[0] == 1 and sample.labels[-1] == 2
+    (tmp_path / "bad.txt").write_text("not quoted\n")
+    with pytest.raises(ConfigError, match="not a tokenizer file"):
+        load_tokenizer(tmp_path / "bad.txt")

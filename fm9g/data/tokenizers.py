@@ -6,7 +6,9 @@
   ``tokenizer.model``), e.g. the downloaded model folder ``./ckpt``;
 * a ``tokenizer.json`` file (the fast-tokenizer file alone);
 * a sentencepiece ``.model`` file, e.g. the original default ``./tokenizer/tokenizer.model``, or a
-  folder holding only one (converted to a fast tokenizer; ids are the sentencepiece ids).
+  folder holding only one (converted to a fast tokenizer; ids are the sentencepiece ids);
+* the 2024 FM9G-8B ``vocab.txt`` (one JSON-quoted token per line, id = line number), or a folder
+  holding one: :class:`VocabTxtTokenizer` (greedy longest match, UTF-8 byte fallback).
 
 Python code shipped in a tokenizer directory (``tokenization_*.py`` named by ``auto_map``, as the
 FM9G 4B / 7B / 70B folders do) runs only with ``trust_remote_code=True``; without it the error says
@@ -26,7 +28,7 @@ from typing import Any
 
 from fm9g._io import ConfigError, atomic_write_text, name_list
 
-__all__ = ["load_tokenizer", "save_tokenizer", "needs_remote_code", "TOKENIZER_FILES"]
+__all__ = ["load_tokenizer", "save_tokenizer", "needs_remote_code", "VocabTxtTokenizer", "TOKENIZER_FILES"]
 
 # files that make a folder a Hugging Face tokenizer directory
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer_config.json", "tokenizer.json")
@@ -59,6 +61,100 @@ def needs_remote_code(folder: str | os.PathLike[str]) -> list[str]:
             if isinstance(ref, str) and "." in ref:
                 modules.append(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
     return sorted(set(modules))
+
+
+class VocabTxtTokenizer:
+    """The FM9G-8B tokenizer format: ``vocab.txt`` holds one JSON-quoted token per line and a
+    token's id is its line number (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, then ``<0x00>`` ... ``<0xFF>``).
+
+    Text is split greedily into the longest vocabulary token at each position; a character that
+    starts no token is written as its UTF-8 bytes (``<0xNN>`` tokens), or ``<unk>`` when the
+    vocabulary has no byte tokens. Decoding joins tokens and re-assembles byte runs as UTF-8.
+
+    Args:
+        vocab_file: the ``vocab.txt``.
+
+    Raises:
+        ConfigError: a line that is not a JSON string, a repeated token, or no ``<s>`` / ``</s>``.
+    """
+
+    def __init__(self, vocab_file: str | os.PathLike[str]) -> None:
+        self.vocab_file = str(vocab_file)
+        self.id_to_token: list[str] = []
+        with open(vocab_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    token = json.loads(line)
+                except ValueError:
+                    token = None
+                if not isinstance(token, str):
+                    raise ConfigError(f"{vocab_file}:{n}: expected a JSON-quoted token per line, got {line.strip()[:40]!r}")
+                self.id_to_token.append(token)
+        self.vocab = {t: i for i, t in enumerate(self.id_to_token)}
+        if len(self.vocab) != len(self.id_to_token):
+            raise ConfigError(f"{vocab_file}: some tokens appear on more than one line")
+        for name in ("<s>", "</s>"):
+            if name not in self.vocab:
+                raise ConfigError(f"{vocab_file}: no {name} token (the FM9G vocab.txt starts <unk>, <s>, </s>)")
+        self.unk_token_id = self.vocab.get("<unk>")
+        self.bos_token_id = self.vocab["<s>"]
+        self.eos_token_id = self.vocab["</s>"]
+        self.bos_token, self.eos_token, self.unk_token = "<s>", "</s>", "<unk>"
+        self.special_ids = {i for i in (self.unk_token_id, self.bos_token_id, self.eos_token_id) if i is not None}
+        self._byte_ids = [self.vocab.get(f"<0x{b:02X}>") for b in range(256)]
+        self._longest = max(map(len, self.id_to_token), default=1)
+
+    def __len__(self) -> int:
+        return len(self.id_to_token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens (lines of vocab.txt)."""
+        return len(self.id_to_token)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (with a leading BOS when `add_special_tokens`)."""
+        ids = [self.bos_token_id] if add_special_tokens else []
+        i, n = 0, len(text)
+        while i < n:
+            for k in range(min(self._longest, n - i), 0, -1):
+                tid = self.vocab.get(text[i:i + k])
+                if tid is not None:
+                    ids.append(tid)
+                    i += k
+                    break
+            else:  # no token starts here: the character's UTF-8 bytes
+                byte_ids = [self._byte_ids[b] for b in text[i].encode("utf-8")]
+                ids.extend(byte_ids if None not in byte_ids else [self.unk_token_id or 0])
+                i += 1
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; runs of byte tokens are decoded as UTF-8 (invalid bytes become U+FFFD)."""
+        out: list[str] = []
+        pending = bytearray()
+        for tid in ids:
+            tid = int(tid)
+            if skip_special_tokens and tid in self.special_ids:
+                continue
+            token = self.id_to_token[tid]
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                pending.append(int(token[3:5], 16))
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending.clear()
+            out.append(token)
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+def _is_vocab_txt(path: Path) -> bool:
+    """Whether `path` looks like the FM9G-8B vocab.txt (its first line is a JSON string)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline().strip()
+    return len(first) >= 2 and first[0] == first[-1] == '"'
 
 
 def _sentencepiece_files(folder: Path) -> list[Path]:
@@ -96,13 +192,15 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
 
     Args:
         path: a Hugging Face tokenizer directory, a ``tokenizer.json`` file, a sentencepiece
-            ``.model`` file, or a folder whose only tokenizer file is a ``.model``.
+            ``.model`` file, a folder whose only tokenizer file is a ``.model``, or the FM9G-8B
+            ``vocab.txt`` (or a folder holding it).
         trust_remote_code: allow running the ``tokenization_*.py`` a directory ships (named by its
             ``auto_map``). Off by default: such a directory is refused with a message naming the
             option.
 
     Returns:
-        A transformers tokenizer (``encode``, ``decode``, ``bos_token_id``, ``eos_token_id``, ...).
+        A transformers tokenizer (``encode``, ``decode``, ``bos_token_id``, ``eos_token_id``, ...);
+        a :class:`VocabTxtTokenizer` (the same four) for a vocab.txt.
 
     Raises:
         FileNotFoundError: nothing at `path`, or a folder without tokenizer files.
@@ -124,7 +222,10 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
                 return PreTrainedTokenizerFast(tokenizer_file=str(p))
             except Exception as err:
                 raise ConfigError(f"{p} is not a tokenizers JSON file (tokenizer.json): {err}") from err
-        raise ConfigError(f"{p} is not a tokenizer file: expected a tokenizer.json or a sentencepiece .model file")
+        if p.suffix == ".txt" and _is_vocab_txt(p):
+            return VocabTxtTokenizer(p)
+        raise ConfigError(f"{p} is not a tokenizer file: expected a tokenizer.json, a sentencepiece .model file "
+                          "or the FM9G-8B vocab.txt (one JSON-quoted token per line)")
     if any((p / name).is_file() for name in TOKENIZER_FILES):
         return _from_directory(p, trust_remote_code)
     models = _sentencepiece_files(p)
@@ -133,8 +234,10 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
     if models:
         raise ConfigError(f"{p} holds several sentencepiece models ({name_list([m.name for m in models])}): "
                           "give the one to use as tokenizer_path")
-    raise FileNotFoundError(_what_to_give(path) + f" (the folder has none of {name_list(list(TOKENIZER_FILES))} "
-                            "or a .model file)")
+    if (p / "vocab.txt").is_file() and _is_vocab_txt(p / "vocab.txt"):
+        return VocabTxtTokenizer(p / "vocab.txt")
+    raise FileNotFoundError(_what_to_give(path) + f" (the folder has none of {name_list(list(TOKENIZER_FILES))}, "
+                            "a .model file or an FM9G vocab.txt)")
 
 
 def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
