@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fm9g._io import ConfigError
-from fm9g.data.tokenizers import load_tokenizer, needs_remote_code, save_tokenizer
+from fm9g.data.tokenizers import load_tokenizer, make_tokenizer_dir_compatible, needs_remote_code, save_tokenizer
 
 TEXTS = ["中国的首都是北京。", "保持健康的三个提示：保持身体活动。", "hello world 2024", "混合 mixed 文本 😀"]
 
@@ -117,12 +117,16 @@ def test_saved_tokenizers_load_in_transformers_4_44_and_5(smollm2_tokenizer, spm
             if again.chat_template else None,
         }
         assert want[name]["ids"] == [tok.encode(t, add_special_tokens=False) for t in TEXTS]
+    # a folder transformers 5 wrote (e.g. tokenizer files copied into an export), fixed in place
+    smollm2_tokenizer.save_pretrained(tmp_path / "copied")
+    make_tokenizer_dir_compatible(tmp_path / "copied")
+    want["copied"] = want["smollm2"]
     code = (
         "import json, sys, transformers\n"
         "from transformers import AutoTokenizer\n"
         "root, texts, chat = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
         "got = {}\n"
-        "for name in ('smollm2', 'spm'):\n"
+        "for name in ('smollm2', 'spm', 'copied'):\n"
         "    tok = AutoTokenizer.from_pretrained(f'{root}/{name}')\n"
         "    got[name] = {'ids': [tok.encode(t, add_special_tokens=False) for t in texts],\n"
         "                 'special': [tok.bos_token, tok.eos_token],\n"

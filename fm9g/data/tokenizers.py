@@ -28,7 +28,8 @@ from typing import Any
 
 from fm9g._io import ConfigError, atomic_write_text, name_list
 
-__all__ = ["load_tokenizer", "save_tokenizer", "needs_remote_code", "VocabTxtTokenizer", "TOKENIZER_FILES"]
+__all__ = ["load_tokenizer", "save_tokenizer", "make_tokenizer_dir_compatible", "needs_remote_code",
+           "VocabTxtTokenizer", "TOKENIZER_FILES"]
 
 # files that make a folder a Hugging Face tokenizer directory
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer_config.json", "tokenizer.json")
@@ -241,14 +242,8 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
 
 
 def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
-    """``tokenizer.save_pretrained(out_dir)``, made loadable by transformers 4.44 as well as 5.
-
-    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"`` (4.x: "does not exist") and
-    the chat template in ``chat_template.jinja`` only (4.44 reads it from ``tokenizer_config.json``).
-    This writes the 4.x class that loads the same ``tokenizer.json`` (``PreTrainedTokenizerFast``),
-    copies the chat template into ``tokenizer_config.json``, states ``clean_up_tokenization_spaces``
-    (the two releases default differently) and writes BPE merges in the form tokenizers 0.19 reads;
-    transformers 5 reads all of it.
+    """``tokenizer.save_pretrained(out_dir)``, made loadable by transformers 4.44 as well as 5
+    (see :func:`make_tokenizer_dir_compatible`).
 
     Args:
         tokenizer: a transformers tokenizer.
@@ -259,6 +254,29 @@ def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
     """
     out = Path(out_dir)
     tokenizer.save_pretrained(str(out))
+    make_tokenizer_dir_compatible(out, clean_up_tokenization_spaces=bool(
+        getattr(tokenizer, "clean_up_tokenization_spaces", False)))
+    return out
+
+
+def make_tokenizer_dir_compatible(folder: str | os.PathLike[str], *, clean_up_tokenization_spaces: bool = False) -> None:
+    """Rewrite the tokenizer files of `folder` in place so that transformers 4.44 (the release the
+    original stack pins) loads them as transformers 5 does; a no-op for files 4.x wrote.
+
+    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"`` (4.x: "does not exist"), the
+    chat template in ``chat_template.jinja`` only (4.44 reads it from ``tokenizer_config.json``) and
+    BPE merges as pairs (tokenizers 0.19, which 4.44 requires, reads ``"a b"`` strings). This writes
+    the 4.x class that loads the same ``tokenizer.json`` (``PreTrainedTokenizerFast``), copies the
+    chat template into ``tokenizer_config.json``, states ``clean_up_tokenization_spaces`` when it is
+    missing (the releases default differently) and writes the merges as strings; transformers 5
+    reads all of it.
+
+    Args:
+        folder: a tokenizer directory (e.g. an export that copied its reference's tokenizer files).
+        clean_up_tokenization_spaces: the value to write when tokenizer_config.json has none
+            (False: what transformers 5 does by default).
+    """
+    out = Path(folder)
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     changed = False
@@ -266,8 +284,8 @@ def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
     if cls in _V5_ONLY_CLASSES:
         config["tokenizer_class"] = _V5_ONLY_CLASSES[cls]
         changed = True
-    if "clean_up_tokenization_spaces" not in config:  # 4.44 would warn, and default to True
-        config["clean_up_tokenization_spaces"] = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    if config_file.is_file() and "clean_up_tokenization_spaces" not in config:  # 4.44 warns, and defaults to True
+        config["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
         changed = True
     template = out / "chat_template.jinja"
     if template.is_file() and "chat_template" not in config:
@@ -276,7 +294,6 @@ def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
     if changed:
         atomic_write_text(config_file, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
     _write_merges_as_strings(out / "tokenizer.json")
-    return out
 
 
 def _write_merges_as_strings(tokenizer_json: Path) -> None:
