@@ -176,3 +176,15 @@ def test_editable_install_has_no_setuptools_warning(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         pth = [n for n in z.namelist() if n.endswith(".pth")]
         assert len(pth) == 1 and z.read(pth[0]).decode().strip() == str(tmp_path)
+
+
+def test_no_deprecated_torch_dtype_keyword():
+    """transformers 5 warns on `from_pretrained(..., torch_dtype=...)`; the examples and the library
+    pass `dtype=` (the quickstart printed the warning on every first run)."""
+    import re
+
+    files = sorted((ROOT / "examples").glob("*.py")) + sorted((ROOT / "fm9g").rglob("*.py"))
+    hits = [f"{p.relative_to(ROOT)}:{n}" for p in files
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if re.search(r"\btorch_dtype=(?!=)", line)]
+    assert not hits, f"torch_dtype= keyword (use dtype=): {hits}"
