@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fm9g import TrainConfig, Trainer, build_index
+from fm9g.data.tokenizers import load_tokenizer, save_tokenizer
 from fm9g.data.transforms import chatml
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,8 +40,8 @@ def smollm2_hf_dir(cache: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32)
+    save_tokenizer(AutoTokenizer.from_pretrained(src, gguf_file=GGUF), out)  # loads in transformers 4.44 too
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
     # the GGUF weights are dequantised to fp32 on load; save them as a plain (unquantised) HF model
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -97,9 +98,7 @@ def main() -> None:
             model_unique="quickstart", save_iters=0, log_iters=1 if smoke else 5, inspect_iters=0,
             use_checkpoint=False, progress_bar=not smoke,
         )
-        from transformers import AutoTokenizer
-
-        trainer = Trainer(cfg, tokenizer=AutoTokenizer.from_pretrained(hf_dir))
+        trainer = Trainer(cfg, tokenizer=load_tokenizer(hf_dir))
         question = FACTS[0][0]
         print("before:", generate(trainer.model, trainer.tokenizer, question, 8 if smoke else 24))
         result = trainer.fit()

@@ -446,7 +446,7 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     assert main(["convert", "bmt2hf", str(tmp_path / "m.pt"), str(tmp_path / "hf2")]) == 0
     _assert_same_tensors(_hf_tensors(src), _hf_tensors(tmp_path / "hf2"))
     capsys.readouterr()
-    assert main(["convert", "hf2bmt", str(tmp_path / "nope"), str(tmp_path / "x.pt")]) == 1
+    assert main(["convert", "hf2bmt", str(tmp_path / "nope"), str(tmp_path / "x.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -356,7 +356,7 @@ def test_cli_build_index(tmp_path, capsys):
     assert main(["build-index", str(tmp_path / "a.jsonl"), str(tmp_path / "idx"), "--language", "en"]) == 0
     assert json.loads(capsys.readouterr().out)["nlines"] == 12
     (tmp_path / "b.jsonl").write_bytes(b'{"output": "x"}\n{"input": 1, "output": "y"}\n')
-    assert main(["build-index", str(tmp_path / "b.jsonl"), str(tmp_path / "idx2")]) == 1
+    assert main(["build-index", str(tmp_path / "b.jsonl"), str(tmp_path / "idx2")]) == 2
     err = capsys.readouterr().err
     assert "b.jsonl:2:" in err and "'input' must be a string" in err
     assert main(["build-index", str(tmp_path / "b.jsonl"), str(tmp_path / "idx2"), "--skip-invalid"]) == 0

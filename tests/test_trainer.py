@@ -363,7 +363,7 @@ def test_cli_train_end_to_end_with_the_real_data_pipeline(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--set", "resume_ckpt=latest", "--set", "train_iters=4",
                  "--set", "progress_bar=false"]) == 0
     assert "done: step 4" in capsys.readouterr().out
-    assert main(["train", "--config", str(cfg), "--set", "lr_schedular=cosine"]) == 1
+    assert main(["train", "--config", str(cfg), "--set", "lr_schedular=cosine"]) == 2
     assert "did you mean 'lr_scheduler'" in capsys.readouterr().err
     # fm9g inspect: an index folder, a train config, a model file, a run folder
     assert main(["inspect", str(tmp_path / "index")]) == 0

@@ -1,10 +1,16 @@
-"""`fm9g build-index SRC OUT --language zh|en [--tokenizer PATH] [--skip-invalid] [--overwrite]`."""
+"""`fm9g build-index SRC OUT --language zh|en [--tokenizer PATH] [--skip-invalid] [--overwrite]`.
+
+The original script's form works too: ``fm9g build-index --path SRC --language zh --output OUT``
+(the flags of ``convert_json2index.py``).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+
+from fm9g.commands._args import positional_or_flag
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,8 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             '{"input": "", "output": line}.'
         ),
     )
-    p.add_argument("src", help="a .jsonl or .txt file, or a directory of them (searched one level down)")
-    p.add_argument("out", help="the index directory to write")
+    positional_or_flag(p, "src", "--path", metavar="SRC",
+                       help="a .jsonl or .txt file, or a directory of them (searched one level down)")
+    positional_or_flag(p, "out", "--output", metavar="OUT", help="the index directory to write")
     p.add_argument("--language", choices=["zh", "en", "code"], default="zh",
                    help="token estimate without a tokenizer: zh = 0.7 x characters, en/code = 1.5 x space-separated pieces")
     p.add_argument("--tokenizer", default=None, metavar="PATH",

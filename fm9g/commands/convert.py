@@ -5,6 +5,12 @@
                         [--lora LORA.pt [--lora-alpha A] [--lora-config train.json] [--lora-mode merge|adapter]]
                         [--format native|fm9g] [--dtype bf16] [--max-shard-size 5GB] [--overwrite]
 
+The original ``bmtrain_2_hgface.py`` flags are aliases of the same options:
+``--bmtrain-ckpt-path/-i`` (CKPT), ``--huggingface-save-dir/-o`` (OUT_DIR), ``--huggingface-ref-dir/-r``
+(``--reference-dir``), ``--lora-ckpt-path`` (``--lora``), ``--lora-config-path`` (``--lora-config``);
+for hf2bmt (the original ``hgface_2_bmtrain.py`` had its paths written in the script)
+``--huggingface-dir`` (HF_DIR) and ``--bmtrain-ckpt-path`` (OUT).
+
 A thin view of `fm9g.convert.hf.hf_to_bmt` / `bmt_to_hf`.
 """
 from __future__ import annotations
@@ -13,6 +19,8 @@ import argparse
 import re
 import sys
 import time
+
+from fm9g.commands._args import positional_or_flag
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
@@ -39,26 +47,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
 
     h2b = sub.add_parser("hf2bmt", help="Hugging Face directory -> .pt in the original bmtrain names (+ config.json)")
-    h2b.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors / pytorch_model.bin)")
-    h2b.add_argument("out", help="output checkpoint file, e.g. 9g_models/7b.pt (config.json is written beside it)")
+    positional_or_flag(h2b, "hf_dir", "--huggingface-dir", metavar="HF_DIR",
+                       help="Hugging Face model directory (config.json + safetensors / pytorch_model.bin)")
+    positional_or_flag(h2b, "out", "--bmtrain-ckpt-path", metavar="OUT",
+                       help="output checkpoint file, e.g. 9g_models/7b.pt (config.json is written beside it)")
     h2b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast the weights (default: keep)")
     h2b.add_argument("--safetensors", action="store_true", help="write safetensors instead of a torch .pt")
 
     b2h = sub.add_parser("bmt2hf", help="fm9g / bmtrain .pt -> Hugging Face directory")
-    b2h.add_argument("ckpt", help="checkpoint .pt (original names) or a step directory holding one")
-    b2h.add_argument("out_dir", help="output Hugging Face directory")
+    positional_or_flag(b2h, "ckpt", "-i", "--bmtrain-ckpt-path", metavar="CKPT",
+                       help="checkpoint .pt (original names) or a step directory holding one")
+    positional_or_flag(b2h, "out_dir", "-o", "--huggingface-save-dir", metavar="OUT_DIR",
+                       help="output Hugging Face directory")
     b2h.add_argument("--config", default=None,
                      help="model config JSON (default: config.json beside CKPT, else inferred from --reference-dir)")
-    b2h.add_argument("--reference-dir", default=None,
+    b2h.add_argument("--reference-dir", "-r", "--huggingface-ref-dir", default=None,
                      help="Hugging Face directory of the same model: tokenizer / generation files are copied from it")
     b2h.add_argument("--format", choices=["native", "fm9g"], default="native",
                      help="native: Llama / Qwen2 with muP folded in (no remote code); fm9g: our remote code, muP kept")
-    b2h.add_argument("--lora", default=None, help="LoRA checkpoint (<module>.lora.lora_A/B tensors) to merge or export")
+    b2h.add_argument("--lora", "--lora-ckpt-path", default=None, help="LoRA checkpoint (<module>.lora.lora_A/B tensors) to merge or export")
     b2h.add_argument("--lora-mode", choices=["merge", "adapter"], default="merge",
                      help="merge the LoRA into the weights (default) or write base + PEFT adapter in OUT_DIR/adapter")
     b2h.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scale = alpha / r)")
     b2h.add_argument("--lora-r", type=int, default=None, help="LoRA rank (checked against the tensors)")
-    b2h.add_argument("--lora-config", default=None,
+    b2h.add_argument("--lora-config", "--lora-config-path", default=None,
                      help="JSON with the LoRA settings (LoraConfig JSON or the training JSON with a 'finetune' section)")
     b2h.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast the weights (default: keep)")
     b2h.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="safetensors shard size (default 5GB)")
