@@ -457,12 +457,7 @@ def build_engine(config: Any, model: nn.Module, *, lora_only: bool = False) -> E
             peak_flops=config.peak_flops,
         )
     if config.engine == "bmtrain":
-        try:
-            from fm9g.training.bmtrain_engine import BMTrainEngine  # type: ignore[import-not-found]
-        except ImportError as err:
-            raise RuntimeError(
-                "engine='bmtrain' is not available in this version (or bmtrain is not installed: "
-                "pip install 'fm9g[bmtrain]'); use engine='torch'"
-            ) from err
+        from fm9g.training.bmtrain_engine import BMTrainEngine  # fails at once without bmtrain, naming the install command
+
         return BMTrainEngine(config, model, lora_only=lora_only)
     raise ValueError(f"engine={config.engine!r}: expected 'torch' or 'bmtrain'")
