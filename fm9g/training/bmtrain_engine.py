@@ -489,7 +489,7 @@ class BMTrainEngine:
                 if part is None:
                     continue
                 flat = state[k].reshape(-1)[part[0]:part[1]]
-                p.data.copy_(flat.to(self.device, p.dtype).reshape(p.data.shape))
+                p.data.copy_(self._param_value(flat.to(self.device), p).reshape(p.data.shape))
                 if p.requires_grad and p in self.optimizer.state:
                     st = self.optimizer.state[p]
                     master = flat.to(torch.float32)
@@ -498,6 +498,14 @@ class BMTrainEngine:
                     else:  # fp32 parameters are their own master
                         p.data.copy_(master.to(self.device).reshape(p.data.shape))
         torch.cuda.synchronize(self.device)
+
+    def _param_value(self, master: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``master`` in ``p``'s dtype, rounded the way this engine's optimizer rounds its updates:
+        bmtrain's CPU Adam (offload) truncates fp32 to bf16, its GPU Adam rounds to nearest. So a
+        resumed run holds bit-identical bf16 weights."""
+        if self.offload and p.dtype == torch.bfloat16 and master.dtype == torch.float32:
+            return torch.bitwise_right_shift(master.contiguous().view(torch.int32), 16).to(torch.int16).view(torch.bfloat16)
+        return master.to(p.dtype)
 
     # ------------------------------------------------------------------ the step
     def _autocast(self) -> contextlib.AbstractContextManager:
