@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_bmtrain.sh [all|install|test|w3]     (default: all)
 #
-# install: wheels carried in .whl/ (tensorboardX, orjson, gguf, protobuf) if missing, then
+# install: wheels carried in .whl/ (tensorboardX, orjson, gguf, protobuf, pytest) if missing, then
 #          scripts/install_bmtrain.sh with .whl/bmtrain-1.0.1.tar.gz  -> $OUT/bmtrain_install.log
 # test:    pytest -m "gpu and bmtrain" tests/test_bmtrain.py         -> $OUT/pytest_bmtrain.log
 # w3:      python benchmarks/bmtrain_w3.py --steps $W3_STEPS (4)     -> $OUT/w3.jsonl, $OUT/w3.log
@@ -21,7 +21,7 @@ STAGE="${1:-all}"
 cat "$OUT/machine.txt"
 
 stage_install() {
-  for pair in tensorboardX:tensorboardx orjson:orjson gguf:gguf google.protobuf:protobuf; do
+  for pair in tensorboardX:tensorboardx orjson:orjson gguf:gguf google.protobuf:protobuf iniconfig:iniconfig pluggy:pluggy pytest:pytest; do
     mod="${pair%%:*}"; whl="${pair##*:}"
     if ! "$PY" -c "import $mod" 2>/dev/null; then
       ls .whl/"$whl"-*.whl >/dev/null 2>&1 && "$PY" -m pip install --no-deps --no-index .whl/"$whl"-*.whl 2>&1 | tail -n 1
