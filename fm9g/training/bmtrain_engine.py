@@ -64,7 +64,7 @@ def require_bmtrain() -> Any:
     """
     try:
         import bmtrain as bmt  # noqa: PLC0415 (optional dependency, imported only here)
-    except ImportError as err:
+    except Exception as err:  # ImportError, or its compiled part / NCCL failing to load
         raise RuntimeError(
             f"engine='bmtrain' needs bmtrain, which is not installed or does not load ({err}); build it for "
             f"this GPU with `{INSTALL_HINT}` (see docs/install.md), or use engine='torch'"
