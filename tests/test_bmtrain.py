@@ -238,3 +238,94 @@ def test_lora_under_bmtrain_trains_only_the_adapters(tmp_path, base_weights):
         assert torch.allclose(full[k].float(), v.to(torch.bfloat16).float()), k
     saved = torch.load(res.last_checkpoint / f"fm9g_live_checkpoint-{res.step}.pt", weights_only=True)
     assert saved.keys() == sd.keys()
+
+
+# ------------------------------------------------- state conversion on CPU (no bmtrain needed)
+def _bare_engine(model, *, dtype=torch.bfloat16, offload=False):
+    """A BMTrainEngine without bmtrain: the model's parameters replaced by flat 1-D tensors, as
+    bmtrain's one-process shards are, holding the optimizer state in bmtrain's layout. Exercises
+    the engine's own state code (model / optimizer state in both directions)."""
+    from fm9g.training.bmtrain_engine import BMTrainEngine
+    from fm9g.training.engine import param_groups
+
+    e = object.__new__(BMTrainEngine)
+    e.world_size, e.rank, e.offload, e.weight_decay = 1, 0, offload, 0.1
+    e.device, e.dtype = torch.device("cpu"), dtype
+    e._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    e._lora_keys = [k for k in e._shapes if ".lora.lora_" in k]
+    masters = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flat = {}
+    for name, p in model.named_parameters():
+        q = torch.nn.Parameter(p.detach().reshape(-1).to(dtype).clone(), requires_grad=p.requires_grad)
+        q._start_partition = 0
+        flat[name] = q
+    e._params = flat
+    groups = param_groups(model, 4.0)
+    opt_groups = [{"params": [flat[n] for n in g["names"]], "names": g["names"], "lr": 1e-3 * g["lr_scale"],
+                   "lr_scale": g["lr_scale"], "betas": (0.9, 0.95), "eps": 1e-8} for g in groups]
+    e.optimizer = torch.optim.SGD(opt_groups, lr=1e-3)  # a container for groups and state
+    e._order = [(n, p) for g in e.optimizer.param_groups for n, p in zip(g["names"], g["params"])]
+    for name, p in e._order:
+        e._init_state(p, masters[name])
+    return e
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["adam", "offload"])
+def test_bmtrain_state_round_trips_with_the_torch_engine_on_cpu(offload):
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+    from fm9g.training.engine import TorchEngine
+
+    torch.manual_seed(0)
+    model = FM9GModel(FM9GConfig.from_name("tiny"))
+    ref = TorchEngine(model, lr=1e-3, device="cpu", lr_scale_width=4.0)
+    batch = next(iter(ToyLoader()))
+    ref.train_step([batch], 1e-3)
+    ref.train_step([batch], 1e-3)
+    full, opt = ref.model_state_dict(), ref.optimizer_state_dict()
+
+    e = _bare_engine(FM9GModel(FM9GConfig.from_name("tiny")), offload=offload)
+    e.load_model_state_dict(full)
+    e.load_optimizer_state_dict(opt)
+    # the fp32 master weights come back exactly, the bf16 parameters are their rounding
+    got = e.model_state_dict()
+    assert got.keys() == full.keys()
+    assert all(torch.equal(got[k], full[k]) for k in full)
+    for name, p in e._params.items():
+        want = full[name].reshape(-1)
+        if offload:  # bmtrain's CPU Adam truncates
+            assert torch.equal(p.detach(), (want.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16))
+        else:
+            assert torch.equal(p.detach(), want.to(torch.bfloat16))
+    # the optimizer state goes back into the torch engine unchanged, and it trains on
+    back = e.optimizer_state_dict()
+    assert back["param_groups"][0].keys() == opt["param_groups"][0].keys()
+    for i, st in opt["state"].items():
+        assert float(back["state"][i]["step"]) == float(st["step"])
+        assert torch.equal(back["state"][i]["exp_avg"], st["exp_avg"])
+        assert torch.equal(back["state"][i]["exp_avg_sq"], st["exp_avg_sq"])
+    torch.manual_seed(0)
+    again = TorchEngine(FM9GModel(FM9GConfig.from_name("tiny")), lr=1e-3, device="cpu", lr_scale_width=4.0)
+    again.load_model_state_dict(got)
+    again.load_optimizer_state_dict(back)
+    a, b = ref.train_step([batch], 1e-3), again.train_step([batch], 1e-3)
+    assert a.loss == b.loss and a.grad_norm == b.grad_norm
+
+
+def test_bmtrain_lora_state_and_strict_loading_on_cpu():
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+    from fm9g.models.lora import LoraConfig, apply_lora
+
+    model = FM9GModel(FM9GConfig.from_name("tiny"))
+    apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=["project_q"]))
+    e = _bare_engine(model)
+    sd = e.model_state_dict(lora_only=True)
+    assert sd and all(".lora.lora_" in k for k in sd) and all(v.dtype == torch.float32 for v in sd.values())
+    e.load_model_state_dict({k: v + 1 for k, v in sd.items()}, lora_only=True)
+    assert all(torch.equal(e.model_state_dict(lora_only=True)[k], sd[k] + 1) for k in sd)
+    with pytest.raises(ValueError, match="missing keys"):
+        e.load_model_state_dict({k: v for k, v in list(sd.items())[1:]}, lora_only=True)
+    full = e.model_state_dict()
+    with pytest.raises(ValueError, match="another shape"):
+        e.load_model_state_dict({**full, "input_embedding.weight": torch.zeros(3, 3)})

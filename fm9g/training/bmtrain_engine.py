@@ -323,6 +323,7 @@ class BMTrainEngine:
         """Write ``optimizer.state[p]`` in the layout bmtrain's optimizers create lazily."""
         n = p.numel()
         host = self.offload
+        pin = self.device.type == "cuda"  # page-locked host buffers for the GPU <-> host copies
         where = torch.device("cpu") if host else p.device
 
         def f32(t: torch.Tensor | None) -> torch.Tensor:
@@ -340,13 +341,14 @@ class BMTrainEngine:
             master = p.detach().reshape(-1).float()
         if host:
             if p.dtype == torch.float32:
-                st["_param_fp32"] = master.reshape(-1).to("cpu", torch.float32).pin_memory()
-                st["_grad_fp32"] = torch.empty(n, dtype=torch.float32, pin_memory=True)
+                st["_param_fp32"] = torch.empty(n, dtype=torch.float32, pin_memory=pin)
+                st["_param_fp32"].copy_(master.reshape(-1))
+                st["_grad_fp32"] = torch.empty(n, dtype=torch.float32, pin_memory=pin)
             else:
                 st["_param_fp32"] = master.reshape(-1).to("cpu", torch.float32, copy=True)
                 # The CPU Adam reads each gradient element before it writes the updated bf16
                 # weight at the same index, so one pinned buffer serves both (half the pinned memory).
-                buf = torch.empty(n, dtype=p.dtype, pin_memory=True)
+                buf = torch.empty(n, dtype=p.dtype, pin_memory=pin)
                 st["_param_fp16"] = buf
                 st["_grad_fp16"] = buf
         elif p.dtype != torch.float32:
@@ -469,7 +471,8 @@ class BMTrainEngine:
                 t = self._full_tensor(k, p, self._master(p))
                 if self.is_main:  # with offload, host masters are handed out as views (no 30 GB copy for a 7B)
                     out[k] = t.detach().to("cpu", copy=not (self.offload and t.device.type == "cpu"))
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return out
 
     def load_model_state_dict(self, state: Mapping[str, torch.Tensor], *, lora_only: bool = False) -> None:
@@ -497,7 +500,8 @@ class BMTrainEngine:
                         st["_param_fp32"].copy_(master.to(st["_param_fp32"].device))
                     else:  # fp32 parameters are their own master
                         p.data.copy_(master.to(self.device).reshape(p.data.shape))
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _param_value(self, master: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """``master`` in ``p``'s dtype, rounded the way this engine's optimizer rounds its updates:
