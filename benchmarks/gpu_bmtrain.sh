@@ -49,8 +49,8 @@ stage_w3() {
 rc=0
 case "$STAGE" in
   install) stage_install || rc=1 ;;
-  test) stage_test || rc=1 ;;
-  w3) stage_w3 || rc=1 ;;
+  test) stage_install && stage_test || rc=1 ;;   # a fresh machine per call: install first (skipped when present)
+  w3) stage_install && stage_w3 || rc=1 ;;
   all) stage_install || exit 1; stage_test || rc=1; stage_w3 || rc=1 ;;
   *) echo "usage: bash benchmarks/gpu_bmtrain.sh [all|install|test|w3]" >&2; exit 2 ;;
 esac
