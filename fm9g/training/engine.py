@@ -202,11 +202,13 @@ def build_engine(config: "TrainConfig", model: nn.Module, *, lora_only: bool = F
         model: the model to train (follows :class:`TrainableLM`).
         lora_only: only the LoRA tensors train and are saved.
     Raises:
-        RuntimeError: ``engine="bmtrain"`` (not in this version), or several processes
+        RuntimeError: ``engine="bmtrain"`` without bmtrain installed (naming the install command), or several processes
             (``WORLD_SIZE > 1``) with the one-process torch engine.
     """
     if config.engine == "bmtrain":
-        raise RuntimeError("engine='bmtrain' is not in this version of fm9g; use engine='torch' (one process)")
+        from fm9g.training.bmtrain_engine import BMTrainEngine  # fails at once without bmtrain, naming the install command
+
+        return BMTrainEngine(config, model, lora_only=lora_only)
     if config.engine != "torch":
         raise ValueError(f"engine={config.engine!r}: expected 'torch' or 'bmtrain'")
     world = int(os.environ.get("WORLD_SIZE", "1"))
