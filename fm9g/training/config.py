@@ -34,6 +34,8 @@ __all__ = ["TrainConfig", "ConfigError", "ALIASES", "IGNORED_KEYS", "SCHEDULERS"
 
 SCHEDULERS = ("cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant")
 ENGINES = ("torch", "bmtrain")
+SHARDINGS = ("full", "hybrid")  # FSDP2 over all ranks / within a node, replicated across nodes
+CHECKPOINT_FORMATS = ("full", "sharded")  # one gathered .pt / torch.distributed.checkpoint shards
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -127,6 +129,13 @@ class TrainConfig:
     precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on CPU), use_checkpoint
     (activation checkpointing; None = the model config's value), compile (torch.compile each
     layer; ``"auto"`` = on for CUDA, off on CPU), attn_impl (attention backend override), offload (bmtrain engine only), num_workers.
+
+    Several processes (``torchrun``, see docs/distributed.md): data_parallel_shard (``"full"``:
+    shard weights, gradients and optimizer state over all ranks; ``"hybrid"``: shard within a
+    node, replicate across nodes), reshard_after_forward (free each layer's gathered weights after
+    its forward, re-gather for backward: less memory, more communication), checkpoint_format
+    (``"full"``: the model gathered into one ``.pt`` in the original names; ``"sharded"``: also a
+    ``torch.distributed.checkpoint`` folder every rank writes its shard into, fast to save and load).
     """
 
     # --- model / data -------------------------------------------------------------------------
@@ -181,6 +190,10 @@ class TrainConfig:
     attn_impl: str | None = None
     offload: bool = False
     num_workers: int = 0
+    # --- several processes (torchrun; see docs/distributed.md) ---------------------------------
+    data_parallel_shard: str = "full"
+    reshard_after_forward: bool = True
+    checkpoint_format: str = "full"
     # directory that relative paths in the config are resolved against (set by from_json)
     base_dir: str | None = None
 
@@ -308,6 +321,8 @@ class TrainConfig:
         except ValueError:
             _choice("lr_scheduler", self.lr_scheduler.lower(), SCHEDULERS)
         _choice("engine", self.engine, ENGINES)
+        _choice("data_parallel_shard", self.data_parallel_shard, SHARDINGS)
+        _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         _choice("precision", self.precision, PRECISIONS)
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError(f"compile must be true, false or \"auto\", got {self.compile!r}")

@@ -434,15 +434,15 @@ def _merge_task_sums(parts: Iterable[torch.Tensor]) -> tuple[dict[int, float], d
     return loss, lab, tok
 
 
-def build_engine(config: Any, model: nn.Module, *, lora_only: bool = False) -> Engine:
-    """The engine named by ``config.engine`` for ``model`` (a built, weight-loaded model)."""
+def build_engine(config: Any, model: nn.Module | None, *, lora_only: bool = False) -> Engine:
+    """The engine named by ``config.engine`` for ``model`` (a built, weight-loaded model; under
+    torchrun also None: the FSDP2 engine then builds it on the meta device, see docs/distributed.md)."""
     if config.engine == "torch":
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            raise RuntimeError(
-                f"engine='torch' runs one process, but WORLD_SIZE={world} (torchrun): use engine='bmtrain' for "
-                "multi-GPU training, or launch a single process"
-            )
+        if world > 1:  # torchrun: FSDP2 across the processes (model None: built on meta, see fsdp_engine)
+            from fm9g.training.fsdp_engine import FSDPEngine
+
+            return FSDPEngine(config, model, lora_only=lora_only)  # type: ignore[return-value]
         if config.offload:
             warnings.warn("offload=true is only used by engine='bmtrain'; the torch engine keeps the optimizer on the device",
                           stacklevel=2)

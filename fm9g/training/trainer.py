@@ -230,6 +230,9 @@ class Trainer:
     ) -> None:
         self.config = config
         seed_everything(config.seed)
+        if model is None and engine is None and config.engine == "torch" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun: the FSDP2 engine builds the model on the meta device and loads each rank's shard
+            engine = build_engine(config, None, lora_only=config.lora is not None)
         if model is None and engine is not None:
             model = engine.model
         if model is None:
@@ -321,7 +324,7 @@ class Trainer:
             return out
         self.bad_in_row = 0
         self.step = k
-        self.tokens += out.num_tokens * self.engine.world_size
+        self.tokens += out.num_tokens  # StepOutput figures are global (summed over the ranks)
         names = self.task_names(batches[0])
         for tid, n in out.task_tokens.items():
             name = names[tid] if tid < len(names) else str(tid)
@@ -388,7 +391,7 @@ class Trainer:
                         )
                     continue
                 result.losses.append(out.loss)
-                tps = out.num_tokens * self.engine.world_size / max(iter_time, 1e-9)
+                tps = out.num_tokens / max(iter_time, 1e-9)
                 mem = self.engine.memory_stats()
                 names = self.task_names(batches[0])
                 task_loss = {}
@@ -441,8 +444,7 @@ class Trainer:
         loader = self._loader
         loader_state = loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None
         mc = getattr(self.model, "config", None)
-        path = save_checkpoint(
-            run_dir, self.step,
+        shared = dict(
             model_state=self.engine.model_state_dict(lora_only=self.is_lora),
             optimizer_state=self.engine.optimizer_state_dict(),
             loader_state=loader_state,
@@ -450,8 +452,14 @@ class Trainer:
             model_config=mc.to_dict() if hasattr(mc, "to_dict") else None,
             train_config=cfg.to_dict(),
             keep_last=cfg.keep_last,
-            rank=self.engine.rank,
         )
+        if self.engine.world_size > 1:  # several ranks write into one folder (see docs/distributed.md)
+            from fm9g.training.distributed import save_checkpoint_ranks
+
+            path = save_checkpoint_ranks(run_dir, self.step, rank=self.engine.rank, world_size=self.engine.world_size,
+                                         barrier=self.engine.barrier, **shared)
+        else:
+            path = save_checkpoint(run_dir, self.step, rank=self.engine.rank, **shared)
         self.last_checkpoint = path
         if self.logger is not None:
             self.logger.print(f"saved checkpoint {path}")
@@ -485,8 +493,20 @@ class Trainer:
         self._resumed = True
         if cfg.only_load_model:
             return path
+        saved_world = int((ck.optimizer_state or {}).get("world_size", 1))
+        if saved_world != self.engine.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {saved_world} process(es) but this run has {self.engine.world_size}: "
+                "the optimizer and data-loader states are per rank, so an exact resume needs the same number of "
+                "processes. Resume with the same world size, or set only_load_model=true (weights only; fresh "
+                "optimizer, data order and step 0) - see docs/distributed.md"
+            )
         if ck.optimizer_state:
             self.engine.load_optimizer_state_dict(ck.optimizer_state)
+        if self.engine.world_size > 1:
+            from fm9g.training.distributed import load_loader_state
+
+            ck.loader_state = load_loader_state(path, self.engine.rank, self.engine.world_size)
         if ck.loader_state is not None and cfg.load_dataloader_ckpt:
             loader = self.loader
             if hasattr(loader, "load_state_dict"):

@@ -1,0 +1,233 @@
+"""Training across processes on CPU (gloo, real torchrun subprocesses): the FSDP2 engine.
+
+The data: one indexed dataset whose documents are all longer than half a row, so the packer puts
+exactly one document in each row. MixtureLoader gives rank r of W the epoch positions r, r+W, ...,
+so 2 ranks x batch_size 1 see, step by step, the same two documents as 1 process x batch_size 2:
+the global batch is the same and the losses must agree up to fp32 rounding (the sums are added in
+another order: per rank, then across ranks).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+MAX_LENGTH = 48
+# fp32, same global batch: only the order of additions differs (per rank, then the all-reduce),
+# which moves a loss of ~6 by a few 1e-7; 1e-5 relative leaves room for 4 steps of AdamW drift.
+REL_TOL = 1e-5
+
+WORDS = ("sea ship island dawn tower canal harbour kelp bread stone oven temple trident king "
+         "blue silver flag old city wave wind sail river moon").split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tokenizer, index, dataset config and a base train config (written once for the module)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from _toy import make_toy_tokenizer
+
+    from fm9g import build_index
+
+    d = tmp_path_factory.mktemp("dist")
+    tok_dir = make_toy_tokenizer(d / "tok")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    lines = []
+    for i in range(40):  # documents of 28..40 tokens: never two in a row of 48
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(40)]
+        text = " ".join(words)
+        ids = tok(text)["input_ids"]
+        n = 28 + i % 10
+        text = tok.decode(ids[:n])
+        lines.append(json.dumps({"input": "", "output": text}))
+    (d / "text.jsonl").write_text("\n".join(lines) + "\n")
+    build_index(d / "text.jsonl", d / "index", language="en")
+    (d / "data.json").write_text(json.dumps(
+        [{"dataset_name": "text", "task_name": "text", "path": str(d / "index"), "abs_weight": 1,
+          "transforms": "identity", "allow_repeat": True}]))
+    model = {"vocab_size": 512, "dim_model": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
+             "dim_head": 16, "dim_ff": 64, "tie_lm_head": False}
+    base = {"model": model, "tokenizer_path": str(tok_dir), "data": str(d / "data.json"), "train_iters": 4,
+            "lr": 3e-3, "warmup_iters": 1, "lr_scheduler": "cosine", "max_length": MAX_LENGTH, "batch_size": 1,
+            "save": str(d / "runs"), "save_iters": 0, "save_final": False, "progress_bar": False,
+            "inspect_iters": 0, "tensorboard": None, "stats_dir": "auto", "seed": 11, "device": "cpu",
+            "compile": False, "num_workers": 0}
+    return d, base
+
+
+def _write_cfg(d: Path, base: dict, name: str, **kw) -> Path:
+    cfg = dict(base, model_unique=name, **kw)
+    path = d / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "GPUS_PER_NODE", "NNODES")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _run(cmd: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env or _env(), timeout=timeout)
+    assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def _torchrun(cfg: Path, *sets: str, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "-m", "fm9g", "train", "--config", str(cfg)]
+    for s in sets:
+        cmd += ["--set", s]
+    return _run(cmd, env)
+
+
+def _one_process(cfg: Path, *sets: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fm9g", "train", "--config", str(cfg)]
+    for s in sets:
+        cmd += ["--set", s]
+    return _run(cmd)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = {}
+    for f in sorted((run_dir / "train_stats").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            rows[r["iteration"]] = r["loss"]
+    return [rows[k] for k in sorted(rows)]
+
+
+def _final(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / str(step) / f"fm9g_live_checkpoint-{step}.pt", weights_only=True)
+
+
+def test_two_ranks_match_one_process_and_read_disjoint_data(setup):
+    """(a) + (d): torchrun x2 (batch 1 each) = one process (batch 2) within fp32 noise; ranks disjoint."""
+    d, base = setup
+    t0 = time.perf_counter()
+    one = _write_cfg(d, base, "one", batch_size=2)
+    _one_process(one)
+    t1 = time.perf_counter()
+    two = _write_cfg(d, base, "two")
+    trace = d / "trace"
+    _torchrun(two, env=_env(FM9G_TRACE_BATCHES=str(trace)))
+    t2 = time.perf_counter()
+    a, b = _losses(d / "runs" / "one"), _losses(d / "runs" / "two")
+    print(f"one process {t1 - t0:.1f}s, 2 ranks {t2 - t1:.1f}s; losses {a} vs {b}")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) <= REL_TOL * abs(x), (a, b)
+    # (d) every rank traced what it trained on through the real loader: disjoint, one doc per row
+    r0 = (trace / "rank-0.txt").read_text().split()
+    r1 = (trace / "rank-1.txt").read_text().split()
+    assert len(r0) == len(r1) == 4
+    assert not set(r0) & set(r1)
+
+
+def test_two_nodes_give_the_same_losses(setup):
+    """(b) two `torchrun --nnodes=2 --nproc_per_node=1` commands on one rendezvous endpoint."""
+    d, base = setup
+    cfg = _write_cfg(d, base, "nodes")
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fm9g-test", "-m", "fm9g", "train", "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+    ref = d / "runs" / "two"
+    if not ref.exists():
+        _torchrun(_write_cfg(d, base, "two"))
+    assert _losses(d / "runs" / "nodes") == _losses(ref)  # same ranks, same data, same reductions
+
+
+def test_save_on_two_resume_on_two_is_exact_and_one_is_refused(setup):
+    """(c) 2 ranks: 2 steps + save, resume in fresh processes for 2 more == 4 straight (bit-identical)."""
+    d, base = setup
+    straight = _write_cfg(d, base, "straight", save_final=True)
+    _torchrun(straight)
+    split = _write_cfg(d, base, "split", save_iters=2, save_final=True)
+    _torchrun(split, "train_iters=2")
+    ck2 = d / "runs" / "split" / "2"
+    assert (ck2 / "fm9g_live_checkpoint-2.rank-1.opt").is_file()
+    assert (ck2 / "dataset_ckpt" / "loader_state.rank-1.pt").is_file()
+    torch.load(ck2 / "fm9g_live_checkpoint-2.rank-1.opt", weights_only=True)
+    _torchrun(split, "resume_ckpt=latest")
+    a, b = _losses(d / "runs" / "straight"), _losses(d / "runs" / "split")
+    assert a == b, (a, b)
+    sa, sb = _final(d / "runs" / "straight", 4), _final(d / "runs" / "split", 4)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # one process from the 2-rank checkpoint: refused, saying what to do
+    cmd = [sys.executable, "-m", "fm9g", "train", "--config", str(split), "--set", "resume_ckpt=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=120)
+    assert out.returncode == 1 and "written by 2 process(es) but this run has 1" in out.stderr
+    assert "only_load_model=true" in out.stderr
+    # ... and with only_load_model the weights load into one process
+    _one_process(split, "resume_ckpt=2", "only_load_model=true", "train_iters=1", "model_unique=from2")
+
+
+def test_meta_build_loads_only_each_ranks_shard(setup, tmp_path):
+    """(e) 2 ranks build on meta and load a ~300 MB fp32 .pt: each rank's peak RSS stays well below
+    baseline + the full model."""
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    d, _ = setup
+    mc = {"vocab_size": 512, "dim_model": 512, "num_layers": 24, "num_heads": 8, "num_kv_heads": 8,
+          "dim_head": 64, "dim_ff": 1536, "tie_lm_head": False}
+    model = FM9GModel(FM9GConfig.from_dict(mc))
+    full_bytes = sum(p.numel() * 4 for p in model.parameters())
+    torch.save(model.state_dict(), tmp_path / "big.pt")
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    del model
+    script = tmp_path / "probe.py"
+    script.write_text(f'''
+import json, os, resource, sys, torch
+from fm9g.training.config import TrainConfig
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+base = hwm()
+from fm9g.training.engine import build_engine
+cfg = TrainConfig(model={json.dumps(mc)!s}, pretrained_model={str(tmp_path / "big.pt")!r}, device="cpu",
+                  compile=False, save=None)
+before = hwm()
+eng = build_engine(cfg, None)
+after = hwm()
+state = eng.model_state_dict()
+if eng.rank == 0:
+    torch.save(state, {str(tmp_path / "gathered.pt")!r})
+print("RSS", json.dumps({{"rank": eng.rank, "base": base, "before": before, "after": after}}), flush=True)
+''')
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    out = _run(cmd)
+    rows = [json.loads(ln.split("RSS ", 1)[1]) for ln in out.stdout.splitlines() if "RSS " in ln]
+    assert len(rows) == 2
+    for r in rows:
+        grown = r["after"] - r["before"]
+        print(f"rank {r['rank']}: import baseline {r['before'] / 2**20:.0f} MiB, +{grown / 2**20:.0f} MiB to build "
+              f"and load; full model {full_bytes / 2**20:.0f} MiB")
+        assert grown < 0.75 * full_bytes  # a shard is 1/2; the full model would be >= 1x
+    got = torch.load(tmp_path / "gathered.pt", weights_only=True)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
