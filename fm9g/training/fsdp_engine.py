@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from fm9g.training.distributed import build_mesh, check_same_config, init_distributed
 from fm9g.training.engine import (
@@ -82,8 +83,9 @@ def load_full_state_into_shards(model: nn.Module, state: Mapping[str, torch.Tens
             target = own[name]
             full = state[name]
             if isinstance(target, DTensor):
-                # src_data_rank=None: every rank cuts its own slice locally (no communication)
-                piece = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+                # each rank reads only its own block (no communication, no full copy)
+                shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
+                piece = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
                 target.to_local().copy_(piece)
             else:
                 target.copy_(full)
