@@ -159,6 +159,45 @@ def test_two_nodes_give_the_same_losses(setup):
     if not ref.exists():
         _torchrun(_write_cfg(d, base, "two"))
     assert _losses(d / "runs" / "nodes") == _losses(ref)  # same ranks, same data, same reductions
+    # the original scripts' variables: plain `fm9g train` starts torchrun itself
+    orig = _write_cfg(d, base, "orig_vars")
+    _run([sys.executable, "-m", "fm9g", "train", "--config", str(orig)],
+         env=_env(GPUS_PER_NODE="2", NNODES="1", NODE_RANK="0", MASTER_ENDPOINT="127.0.0.1",
+                  MASTER_PORT=str(_free_port())))
+    assert _losses(d / "runs" / "orig_vars") == _losses(ref)
+
+
+def test_original_launch_variables_become_torchrun_arguments():
+    from fm9g.training.distributed import torchrun_args_from_env
+
+    assert torchrun_args_from_env({"GPUS_PER_NODE": "1", "NNODES": "1"}) is None
+    assert torchrun_args_from_env({"GPUS_PER_NODE": "8", "NNODES": "2", "RANK": "1", "MASTER_ENDPOINT": "10.0.0.1:2345"}) == [
+        "--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=2345"]
+    assert torchrun_args_from_env({"GPUS_PER_NODE": "8", "WORLD_SIZE": "8", "LOCAL_RANK": "0"}) is None
+
+
+def test_mismatched_configs_and_an_unreachable_master_are_named(tmp_path):
+    script = tmp_path / "mismatch.py"
+    script.write_text('''
+import os
+from fm9g.training.config import TrainConfig
+from fm9g.training.engine import build_engine
+from fm9g.training.distributed import DistributedError
+lr = 1e-3 if os.environ["RANK"] == "0" else 2e-3
+try:
+    build_engine(TrainConfig(model="tiny", lr=lr, device="cpu", compile=False, save=None), None)
+except DistributedError as err:
+    print("ERR", err, flush=True)
+''')
+    out = _run([*TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)])
+    assert "ranks [1] differ from rank 0" in out.stdout and "'lr'" in out.stdout
+    # a rank that cannot reach the master: an error naming MASTER_ADDR:MASTER_PORT, within the timeout
+    port = _free_port()
+    probe = ("from fm9g.training.distributed import init_distributed, DistributedError\n"
+             "try:\n    init_distributed('gloo')\nexcept DistributedError as e:\n    print('ERR', e)\n")
+    out = _run([sys.executable, "-c", probe], env=_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                                       MASTER_PORT=str(port), FM9G_DIST_TIMEOUT="2"))
+    assert f"cannot reach the master at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port}" in out.stdout
 
 
 def test_save_on_two_resume_on_two_is_exact_and_one_is_refused(setup):
