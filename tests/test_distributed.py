@@ -288,3 +288,24 @@ print("RSS", json.dumps({{"rank": eng.rank, "before": before, "after": after, "b
         assert grown < 0.7 * full_bytes
     got = torch.load(tmp_path / "gathered.pt", weights_only=True)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_sharded_checkpoint_format_resumes_exactly(setup):
+    """checkpoint_format="sharded": ranks write dcp/ in parallel (no gathered .pt); resume on 2 ranks
+    continues bit-identically to the run with the full format."""
+    d, base = setup
+    ref = d / "runs" / "straight"
+    if not (ref / "4").exists():
+        _torchrun(_write_cfg(d, base, "straight", save_iters=2))
+    sh = _write_cfg(d, base, "sharded", save_iters=2, checkpoint_format="sharded")
+    _torchrun(sh, "train_iters=4")
+    ck2 = d / "runs" / "sharded" / "2"
+    assert (ck2 / "dcp" / ".metadata").is_file() and not (ck2 / "fm9g_live_checkpoint-2.pt").exists()
+    again = _write_cfg(d, base, "from_sharded", save_iters=2, resume_ckpt=str(ck2))
+    _torchrun(again)
+    assert _losses(d / "runs" / "from_sharded") == _losses(ref)[2:] == _losses(d / "runs" / "sharded")[2:]
+    sa, sb = _final(ref, 4), _final(d / "runs" / "from_sharded", 4)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    out = subprocess.run([sys.executable, "-m", "fm9g", "train", "--config", str(again)], capture_output=True,
+                         text=True, cwd=ROOT, env=_env(), timeout=120)
+    assert out.returncode == 1 and "resume it under torchrun" in out.stderr

@@ -240,7 +240,9 @@ def estimate_memory(
         config = FM9GConfig.from_name(config)
     d, L, V, ff = config.dim_model, config.num_layers, config.vocab_size, config.dim_ff
     kv = config.num_kv_heads * config.dim_head
-    per_layer = d * config.num_heads * config.dim_head * 2 + d * kv * 2 + 3 * d * ff + 2 * d
+    per_layer = d * config.num_heads * config.dim_head * 2 + d * kv * 2 + (3 if config.ffn_gated else 2) * d * ff + 2 * d
+    if config.qkv_bias:
+        per_layer += config.num_heads * config.dim_head + 2 * kv
     embed = V * d * (1 if config.tie_lm_head else 2)
     params = L * per_layer + embed + d
     if sharding == "full":
@@ -280,7 +282,8 @@ def loader_state_file(rank: int) -> str:
 
 
 def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, world_size: int, barrier: Any,
-                          optimizer_state: dict[str, Any], loader_state: Any, **shared: Any) -> Any:
+                          optimizer_state: dict[str, Any], loader_state: Any, sharded_writer: Any = None,
+                          **shared: Any) -> Any:
     """:func:`fm9g.training.checkpoint.save_checkpoint` for several ranks (collective).
 
     Every rank writes its optimizer file (``*.rank-<r>.opt``) and loader state
@@ -288,7 +291,12 @@ def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, w
     shared files (the gathered model ``.pt``, trainer state, configs) and renames the folder, as in
     one process. Needs a file system every rank sees (the usual shared storage of a cluster).
 
+    With ``sharded_writer`` (``checkpoint_format: "sharded"``) every rank writes its shards of the
+    model and optimizer into ``<step>/dcp/`` (``torch.distributed.checkpoint``) in parallel, and no
+    gathered ``.pt`` is written.
+
     Args:
+        sharded_writer: ``f(folder)``, called on every rank (collective), or None.
         shared: ``model_state``, ``trainer_state``, ``model_config``, ``train_config``, ``keep_last``
             (used on rank 0 only).
     Returns:
@@ -309,6 +317,8 @@ def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, w
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / "dataset_ckpt").mkdir(parents=True)
     barrier()
+    if sharded_writer is not None:
+        sharded_writer(tmp / SHARDED_DIR)
     if rank != 0:
         ck._write_file(tmp / ck.optimizer_file(step, rank), lambda f: torch.save(ck.to_safe(optimizer_state), f))
         ck._write_file(tmp / loader_state_file(rank), lambda f: torch.save(ck.to_safe(loader_state), f))
@@ -327,6 +337,8 @@ def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, w
             else:
                 os.replace(item, dest)
         shutil.rmtree(written.parent, ignore_errors=True)
+        if sharded_writer is not None:  # the model lives in dcp/ only
+            (tmp / ck.model_file(step)).unlink()
         ck._fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -338,6 +350,9 @@ def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, w
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+SHARDED_DIR = "dcp"  # inside a checkpoint folder: the torch.distributed.checkpoint shards
 
 
 def load_loader_state(folder: str | os.PathLike, rank: int, world_size: int) -> Any:

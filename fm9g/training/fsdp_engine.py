@@ -388,12 +388,17 @@ class FSDPEngine:
         msd, osd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
 
-    def load_sharded(self, folder: str | os.PathLike) -> None:
+    def load_sharded(self, folder: str | os.PathLike, *, model_only: bool = False) -> None:
         """Load what :meth:`save_sharded` wrote (re-sharded when the world size differs)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer)
+        if model_only:
+            sd = {"model": msd}
+            dcp.load(sd, checkpoint_id=str(Path(folder)))
+            set_model_state_dict(self.model, sd["model"])
+            return
         sd = {"model": msd, "optim": osd}
         dcp.load(sd, checkpoint_id=str(Path(folder)))
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
