@@ -7,6 +7,7 @@ MASTER_ENDPOINT / MASTER_ADDR, MASTER_PORT) make ``fm9g train`` start torchrun i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, TrainingError, DistributedError) as err:
         print(f"fm9g train: error: {err}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     print(f"done: step {result.step}, {result.tokens} tokens, stop: {result.stop_reason}, "
           f"skipped: {result.skipped}, last checkpoint: {result.last_checkpoint}")
     return 0

@@ -8,16 +8,18 @@ on CPU). The original launch scripts set ``GPUS_PER_NODE``, ``NNODES``, ``NODE_R
 node; :func:`torchrun_args_from_env` turns those into the ``torchrun`` arguments that
 ``fm9g train`` re-launches itself with (see docs/distributed.md).
 
-Nothing here is imported by a one-process run.
+One-process training does not use this module (it imports torch.distributed only inside functions).
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
-import math
 import os
+import shutil
 import socket
+import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -104,8 +106,6 @@ def _check_master_reachable(addr: str, port: int, timeout_s: float) -> None:
                 return
         except OSError as err:
             last = err
-            import time
-
             time.sleep(0.5)
     raise DistributedError(
         f"rank {os.environ.get('RANK', '?')} cannot reach the master at MASTER_ADDR:MASTER_PORT = {addr}:{port} "
@@ -269,10 +269,6 @@ def estimate_memory(
             "gathered": gathered, "activations": activations, "total": total}
 
 
-def _gib(x: float) -> str:
-    return f"{x / 2**30:,.1f}" if math.isfinite(x) else "?"
-
-
 # ------------------------------------------------------------------------------ checkpoints of several ranks
 def loader_state_file(rank: int) -> str:
     """Where rank ``rank`` keeps its loader state inside a checkpoint folder (rank 0: the one-process name)."""
@@ -302,8 +298,6 @@ def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, w
     Returns:
         The checkpoint folder ``run_dir/<step>``.
     """
-    from pathlib import Path
-
     from fm9g.training import checkpoint as ck
 
     run_dir = Path(run_dir)
@@ -312,8 +306,6 @@ def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, w
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(".tmp-*"):
-            import shutil
-
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / "dataset_ckpt").mkdir(parents=True)
     barrier()
@@ -327,8 +319,6 @@ def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, w
         # rank 0's own files and the shared ones, written into the same folder, then the rename
         written = ck.save_checkpoint(run_dir / f".tmp-rank0-{step}", step, optimizer_state=optimizer_state,
                                      loader_state=loader_state, rank=0, **shared)
-        import shutil
-
         for item in written.iterdir():
             dest = tmp / item.name
             if item.is_dir():
@@ -357,8 +347,6 @@ SHARDED_DIR = "dcp"  # inside a checkpoint folder: the torch.distributed.checkpo
 
 def load_loader_state(folder: str | os.PathLike, rank: int, world_size: int) -> Any:
     """This rank's loader state from a checkpoint folder written by ``world_size`` ranks (None if absent)."""
-    from pathlib import Path
-
     from fm9g.training import checkpoint as ck
 
     path = Path(folder) / loader_state_file(rank)
