@@ -118,6 +118,15 @@ def _final(run_dir: Path, step: int) -> dict:
     return torch.load(run_dir / str(step) / f"fm9g_live_checkpoint-{step}.pt", weights_only=True)
 
 
+def _reference(d: Path, base: dict, trace: Path | None = None) -> Path:
+    """The 2-rank reference run (4 steps, checkpoints at 2 and 4), made once for the module."""
+    run = d / "runs" / "two"
+    if not (run / "4").exists():
+        _torchrun(_write_cfg(d, base, "two", save_iters=2),
+                  env=_env(FM9G_TRACE_BATCHES=str(trace)) if trace else None)
+    return run
+
+
 def test_two_ranks_match_one_process_and_read_disjoint_data(setup):
     """(a) + (d): torchrun x2 (batch 1 each) = one process (batch 2) within fp32 noise; ranks disjoint."""
     d, base = setup
@@ -125,9 +134,8 @@ def test_two_ranks_match_one_process_and_read_disjoint_data(setup):
     one = _write_cfg(d, base, "one", batch_size=2)
     _one_process(one)
     t1 = time.perf_counter()
-    two = _write_cfg(d, base, "two")
     trace = d / "trace"
-    _torchrun(two, env=_env(FM9G_TRACE_BATCHES=str(trace)))
+    _reference(d, base, trace)
     t2 = time.perf_counter()
     a, b = _losses(d / "runs" / "one"), _losses(d / "runs" / "two")
     print(f"one process {t1 - t0:.1f}s, 2 ranks {t2 - t1:.1f}s; losses {a} vs {b}")
@@ -155,9 +163,7 @@ def test_two_nodes_give_the_same_losses(setup):
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
-    ref = d / "runs" / "two"
-    if not ref.exists():
-        _torchrun(_write_cfg(d, base, "two"))
+    ref = _reference(d, base)
     assert _losses(d / "runs" / "nodes") == _losses(ref)  # same ranks, same data, same reductions
     # the original scripts' variables: plain `fm9g train` starts torchrun itself
     orig = _write_cfg(d, base, "orig_vars")
@@ -201,20 +207,20 @@ except DistributedError as err:
 
 
 def test_save_on_two_resume_on_two_is_exact_and_one_is_refused(setup):
-    """(c) 2 ranks: 4 steps saving at 2; fresh processes resume from step 2 into another run folder
-    and train steps 3-4: losses and final weights bit-identical to the uninterrupted run."""
+    """(c) 2 ranks: 4 steps saving at 2 (the reference run); fresh processes resume from step 2 into
+    another run folder and train steps 3-4: losses and final weights bit-identical to the reference."""
     d, base = setup
-    straight = _write_cfg(d, base, "straight", save_iters=2)
-    _torchrun(straight)
-    ck2 = d / "runs" / "straight" / "2"
+    ref = _reference(d, base)
+    straight = d / "two.json"
+    ck2 = ref / "2"
     assert (ck2 / "fm9g_live_checkpoint-2.rank-1.opt").is_file()
     assert (ck2 / "dataset_ckpt" / "loader_state.rank-1.pt").is_file()
     torch.load(ck2 / "fm9g_live_checkpoint-2.rank-1.opt", weights_only=True)
     split = _write_cfg(d, base, "split", save_iters=2, resume_ckpt=str(ck2))
     _torchrun(split)
-    a, b = _losses(d / "runs" / "straight"), _losses(d / "runs" / "split")
+    a, b = _losses(ref), _losses(d / "runs" / "split")
     assert len(a) == 4 and b == a[2:], (a, b)
-    sa, sb = _final(d / "runs" / "straight", 4), _final(d / "runs" / "split", 4)
+    sa, sb = _final(ref, 4), _final(d / "runs" / "split", 4)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     # one process from the 2-rank checkpoint: refused, saying what to do
     cmd = [sys.executable, "-m", "fm9g", "train", "--config", str(straight), "--set", f"resume_ckpt={ck2}",
@@ -294,9 +300,7 @@ def test_sharded_checkpoint_format_resumes_exactly(setup):
     """checkpoint_format="sharded": ranks write dcp/ in parallel (no gathered .pt); resume on 2 ranks
     continues bit-identically to the run with the full format."""
     d, base = setup
-    ref = d / "runs" / "straight"
-    if not (ref / "4").exists():
-        _torchrun(_write_cfg(d, base, "straight", save_iters=2))
+    ref = _reference(d, base)
     sh = _write_cfg(d, base, "sharded", save_iters=2, checkpoint_format="sharded")
     _torchrun(sh, "train_iters=4")
     ck2 = d / "runs" / "sharded" / "2"
