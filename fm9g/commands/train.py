@@ -1,10 +1,13 @@
 """`fm9g train --config train.json [--set key=value ...]`: run the Trainer from a config file.
 
-Training runs in one process (CPU or one GPU) in this version; see docs/training.md.
+Several processes: ``torchrun ... -m fm9g train --config X`` (see docs/distributed.md). Without
+torchrun, the original launch variables (GPUS_PER_NODE, NNODES, NODE_RANK / RANK,
+MASTER_ENDPOINT / MASTER_ADDR, MASTER_PORT) make ``fm9g train`` start torchrun itself.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,7 +25,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _relaunch_under_torchrun(args: argparse.Namespace) -> int | None:
+    """Re-run this command under torchrun when the original launch variables ask for several processes."""
+    from fm9g.training.distributed import torchrun_args_from_env
+
+    launch = torchrun_args_from_env()
+    if launch is None or args.print_config:
+        return None
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "fm9g", "train", "--config", args.config]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    if args.section:
+        cmd += ["--section", args.section]
+    print("fm9g train: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
 def run(args: argparse.Namespace) -> int:
+    code = _relaunch_under_torchrun(args)
+    if code is not None:
+        return code
     from fm9g.training.config import TrainConfig
     from fm9g.training.trainer import Trainer
 
@@ -33,13 +57,16 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_json())
         return 0
     from fm9g.training.checkpoint import CheckpointError
+    from fm9g.training.distributed import DistributedError
     from fm9g.training.trainer import TrainingError
 
     try:
         result = Trainer(cfg).fit()
-    except (CheckpointError, TrainingError) as err:
+    except (CheckpointError, TrainingError, DistributedError) as err:
         print(f"fm9g train: error: {err}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     print(f"done: step {result.step}, {result.tokens} tokens, stop: {result.stop_reason}, "
           f"skipped: {result.skipped}, last checkpoint: {result.last_checkpoint}")
     return 0

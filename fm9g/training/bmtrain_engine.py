@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from fm9g._io import state_dict_mismatch
-from fm9g.training import torch_engine as _engine
+from fm9g.training import engine as _engine
 from fm9g.training.engine import StepOutput, param_groups
 
 __all__ = ["BMTrainEngine", "require_bmtrain", "INSTALL_HINT"]

@@ -219,7 +219,8 @@ def _is_complete(path: Path) -> bool:
         step = int(path.name)
     except ValueError:
         return False
-    return (path / model_file(step)).is_file() and (path / TRAINER_STATE).is_file()
+    model = (path / model_file(step)).is_file() or (path / "dcp" / ".metadata").is_file()  # dcp: sharded format
+    return model and (path / TRAINER_STATE).is_file()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -306,7 +307,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         except Exception as err:  # noqa: BLE001 - name the file
             raise CheckpointError(f"cannot read {p / name}: {err}") from err
 
-    model_state = _load(model_file(step))
+    # a sharded checkpoint (dcp/, written by several ranks) has no gathered .pt: the engine loads dcp/
+    model_state = _load(model_file(step)) if (p / model_file(step)).is_file() else {}
     trainer_state = from_safe(_load(TRAINER_STATE))
     opt = loader = None
     if not weights_only_model:

@@ -38,6 +38,8 @@ from fm9g.training.schedules import SCHEDULERS, normalise_name
 __all__ = ["TrainConfig", "ConfigError", "ALIASES", "IGNORED_KEYS", "SCHEDULERS"]
 
 ENGINES = ("torch", "bmtrain")
+SHARDINGS = ("full", "hybrid")  # FSDP2 over all ranks / within a node, replicated across nodes
+CHECKPOINT_FORMATS = ("full", "sharded")  # one gathered .pt / torch.distributed.checkpoint shards
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -81,15 +83,23 @@ class TrainConfig:
     jsonl; ``"auto"`` = ``<save>/<model_unique>/train_stats``), log_task_loss, progress_bar,
     peak_flops (for MFU; None = detect from the GPU name).
 
-    Engine: engine (``"torch"``, one process; ``"bmtrain"`` is not in this version), device (auto |
+    Engine: engine (``"torch"``: one process, or FSDP2 under torchrun; ``"bmtrain"``: ZeRO-3 blocks and
+    optional optimizer offload, needs bmtrain, see docs/install.md), device (auto |
     cpu | cuda | cuda:N), precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on
-    CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), offload (kept
-    for the original configs; the torch engine keeps the optimizer on the device), num_workers.
+    CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), offload (bmtrain
+    engine: the optimizer state and Adam step on the CPU; the torch engine keeps it on the device), num_workers.
 
     Training-time switches applied to the model when it is built: use_checkpoint (activation
     checkpointing) and attn_impl (attention backend). None (the default) takes the value of the
     model config (an original model JSON may carry ``use_checkpoint`` / ``attn_impl``); a value
     here wins (docs/training.md, "Training-time switches").
+
+    Several processes (``torchrun``, see docs/distributed.md): data_parallel_shard (``"full"``:
+    shard weights, gradients and optimizer state over all ranks; ``"hybrid"``: shard within a
+    node, replicate across nodes), reshard_after_forward (free each layer's gathered weights after
+    its forward, re-gather for backward: less memory, more communication), checkpoint_format
+    (``"full"``: the model gathered into one ``.pt`` in the original names; ``"sharded"``: also a
+    ``torch.distributed.checkpoint`` folder every rank writes its shard into, fast to save and load).
     """
 
     # --- model / data -------------------------------------------------------------------------
@@ -144,6 +154,10 @@ class TrainConfig:
     attn_impl: str | None = None
     offload: bool = False
     num_workers: int = 0
+    # --- several processes (torchrun; see docs/distributed.md) ---------------------------------
+    data_parallel_shard: str = "full"
+    reshard_after_forward: bool = True
+    checkpoint_format: str = "full"
     # directory that relative paths in the config are resolved against (set by from_json)
     base_dir: str | None = None
 
@@ -251,6 +265,8 @@ class TrainConfig:
         except ValueError:
             _choice("lr_scheduler", self.lr_scheduler.lower(), SCHEDULERS)
         _choice("engine", self.engine, ENGINES)
+        _choice("data_parallel_shard", self.data_parallel_shard, SHARDINGS)
+        _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         _choice("precision", self.precision, PRECISIONS)
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError(f"compile must be true, false or \"auto\", got {self.compile!r}")

@@ -3,8 +3,10 @@
 The Trainer owns the loop (data, schedule, logging, checkpoints); an :class:`Engine` owns the
 model on its device(s) and the optimizer. The Trainer talks to an engine only through the
 :class:`Engine` protocol below, so an engine that shards the model over several processes fits
-without changes to the Trainer. In this version one engine exists: ``torch``
-(:class:`~fm9g.training.torch_engine.TorchEngine`, one process on CPU or one GPU).
+without changes to the Trainer. Engines: ``torch`` — one process on CPU or one GPU
+(:class:`~fm9g.training.torch_engine.TorchEngine`), or PyTorch FSDP2 across the processes of a
+torchrun launch (:class:`~fm9g.training.fsdp_engine.FSDPEngine`); ``bmtrain`` — ZeRO-3 blocks and
+optional optimizer offload (:class:`~fm9g.training.bmtrain_engine.BMTrainEngine`).
 
 The loss of one optimizer step is the mean over ALL labelled tokens of its ``grad_accum``
 micro-batches (across all ranks): every micro-batch backpropagates ``sum(token_loss) / N`` where N
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -194,16 +196,71 @@ def lr_scale_width(model: nn.Module) -> float:
     return 1.0
 
 
-def build_engine(config: "TrainConfig", model: nn.Module, *, lora_only: bool = False) -> Engine:
-    """The engine named by ``config.engine`` for ``model`` (a built, weight-loaded model).
+# Shared by every engine's step: dense bf16 peak FLOP/s by GPU name (for MFU), token counts, per-task sums.
+_PEAKS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+          ("L40S", 362e12), ("4090", 165e12))
+
+
+def _num_label_tokens(batch: dict[str, Any]) -> int:
+    n = batch.get("num_label_tokens")
+    if n is None:
+        return int((batch["labels"] != -100).sum())
+    return int(n)
+
+
+def _num_tokens(batch: dict[str, Any]) -> int:
+    n = batch.get("num_tokens")
+    if n is None:
+        return int(batch["input_ids"].numel())
+    return int(n)
+
+
+def _task_sums(token_loss: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor,
+               n_tasks: int | None = None) -> torch.Tensor:
+    """[K, 3] per task id: summed loss, labelled tokens, real tokens (computed on the device;
+    K = n_tasks when known, which avoids a device sync)."""
+    ids = task_ids.reshape(-1).long()
+    if n_tasks is not None:
+        k = n_tasks
+        ids = torch.where(ids < k, ids, torch.full_like(ids, -1))
+    else:
+        k = int(ids.max().item()) + 1 if ids.numel() else 0
+    out = torch.zeros(max(k, 0) + 1, 3, device=token_loss.device, dtype=torch.float64)
+    if k <= 0:
+        return out[:0]
+    real = ids >= 0
+    slot = torch.where(real, ids, torch.full_like(ids, k))
+    lab = (labels.reshape(-1) != -100) & real
+    out[:, 0].index_add_(0, slot, (token_loss.reshape(-1).double() * lab))
+    out[:, 1].index_add_(0, slot, lab.double())
+    out[:, 2].index_add_(0, slot, real.double())
+    return out[:k]
+
+
+def _merge_task_sums(parts: Iterable[torch.Tensor]) -> tuple[dict[int, float], dict[int, int], dict[int, int]]:
+    loss: dict[int, float] = {}
+    lab: dict[int, int] = {}
+    tok: dict[int, int] = {}
+    for t in parts:
+        for i, (s, n, r) in enumerate(t.cpu().tolist()):
+            if r == 0:
+                continue
+            loss[i] = loss.get(i, 0.0) + s
+            lab[i] = lab.get(i, 0) + int(n)
+            tok[i] = tok.get(i, 0) + int(r)
+    return loss, lab, tok
+
+
+def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: bool = False) -> Engine:
+    """The engine named by ``config.engine`` for ``model`` (a built, weight-loaded model; under
+    torchrun also None: the FSDP2 engine then builds it on the meta device, see docs/distributed.md).
 
     Args:
         config: the run's TrainConfig (``engine``, optimizer, precision, device, compile, use_checkpoint).
         model: the model to train (follows :class:`TrainableLM`).
         lora_only: only the LoRA tensors train and are saved.
     Raises:
-        RuntimeError: ``engine="bmtrain"`` without bmtrain installed (naming the install command), or several processes
-            (``WORLD_SIZE > 1``) with the one-process torch engine.
+        RuntimeError: ``engine="bmtrain"`` without bmtrain installed (naming the install command).
     """
     if config.engine == "bmtrain":
         from fm9g.training.bmtrain_engine import BMTrainEngine  # fails at once without bmtrain, naming the install command
@@ -211,12 +268,10 @@ def build_engine(config: "TrainConfig", model: nn.Module, *, lora_only: bool = F
         return BMTrainEngine(config, model, lora_only=lora_only)
     if config.engine != "torch":
         raise ValueError(f"engine={config.engine!r}: expected 'torch' or 'bmtrain'")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise RuntimeError(
-            f"engine='torch' runs one process, but WORLD_SIZE={world} (torchrun): multi-GPU training is not in "
-            "this version of fm9g; launch a single process"
-        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: FSDP2 across the processes
+        from fm9g.training.fsdp_engine import FSDPEngine
+
+        return FSDPEngine(config, model, lora_only=lora_only)  # model None: built on meta there
     from fm9g.training.torch_engine import TorchEngine
 
     return TorchEngine(

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from fm9g.training.checkpoint import load_state_dict_checked
-from fm9g.training.engine import StepOutput, param_groups
+from fm9g.training.engine import (
+    _PEAKS,
+    StepOutput,
+    _merge_task_sums,
+    _num_label_tokens,
+    _num_tokens,
+    _task_sums,
+    param_groups,
+)
 
 __all__ = ["TorchEngine"]
 
@@ -26,10 +34,6 @@ def _resolve_device(spec: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={spec!r} but CUDA is not available; use device='cpu' or 'auto'")
     return dev
-
-
-_PEAKS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-          ("L40S", 362e12), ("4090", 165e12))
 
 
 class TorchEngine:
@@ -248,53 +252,3 @@ class TorchEngine:
             if key in name:
                 return value
         return None
-
-
-def _num_label_tokens(batch: dict[str, Any]) -> int:
-    n = batch.get("num_label_tokens")
-    if n is None:
-        return int((batch["labels"] != -100).sum())
-    return int(n)
-
-
-def _num_tokens(batch: dict[str, Any]) -> int:
-    n = batch.get("num_tokens")
-    if n is None:
-        return int(batch["input_ids"].numel())
-    return int(n)
-
-
-def _task_sums(token_loss: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor,
-               n_tasks: int | None = None) -> torch.Tensor:
-    """[K, 3] per task id: summed loss, labelled tokens, real tokens (computed on the device;
-    K = n_tasks when known, which avoids a device sync)."""
-    ids = task_ids.reshape(-1).long()
-    if n_tasks is not None:
-        k = n_tasks
-        ids = torch.where(ids < k, ids, torch.full_like(ids, -1))
-    else:
-        k = int(ids.max().item()) + 1 if ids.numel() else 0
-    out = torch.zeros(max(k, 0) + 1, 3, device=token_loss.device, dtype=torch.float64)
-    if k <= 0:
-        return out[:0]
-    real = ids >= 0
-    slot = torch.where(real, ids, torch.full_like(ids, k))
-    lab = (labels.reshape(-1) != -100) & real
-    out[:, 0].index_add_(0, slot, (token_loss.reshape(-1).double() * lab))
-    out[:, 1].index_add_(0, slot, lab.double())
-    out[:, 2].index_add_(0, slot, real.double())
-    return out[:k]
-
-
-def _merge_task_sums(parts: Iterable[torch.Tensor]) -> tuple[dict[int, float], dict[int, int], dict[int, int]]:
-    loss: dict[int, float] = {}
-    lab: dict[int, int] = {}
-    tok: dict[int, int] = {}
-    for t in parts:
-        for i, (s, n, r) in enumerate(t.cpu().tolist()):
-            if r == 0:
-                continue
-            loss[i] = loss.get(i, 0.0) + s
-            lab[i] = lab.get(i, 0) + int(n)
-            tok[i] = tok.get(i, 0) + int(r)
-    return loss, lab, tok

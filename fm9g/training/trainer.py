@@ -114,6 +114,9 @@ class Trainer:
     ) -> None:
         self.config = config
         seed_everything(config.seed)
+        if model is None and engine is None and config.engine == "torch" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun: the FSDP2 engine builds the model on the meta device and loads each rank's shard
+            engine = build_engine(config, None, lora_only=config.lora is not None)
         if model is None and engine is not None:
             model = engine.model
         if model is None:
@@ -357,17 +360,26 @@ class Trainer:
         loader = self._loader
         loader_state = loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None
         mc = getattr(self.model, "config", None)
-        path = save_checkpoint(
-            run_dir, self.step,
-            model_state=self.engine.model_state_dict(lora_only=self.is_lora),
-            optimizer_state=self.engine.optimizer_state_dict(),
+        # checkpoint_format "sharded" (several ranks): model + optimizer go to <step>/dcp/ instead
+        sharded = self.engine.world_size > 1 and cfg.checkpoint_format == "sharded"
+        shared = dict(
+            model_state={} if sharded else self.engine.model_state_dict(lora_only=self.is_lora),
+            optimizer_state={"world_size": self.engine.world_size} if sharded else self.engine.optimizer_state_dict(),
             loader_state=loader_state,
             trainer_state=self.state_dict(),
             model_config=mc.to_dict() if hasattr(mc, "to_dict") else None,
             train_config=cfg.to_dict(),
             keep_last=cfg.keep_last,
-            rank=self.engine.rank,
         )
+        if self.engine.world_size > 1:  # several ranks write into one folder (see docs/distributed.md)
+            from fm9g.training.distributed import save_checkpoint_ranks
+
+            path = save_checkpoint_ranks(run_dir, self.step, rank=self.engine.rank, world_size=self.engine.world_size,
+                                         barrier=self.engine.barrier,
+                                         sharded_writer=getattr(self.engine, "save_sharded") if sharded else None,
+                                         **shared)
+        else:
+            path = save_checkpoint(run_dir, self.step, rank=self.engine.rank, **shared)
         self.last_checkpoint = path
         if self.logger is not None:
             self.logger.print(f"saved checkpoint {path}")
@@ -394,15 +406,37 @@ class Trainer:
                 f"{'LoRA' if self.is_lora else 'full'} training; "
                 + ("set the same lora settings (lora_r, lora_alpha, lora_layer)" if ck_lora else "remove lora from the config, or start a new run (model_unique)")
             )
+        sharded = (Path(path) / "dcp").is_dir()  # checkpoint_format "sharded": model + optimizer in dcp/
+        if sharded and not hasattr(self.engine, "load_sharded"):
+            raise CheckpointError(f"checkpoint {path} is sharded (dcp/): resume it under torchrun (2 or more processes)")
         try:
-            self.engine.load_model_state_dict(ck.model_state, lora_only=self.is_lora)
+            if sharded:
+                self.engine.load_sharded(Path(path) / "dcp", model_only=cfg.only_load_model)
+            else:
+                self.engine.load_model_state_dict(ck.model_state, lora_only=self.is_lora)
         except ValueError as err:
             raise CheckpointError(f"checkpoint {path}: {err}") from None
         self._resumed = True
         if cfg.only_load_model:
             return path
-        if ck.optimizer_state:
+        saved_world = int((ck.optimizer_state or {}).get("world_size", 1))
+        if sharded and saved_world != self.engine.world_size and not cfg.load_dataloader_ckpt:
+            pass  # dcp re-shards model + optimizer; the data order starts fresh (load_dataloader_ckpt=false)
+        elif saved_world != self.engine.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {saved_world} process(es) but this run has {self.engine.world_size}: "
+                "the optimizer and data-loader states are per rank, so an exact resume needs the same number of "
+                "processes. Resume with the same world size, or set only_load_model=true (weights only; fresh "
+                "optimizer, data order and step 0)"
+                + (", or load_dataloader_ckpt=false (this sharded checkpoint re-shards the model and optimizer; "
+                   "the data order starts fresh)" if sharded else "") + " - see docs/distributed.md"
+            )
+        if ck.optimizer_state and not sharded:
             self.engine.load_optimizer_state_dict(ck.optimizer_state)
+        if self.engine.world_size > 1 and cfg.load_dataloader_ckpt:
+            from fm9g.training.distributed import load_loader_state
+
+            ck.loader_state = load_loader_state(path, self.engine.rank, self.engine.world_size)
         if ck.loader_state is not None and cfg.load_dataloader_ckpt:
             loader = self.loader
             if hasattr(loader, "load_state_dict"):

@@ -1,0 +1,355 @@
+"""Several processes: the process group, launch variables, config agreement, meshes, memory.
+
+``torchrun`` (or Slurm's ``srun`` running ``torchrun``) starts one process per GPU and sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT``. :func:`init_distributed` turns them into a process group (NCCL on CUDA, gloo
+on CPU). The original launch scripts set ``GPUS_PER_NODE``, ``NNODES``, ``NODE_RANK`` (or
+``RANK``), ``MASTER_ENDPOINT`` (or ``MASTER_ADDR``) and ``MASTER_PORT`` and ran one command per
+node; :func:`torchrun_args_from_env` turns those into the ``torchrun`` arguments that
+``fm9g train`` re-launches itself with (see docs/distributed.md).
+
+One-process training does not use this module (it imports torch.distributed only inside functions).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from fm9g._io import ConfigError
+
+__all__ = [
+    "DistributedError",
+    "world_size_from_env",
+    "torchrun_args_from_env",
+    "init_distributed",
+    "check_same_config",
+    "build_mesh",
+    "estimate_memory",
+]
+
+DEFAULT_TIMEOUT_S = 600.0  # NCCL / gloo collectives and the rendezvous (env FM9G_DIST_TIMEOUT overrides)
+
+
+class DistributedError(RuntimeError):
+    """The ranks cannot work together: master unreachable, configs differ, a collective timed out."""
+
+
+def world_size_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``WORLD_SIZE`` set by torchrun (1 when absent)."""
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r} is not an integer") from None
+
+
+def torchrun_args_from_env(environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """``torchrun`` arguments from the original launch variables, or None when one process is meant.
+
+    Reads ``GPUS_PER_NODE`` (processes on this node), ``NNODES``, ``NODE_RANK`` (or ``RANK`` when
+    ``NODE_RANK`` is absent: the original scripts used ``RANK`` for the node index),
+    ``MASTER_ENDPOINT`` or ``MASTER_ADDR`` (``host`` or ``host:port``) and ``MASTER_PORT``.
+    Ignored when ``WORLD_SIZE`` is already set (we are inside torchrun).
+
+    Returns:
+        e.g. ``["--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--master_addr=10.0.0.1",
+        "--master_port=12345"]``; None when ``GPUS_PER_NODE`` and ``NNODES`` are absent or both 1.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        return None
+
+    def _int(name: str, default: int) -> int:
+        raw = env.get(name)
+        if raw in (None, ""):
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+    nproc, nnodes = _int("GPUS_PER_NODE", 1), _int("NNODES", 1)
+    if nproc <= 1 and nnodes <= 1:
+        return None
+    node_rank = _int("NODE_RANK", _int("RANK", 0))
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"NODE_RANK (or RANK)={node_rank} is outside [0, NNODES={nnodes})")
+    endpoint = env.get("MASTER_ENDPOINT") or env.get("MASTER_ADDR") or ("127.0.0.1" if nnodes == 1 else "")
+    if not endpoint:
+        raise ConfigError(f"NNODES={nnodes} needs MASTER_ENDPOINT (or MASTER_ADDR): the host of node 0")
+    host, _, port = endpoint.partition(":")
+    port = env.get("MASTER_PORT") or port or "29500"
+    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
+            f"--master_addr={host}", f"--master_port={port}"]
+
+
+def _timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("FM9G_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+
+
+def _check_master_reachable(addr: str, port: int, timeout_s: float) -> None:
+    """Fail fast, naming ``addr:port``, when the rendezvous store cannot be reached."""
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+    last: Exception | None = None
+    while datetime.datetime.now() < deadline:
+        try:
+            with socket.create_connection((addr, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as err:
+            last = err
+            time.sleep(0.5)
+    raise DistributedError(
+        f"rank {os.environ.get('RANK', '?')} cannot reach the master at MASTER_ADDR:MASTER_PORT = {addr}:{port} "
+        f"within {timeout_s:.0f}s ({last}); check that node 0 is running, that the address and port are the ones "
+        "node 0 listens on, and that no firewall blocks the port"
+    )
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Initialise the default process group from torchrun's environment (idempotent).
+
+    Args:
+        backend: ``"nccl"`` | ``"gloo"``; default NCCL when CUDA is available, else gloo.
+    Returns:
+        ``(rank, world_size, device)``; on CUDA the device is ``cuda:LOCAL_RANK`` (also made current).
+    Raises:
+        DistributedError: the master cannot be reached (names ``MASTER_ADDR:MASTER_PORT``).
+    """
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if cuda else "gloo")
+        rank = int(os.environ.get("RANK", "0"))
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        timeout = _timeout()
+        if addr and port and rank != 0 and not os.environ.get("TORCHELASTIC_RUN_ID"):
+            _check_master_reachable(addr, int(port), timeout.total_seconds())
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        if cuda:
+            torch.cuda.set_device(device)
+            kwargs["device_id"] = device
+        try:
+            dist.init_process_group(**kwargs)
+        except (RuntimeError, ValueError) as err:  # DistStoreError / timeouts are RuntimeErrors
+            raise DistributedError(
+                f"rank {rank}: cannot join the process group at MASTER_ADDR:MASTER_PORT = {addr}:{port} ({err}); "
+                "check that every node runs the same command with the same --rdzv-endpoint / MASTER_ADDR, and "
+                f"that WORLD_SIZE={os.environ.get('WORLD_SIZE')} processes are started in all"
+            ) from err
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def config_hash(config_dict: dict[str, Any]) -> str:
+    """SHA-256 of a JSON-able config (sorted keys): equal on every rank of a consistent run."""
+    return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_config(config_dict: dict[str, Any], *, what: str = "train config") -> None:
+    """Raise on every rank when the ranks were started with different configs.
+
+    Every rank hashes ``config_dict`` (e.g. ``TrainConfig.to_dict()``) and all hashes are gathered.
+
+    Raises:
+        DistributedError: naming the ranks whose config differs from rank 0's and the keys that differ.
+    """
+    import torch.distributed as dist
+
+    digest = config_hash(config_dict)
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    bad = [r for r, d in enumerate(digests) if d != digests[0]]
+    if not bad:
+        return
+    items = [None] * dist.get_world_size()
+    dist.all_gather_object(items, json.loads(json.dumps(config_dict, default=str)))
+    keys = sorted(k for k in set(items[0]) | set(items[bad[0]]) if items[0].get(k) != items[bad[0]].get(k))
+    raise DistributedError(
+        f"the {what} differs between ranks: ranks {bad} differ from rank 0 (first differing keys: {keys[:8]}); "
+        "start every rank with the same config file and --set overrides"
+    )
+
+
+def build_mesh(sharding: str, world_size: int, *, device_type: str, local_world_size: int | None = None) -> Any:
+    """The device mesh for ``data_parallel_shard``.
+
+    ``"full"``: a 1-D mesh over all ranks (weights, gradients and optimizer state sharded over
+    all). ``"hybrid"``: a 2-D mesh ``("replicate", "shard")`` = ``(nodes, ranks per node)``:
+    sharded within a node, replicated across nodes (gradients all-reduced between nodes).
+
+    Args:
+        local_world_size: ranks per node (default ``LOCAL_WORLD_SIZE`` from torchrun).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if sharding == "full":
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    if sharding == "hybrid":
+        per_node = int(local_world_size or os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if world_size % per_node:
+            raise ConfigError(f"data_parallel_shard='hybrid': WORLD_SIZE={world_size} is not a multiple of "
+                              f"the ranks per node ({per_node})")
+        return init_device_mesh(device_type, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+    raise ConfigError(f"data_parallel_shard={sharding!r}: expected 'full' or 'hybrid'")
+
+
+def estimate_memory(
+    config: Any,
+    world_size: int,
+    *,
+    sharding: str = "full",
+    offload: bool = False,
+    gpus_per_node: int = 8,
+    batch_size: int = 1,
+    max_length: int = 4096,
+    use_checkpoint: bool = True,
+    precision: str = "bf16",
+) -> dict[str, float]:
+    """Per-GPU memory (bytes) of full training with the FSDP2 engine, estimated from the shapes.
+
+    Model: fp32 master weights (4 B/param), fp32 gradients (4 B), AdamW moments (8 B), all divided
+    by the shard group (``world_size`` for ``"full"``, ``min(world_size, gpus_per_node)`` for
+    ``"hybrid"``); with ``offload`` the optimizer moments live in CPU memory (0 on the GPU).
+    Transient: one gathered layer in bf16 (2 B/param of the largest layer, x2 for prefetch) and the
+    activations: with checkpointing one ``[B, T, d]`` bf16 input per layer plus one layer's full
+    activations (about ``B*T*(34*d + 5*heads*T_attn)``, flash attention: no ``T^2`` term) and the
+    logits chunk; without checkpointing every layer's activations. A planning figure, not a promise:
+    allocator fragmentation and NCCL buffers add a few GB.
+
+    Args:
+        config: an ``FM9GConfig`` (or a preset name such as ``"7b"``).
+        world_size: number of GPUs.
+    Returns:
+        ``{"weights", "grads", "optimizer", "gathered", "activations", "total"}`` in bytes per GPU,
+        and ``"params"`` (the parameter count).
+    """
+    if isinstance(config, str):
+        from fm9g.models.config import FM9GConfig
+
+        config = FM9GConfig.from_name(config)
+    d, L, V, ff = config.dim_model, config.num_layers, config.vocab_size, config.dim_ff
+    kv = config.num_kv_heads * config.dim_head
+    per_layer = d * config.num_heads * config.dim_head * 2 + d * kv * 2 + (3 if config.ffn_gated else 2) * d * ff + 2 * d
+    if config.qkv_bias:
+        per_layer += config.num_heads * config.dim_head + 2 * kv
+    embed = V * d * (1 if config.tie_lm_head else 2)
+    params = L * per_layer + embed + d
+    if sharding == "full":
+        group = world_size
+    elif sharding == "hybrid":
+        group = min(world_size, gpus_per_node)
+    else:
+        raise ConfigError(f"sharding={sharding!r}: expected 'full' or 'hybrid'")
+    group = max(1, group)
+    weights = 4.0 * params / group
+    grads = 4.0 * params / group
+    optimizer = 0.0 if offload else 8.0 * params / group
+    act_bytes = 2 if precision == "bf16" else 4
+    gathered = 2.0 * act_bytes * max(per_layer, embed if not config.tie_lm_head else V * d) if group > 1 else 0.0
+    tokens = batch_size * max_length
+    one_layer = tokens * (34 * d + 2 * ff) * act_bytes / 2
+    logits = min(tokens, 8192) * V * 4.0
+    if use_checkpoint:
+        activations = L * tokens * d * act_bytes + one_layer + logits
+    else:
+        activations = L * one_layer + logits
+    total = weights + grads + optimizer + gathered + activations
+    return {"params": float(params), "weights": weights, "grads": grads, "optimizer": optimizer,
+            "gathered": gathered, "activations": activations, "total": total}
+
+
+# ------------------------------------------------------------------------------ checkpoints of several ranks
+def loader_state_file(rank: int) -> str:
+    """Where rank ``rank`` keeps its loader state inside a checkpoint folder (rank 0: the one-process name)."""
+    from fm9g.training.checkpoint import LOADER_STATE
+
+    return LOADER_STATE if rank == 0 else os.path.join("dataset_ckpt", f"loader_state.rank-{rank}.pt")
+
+
+def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, world_size: int, barrier: Any,
+                          optimizer_state: dict[str, Any], loader_state: Any, sharded_writer: Any = None,
+                          **shared: Any) -> Any:
+    """:func:`fm9g.training.checkpoint.save_checkpoint` for several ranks (collective).
+
+    Every rank writes its optimizer file (``*.rank-<r>.opt``) and loader state
+    (``dataset_ckpt/loader_state.rank-<r>.pt``) into one temporary folder; then rank 0 writes the
+    shared files (the gathered model ``.pt``, trainer state, configs) and renames the folder, as in
+    one process. Needs a file system every rank sees (the usual shared storage of a cluster).
+
+    With ``sharded_writer`` (``checkpoint_format: "sharded"``) every rank writes its shards of the
+    model and optimizer into ``<step>/dcp/`` (``torch.distributed.checkpoint``) in parallel, and no
+    gathered ``.pt`` is written.
+
+    Args:
+        sharded_writer: ``f(folder)``, called on every rank (collective), or None.
+        shared: ``model_state``, ``trainer_state``, ``model_config``, ``train_config``, ``keep_last``
+            (used on rank 0 only).
+    Returns:
+        The checkpoint folder ``run_dir/<step>``.
+    """
+    from fm9g.training import checkpoint as ck
+
+    run_dir = Path(run_dir)
+    final = run_dir / str(step)
+    tmp = run_dir / f".tmp-{step}-ranks"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "dataset_ckpt").mkdir(parents=True)
+    barrier()
+    if sharded_writer is not None:
+        sharded_writer(tmp / SHARDED_DIR)
+    if rank != 0:
+        ck._write_file(tmp / ck.optimizer_file(step, rank), lambda f: torch.save(ck.to_safe(optimizer_state), f))
+        ck._write_file(tmp / loader_state_file(rank), lambda f: torch.save(ck.to_safe(loader_state), f))
+    barrier()
+    if rank == 0:
+        # rank 0's own files and the shared ones, written into the same folder, then the rename
+        written = ck.save_checkpoint(run_dir / f".tmp-rank0-{step}", step, optimizer_state=optimizer_state,
+                                     loader_state=loader_state, rank=0, **shared)
+        for item in written.iterdir():
+            dest = tmp / item.name
+            if item.is_dir():
+                for sub in item.iterdir():
+                    os.replace(sub, dest / sub.name)
+            else:
+                os.replace(item, dest)
+        shutil.rmtree(written.parent, ignore_errors=True)
+        if sharded_writer is not None:  # the model lives in dcp/ only
+            (tmp / ck.model_file(step)).unlink()
+        ck._fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ck._fsync_dir(run_dir)
+        keep_last = shared.get("keep_last")
+        if keep_last is not None:
+            for _, old in ck.list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+SHARDED_DIR = "dcp"  # inside a checkpoint folder: the torch.distributed.checkpoint shards
+
+
+def load_loader_state(folder: str | os.PathLike, rank: int, world_size: int) -> Any:
+    """This rank's loader state from a checkpoint folder written by ``world_size`` ranks (None if absent)."""
+    from fm9g.training import checkpoint as ck
+
+    path = Path(folder) / loader_state_file(rank)
+    if not path.is_file():
+        return None
+    return ck.from_safe(torch.load(path, map_location="cpu", weights_only=True))

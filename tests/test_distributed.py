@@ -1,0 +1,327 @@
+"""Training across processes on CPU (gloo, real torchrun subprocesses): the FSDP2 engine.
+
+The data: one indexed dataset whose documents are all longer than half a row, so the packer puts
+exactly one document in each row. MixtureLoader gives rank r of W the epoch positions r, r+W, ...,
+so 2 ranks x batch_size 1 see, step by step, the same two documents as 1 process x batch_size 2:
+the global batch is the same and the losses must agree up to fp32 rounding (the sums are added in
+another order: per rank, then across ranks).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+MAX_LENGTH = 48
+# fp32, same global batch: only the order of additions differs (per rank, then the all-reduce),
+# which moves a loss of ~6 by a few 1e-7; 1e-5 relative leaves room for 4 steps of AdamW drift.
+REL_TOL = 1e-5
+
+WORDS = ("sea ship island dawn tower canal harbour kelp bread stone oven temple trident king "
+         "blue silver flag old city wave wind sail river moon").split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tokenizer, index, dataset config and a base train config (written once for the module)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from _toy import make_toy_tokenizer
+
+    from fm9g import build_index
+
+    d = tmp_path_factory.mktemp("dist")
+    tok_dir = make_toy_tokenizer(d / "tok")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    lines = []
+    for i in range(40):  # documents of 28..40 tokens: never two in a row of 48
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(40)]
+        text = " ".join(words)
+        ids = tok(text)["input_ids"]
+        n = 28 + i % 10
+        text = tok.decode(ids[:n])
+        lines.append(json.dumps({"input": "", "output": text}))
+    (d / "text.jsonl").write_text("\n".join(lines) + "\n")
+    build_index(d / "text.jsonl", d / "index", language="en")
+    (d / "data.json").write_text(json.dumps(
+        [{"dataset_name": "text", "task_name": "text", "path": str(d / "index"), "abs_weight": 1,
+          "transforms": "identity", "allow_repeat": True}]))
+    model = {"vocab_size": 512, "dim_model": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
+             "dim_head": 16, "dim_ff": 64, "tie_lm_head": False}
+    base = {"model": model, "tokenizer_path": str(tok_dir), "data": str(d / "data.json"), "train_iters": 4,
+            "lr": 3e-3, "warmup_iters": 1, "lr_scheduler": "cosine", "max_length": MAX_LENGTH, "batch_size": 1,
+            "save": str(d / "runs"), "save_iters": 0, "save_final": False, "progress_bar": False,
+            "inspect_iters": 0, "tensorboard": None, "stats_dir": "auto", "seed": 11, "device": "cpu",
+            "compile": False, "num_workers": 0}
+    return d, base
+
+
+def _write_cfg(d: Path, base: dict, name: str, **kw) -> Path:
+    cfg = dict(base, model_unique=name, **kw)
+    path = d / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "GPUS_PER_NODE", "NNODES")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _run(cmd: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env or _env(), timeout=timeout)
+    assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def _torchrun(cfg: Path, *sets: str, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "-m", "fm9g", "train", "--config", str(cfg)]
+    for s in sets:
+        cmd += ["--set", s]
+    return _run(cmd, env)
+
+
+def _one_process(cfg: Path, *sets: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fm9g", "train", "--config", str(cfg)]
+    for s in sets:
+        cmd += ["--set", s]
+    return _run(cmd)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = {}
+    for f in sorted((run_dir / "train_stats").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            rows[r["iteration"]] = r["loss"]
+    return [rows[k] for k in sorted(rows)]
+
+
+def _final(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / str(step) / f"fm9g_live_checkpoint-{step}.pt", weights_only=True)
+
+
+def _reference(d: Path, base: dict, trace: Path | None = None) -> Path:
+    """The 2-rank reference run (4 steps, checkpoints at 2 and 4), made once for the module."""
+    run = d / "runs" / "two"
+    if not (run / "4").exists():
+        _torchrun(_write_cfg(d, base, "two", save_iters=2),
+                  env=_env(FM9G_TRACE_BATCHES=str(trace)) if trace else None)
+    return run
+
+
+def test_two_ranks_match_one_process_and_read_disjoint_data(setup):
+    """(a) + (d): torchrun x2 (batch 1 each) = one process (batch 2) within fp32 noise; ranks disjoint."""
+    d, base = setup
+    t0 = time.perf_counter()
+    one = _write_cfg(d, base, "one", batch_size=2)
+    _one_process(one)
+    t1 = time.perf_counter()
+    trace = d / "trace"
+    _reference(d, base, trace)
+    t2 = time.perf_counter()
+    a, b = _losses(d / "runs" / "one"), _losses(d / "runs" / "two")
+    print(f"one process {t1 - t0:.1f}s, 2 ranks {t2 - t1:.1f}s; losses {a} vs {b}")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) <= REL_TOL * abs(x), (a, b)
+    # (d) every rank traced what it trained on through the real loader: disjoint, one doc per row
+    r0 = (trace / "rank-0.txt").read_text().split()
+    r1 = (trace / "rank-1.txt").read_text().split()
+    assert len(r0) == len(r1) == 4
+    assert not set(r0) & set(r1)
+
+
+def test_two_nodes_give_the_same_losses(setup):
+    """(b) two `torchrun --nnodes=2 --nproc_per_node=1` commands on one rendezvous endpoint."""
+    d, base = setup
+    cfg = _write_cfg(d, base, "nodes")
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fm9g-test", "-m", "fm9g", "train", "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+    ref = _reference(d, base)
+    assert _losses(d / "runs" / "nodes") == _losses(ref)  # same ranks, same data, same reductions
+    # the original scripts' variables: plain `fm9g train` starts torchrun itself
+    orig = _write_cfg(d, base, "orig_vars")
+    _run([sys.executable, "-m", "fm9g", "train", "--config", str(orig)],
+         env=_env(GPUS_PER_NODE="2", NNODES="1", NODE_RANK="0", MASTER_ENDPOINT="127.0.0.1",
+                  MASTER_PORT=str(_free_port())))
+    assert _losses(d / "runs" / "orig_vars") == _losses(ref)
+
+
+def test_original_launch_variables_become_torchrun_arguments():
+    from fm9g.training.distributed import torchrun_args_from_env
+
+    assert torchrun_args_from_env({"GPUS_PER_NODE": "1", "NNODES": "1"}) is None
+    assert torchrun_args_from_env({"GPUS_PER_NODE": "8", "NNODES": "2", "RANK": "1", "MASTER_ENDPOINT": "10.0.0.1:2345"}) == [
+        "--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=2345"]
+    assert torchrun_args_from_env({"GPUS_PER_NODE": "8", "WORLD_SIZE": "8", "LOCAL_RANK": "0"}) is None
+
+
+def test_mismatched_configs_and_an_unreachable_master_are_named(tmp_path):
+    script = tmp_path / "mismatch.py"
+    script.write_text('''
+import os
+from fm9g.training.config import TrainConfig
+from fm9g.training.engine import build_engine
+from fm9g.training.distributed import DistributedError
+lr = 1e-3 if os.environ["RANK"] == "0" else 2e-3
+try:
+    build_engine(TrainConfig(model="tiny", lr=lr, device="cpu", compile=False, save=None), None)
+except DistributedError as err:
+    print("ERR", err, flush=True)
+''')
+    out = _run([*TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)])
+    assert "ranks [1] differ from rank 0" in out.stdout and "'lr'" in out.stdout
+    # a rank that cannot reach the master: an error naming MASTER_ADDR:MASTER_PORT, within the timeout
+    port = _free_port()
+    probe = ("from fm9g.training.distributed import init_distributed, DistributedError\n"
+             "try:\n    init_distributed('gloo')\nexcept DistributedError as e:\n    print('ERR', e)\n")
+    out = _run([sys.executable, "-c", probe], env=_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                                       MASTER_PORT=str(port), FM9G_DIST_TIMEOUT="2"))
+    assert f"cannot reach the master at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port}" in out.stdout
+
+
+def test_save_on_two_resume_on_two_is_exact_and_one_is_refused(setup):
+    """(c) 2 ranks: 4 steps saving at 2 (the reference run); fresh processes resume from step 2 into
+    another run folder and train steps 3-4: losses and final weights bit-identical to the reference."""
+    d, base = setup
+    ref = _reference(d, base)
+    straight = d / "two.json"
+    ck2 = ref / "2"
+    assert (ck2 / "fm9g_live_checkpoint-2.rank-1.opt").is_file()
+    assert (ck2 / "dataset_ckpt" / "loader_state.rank-1.pt").is_file()
+    torch.load(ck2 / "fm9g_live_checkpoint-2.rank-1.opt", weights_only=True)
+    split = _write_cfg(d, base, "split", save_iters=2, resume_ckpt=str(ck2))
+    _torchrun(split)
+    a, b = _losses(ref), _losses(d / "runs" / "split")
+    assert len(a) == 4 and b == a[2:], (a, b)
+    sa, sb = _final(ref, 4), _final(d / "runs" / "split", 4)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # one process from the 2-rank checkpoint: refused, saying what to do
+    cmd = [sys.executable, "-m", "fm9g", "train", "--config", str(straight), "--set", f"resume_ckpt={ck2}",
+           "--set", "model_unique=one_from_two"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=120)
+    assert out.returncode == 1 and "written by 2 process(es) but this run has 1" in out.stderr
+    assert "only_load_model=true" in out.stderr
+    # ... and with only_load_model the weights load into one process
+    _one_process(straight, f"resume_ckpt={ck2}", "only_load_model=true", "train_iters=1", "model_unique=from2")
+
+
+def test_meta_build_loads_only_each_ranks_shard(setup, tmp_path):
+    """(e) 2 ranks build on meta and load a ~300 MB fp32 .pt: each rank's peak RSS stays well below
+    baseline + the full model."""
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    d, _ = setup
+    mc = {"vocab_size": 512, "dim_model": 512, "num_layers": 24, "num_heads": 8, "num_kv_heads": 8,
+          "dim_head": 64, "dim_ff": 1536, "tie_lm_head": False}
+    model = FM9GModel(FM9GConfig.from_dict(mc))
+    full_bytes = sum(p.numel() * 4 for p in model.parameters())
+    torch.save(model.state_dict(), tmp_path / "big.pt")
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    del model
+    script = tmp_path / "probe.py"
+    script.write_text(f'''
+import json, os, resource, sys, torch
+from fm9g.training.config import TrainConfig
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) * 1024
+import threading, time
+peak = [0]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+import fm9g.training.fsdp_engine
+from fm9g.training.engine import build_engine
+cfg = TrainConfig(model={mc!r}, pretrained_model={str(tmp_path / "big.pt")!r}, device="cpu",
+                  compile=False, save=None)
+before, before_anon = hwm(), anon()
+t = threading.Thread(target=sample, daemon=True); t.start()
+eng = build_engine(cfg, None)
+stop.set(); t.join()
+after = hwm()
+base = 0
+state = eng.model_state_dict()
+if eng.rank == 0:
+    torch.save(state, {str(tmp_path / "gathered.pt")!r})
+print("RSS", json.dumps({{"rank": eng.rank, "before": before, "after": after, "before_anon": before_anon,
+                          "peak_anon": peak[0]}}), flush=True)
+''')
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    out = _run(cmd)
+    rows = [json.loads(ln.split("RSS ", 1)[1]) for ln in out.stdout.splitlines() if "RSS " in ln]
+    assert len(rows) == 2
+    for r in rows:
+        grown = r["peak_anon"] - r["before_anon"]
+        print(f"rank {r['rank']}: before build {r['before_anon'] / 2**20:.0f} MiB private, peak +{grown / 2**20:.0f} "
+              f"MiB private while building and loading (VmHWM {r['before'] / 2**20:.0f} -> {r['after'] / 2**20:.0f} "
+              f"MiB incl. shared page cache of the mapped file); full model {full_bytes / 2**20:.0f} MiB")
+        # private memory: a shard is 1/2 of the model (+ small buffers); holding the model would be >= 1x
+        assert grown < 0.7 * full_bytes
+    got = torch.load(tmp_path / "gathered.pt", weights_only=True)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_sharded_checkpoint_format_resumes_exactly(setup):
+    """checkpoint_format="sharded": ranks write dcp/ in parallel (no gathered .pt); resume on 2 ranks
+    continues bit-identically to the run with the full format."""
+    d, base = setup
+    ref = _reference(d, base)
+    sh = _write_cfg(d, base, "sharded", save_iters=2, checkpoint_format="sharded")
+    _torchrun(sh, "train_iters=4")
+    ck2 = d / "runs" / "sharded" / "2"
+    assert (ck2 / "dcp" / ".metadata").is_file() and not (ck2 / "fm9g_live_checkpoint-2.pt").exists()
+    again = _write_cfg(d, base, "from_sharded", save_iters=2, resume_ckpt=str(ck2))
+    _torchrun(again)
+    assert _losses(d / "runs" / "from_sharded") == _losses(ref)[2:] == _losses(d / "runs" / "sharded")[2:]
+    sa, sb = _final(ref, 4), _final(d / "runs" / "from_sharded", 4)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    out = subprocess.run([sys.executable, "-m", "fm9g", "train", "--config", str(again)], capture_output=True,
+                         text=True, cwd=ROOT, env=_env(), timeout=120)
+    assert out.returncode == 1 and "resume it under torchrun" in out.stderr
+
+
+def test_lora_on_two_ranks_matches_one_process(setup):
+    """LoRA: frozen base and LoRA tensors sharded alike; losses as one process; only LoRA tensors saved."""
+    d, base = setup
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["project_q", "project_v"]}
+    _one_process(_write_cfg(d, base, "lora_one", batch_size=2, lora=lora, train_iters=3))
+    _torchrun(_write_cfg(d, base, "lora_two", lora=lora, train_iters=3, save_final=True))
+    a, b = _losses(d / "runs" / "lora_one"), _losses(d / "runs" / "lora_two")
+    assert len(a) == len(b) == 3 and all(abs(x - y) <= REL_TOL * abs(x) for x, y in zip(a, b)), (a, b)
+    saved = _final(d / "runs" / "lora_two", 3)
+    assert saved and all(k.endswith(("lora.lora_A", "lora.lora_B")) for k in saved)
