@@ -154,8 +154,9 @@ class Lineage:
         step: its step.
         ancestors: ``(id, step)`` of the checkpoints its state descends from, oldest first (a
             resumed run inherits the history of the checkpoint it resumed from).
-        serial: write order within the run folder: one more than the largest serial there when
-            it was written (0 for a checkpoint without a record, older than any with one).
+        serial: write order: the time of writing in ns, or one more than the largest serial in
+            the run folder if that is larger (so a clock set back never reorders checkpoints); 0
+            for a checkpoint without a record (older than any with one).
     """
 
     id: str
@@ -315,7 +316,7 @@ def save_checkpoint(
         newest = _newest(existing)
         history = [a for a in existing[newest].chain if a[1] < step] if newest is not None else []
     lineage = Lineage(id=uuid.uuid4().hex, step=step, ancestors=tuple((str(i), int(s)) for i, s in history),
-                      serial=1 + max((lin.serial for lin in existing.values()), default=0))
+                      serial=max(time.time_ns(), 1 + max((lin.serial for lin in existing.values()), default=0)))
     trainer_state = dict(trainer_state or {})
     trainer_state.setdefault("step", step)
     trainer_state["format_version"] = FORMAT_VERSION
@@ -359,7 +360,10 @@ def _prune(existing: Mapping[Path, Lineage], history_ids: set[str], written: Pat
                    if lin.id in history_ids and path != written and path.is_dir())
     for _, path in older[:max(0, len(older) - (keep_last - 1))]:
         if path.resolve() not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+            # renamed first: a kill in the middle never leaves a half-deleted folder that looks complete
+            trash = path.parent / f".tmp-pruned-{path.name}-{os.getpid()}"
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ finding

@@ -40,6 +40,7 @@ from fm9g.training.checkpoint import (
     CheckpointError,
     all_finite,
     get_rng_state,
+    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     read_lineage,
@@ -437,8 +438,9 @@ class Trainer:
         bad = 0.0 if all_finite(params) else 1.0
         if self.engine.all_reduce({"nonfinite": bad})["nonfinite"] == 0:
             return
-        good = (f"the last checkpoint is {self.last_checkpoint} (resume_ckpt={self.last_checkpoint.name})"
-                if self.last_checkpoint is not None else "this run has no checkpoint yet")
+        last = self.last_checkpoint or latest_checkpoint(self.config.run_dir)
+        good = (f"the last good checkpoint is {last} (resume_ckpt={last.name})" if last is not None
+                else "this run has no checkpoint yet")
         raise TrainingError(
             f"not saving checkpoint {self.step}: the model weights hold inf or NaN after iteration {self.step} "
             f"(an update overflowed; lr is {self.config.lr:g}); nothing was written or pruned. "
