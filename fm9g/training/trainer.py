@@ -485,8 +485,19 @@ class Trainer:
             self.resume_summary = (f"loaded the weights of {path} (only_load_model): a new run from step 0 with "
                                    "a fresh optimizer, data position and RNG")
             return path
-        restored, missing = ["weights"], []
-        if cfg.resume_no_optimizer:
+        restored, missing = self._restore_run_state(ck, loader)
+        self._history = read_lineage(path).chain
+        self.last_checkpoint = path
+        self.resume_summary = (f"resumed from {path}: restored {', '.join(['weights'] + restored)}"
+                               + (f"; NOT restored: {'; '.join(missing)}" if missing else "; exact resume")
+                               + "".join(f"; {n}" for n in notes))
+        return path
+
+    def _restore_run_state(self, ck: Checkpoint, loader: Any) -> tuple[list[str], list[str]]:
+        """Optimizer, data position (into `loader`, None: skipped), counters and RNG from `ck`;
+        returns what was restored and what was not, for the run header."""
+        restored, missing = [], []
+        if self.config.resume_no_optimizer:
             missing.append("optimizer (resume_no_optimizer: fresh AdamW moments)")
         else:
             self.engine.load_optimizer_state_dict(ck.optimizer_state)
@@ -508,12 +519,7 @@ class Trainer:
             restored.append("RNG")
         else:
             missing.append("RNG (not in the checkpoint)")
-        self._history = read_lineage(path).chain
-        self.last_checkpoint = path
-        self.resume_summary = (f"resumed from {path}: restored {', '.join(restored)}"
-                               + (f"; NOT restored: {'; '.join(missing)}" if missing else "; exact resume")
-                               + "".join(f"; {n}" for n in notes))
-        return path
+        return restored, missing
 
     def _check_resumable(self, ck: Checkpoint) -> Any:
         """Refuse a partial resume the config does not allow; returns the loader to restore (or None)."""
