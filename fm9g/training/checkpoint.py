@@ -60,6 +60,7 @@ __all__ = [
     "resolve_checkpoint",
     "load_checkpoint",
     "model_file",
+    "optimizer_file",
     "to_safe",
     "from_safe",
     "get_rng_state",
@@ -83,6 +84,7 @@ def model_file(step: int) -> str:
 
 
 def optimizer_file(step: int, rank: int = 0) -> str:
+    """File name of rank `rank`'s optimizer state of ``step``: ``fm9g_live_checkpoint-<step>.rank-<rank>.opt``."""
     return f"{CHECKPOINT_NAME}-{step}.rank-{rank}.opt"
 
 

@@ -16,7 +16,9 @@ gradient is not finite is skipped (no update; the iteration number does not adva
 Resuming (``resume_ckpt``: a step, ``"latest"`` or a path) restores the weights (LoRA runs: the
 LoRA tensors, on top of ``pretrained_model``), the optimizer, the loader position, the token
 counters and every RNG, so k steps + resume + (N-k) steps gives the same losses and the same final
-weights as N steps straight.
+weights as N steps straight. A checkpoint lacking optimizer or loader state, or a LoRA checkpoint
+of other settings or another base, is refused unless an option says to go on; checkpoints follow
+the run's lineage (docs/checkpoints.md).
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm9g._io import CHECKPOINT_NAME
 from fm9g.models.lora import apply_lora, get_lora_config, lora_modules
 from fm9g.training.builders import check_same_shape, build_loader, build_model, build_tokenizer, pretrained_state
 from fm9g.training.checkpoint import (
@@ -43,6 +44,7 @@ from fm9g.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    optimizer_file,
     read_lineage,
     resolve_checkpoint,
     save_checkpoint,
@@ -527,7 +529,7 @@ class Trainer:
         if not cfg.resume_no_optimizer and not ck.optimizer_state:
             raise CheckpointError(
                 f"checkpoint {ck.path} holds no optimizer state ({ck.path.name}/"
-                f"{CHECKPOINT_NAME}-{ck.step}.rank-{self.engine.rank}.opt is missing or empty), so the resume "
+                f"{optimizer_file(ck.step, self.engine.rank)} is missing or empty), so the resume "
                 "would not be exact; set resume_no_optimizer=true to continue with a fresh optimizer")
         if not cfg.load_dataloader_ckpt:
             return None
