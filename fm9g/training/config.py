@@ -261,13 +261,13 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError(f"compile must be true, false or \"auto\", got {self.compile!r}")
+        _check_finite(self)
         for name in ("train_iters", "grad_accum", "batch_size", "max_length", "log_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_iters", "drop_iters", "save_iters", "inspect_iters", "weight_decay", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        _check_finite(self)
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if len(self.adam_betas) != 2:
