@@ -112,3 +112,64 @@ def test_resolve_by_path_and_errors(tmp_path):
         ck.resolve_checkpoint(tmp_path / "empty", "latest")
     with pytest.raises(ck.CheckpointError, match="not a step number"):
         ck.resolve_checkpoint(run, str(tmp_path / "nothing"))
+
+
+def _strip_lineage(folder):
+    """Make a checkpoint look like one written before lineage records (or by the original stack)."""
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    state.pop("lineage", None)
+    torch.save(state, folder / "trainer_state.pt")
+
+
+def _steps(run):
+    return [s for s, _ in ck.list_checkpoints(run)]
+
+
+def test_a_rollback_moves_the_abandoned_branch_aside_and_latest_follows_the_new_one(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 2)
+    _save(run, 4)
+    old_four = ck.read_lineage(run / "4")
+    branch = ck.read_lineage(run / "2").chain          # resume from 2 ...
+    _save(run, 3, history=branch, keep_last=1, protect=[run / "2"])    # ... and save 3
+    assert _steps(run) == [2, 3]                       # the written one and the resumed-from one stay
+    assert ck.resolve_checkpoint(run, "latest") == run / "3"
+    aside = list((run / "abandoned").iterdir())
+    assert [p.name.split("-")[0] for p in aside] == ["4"] and ck.read_lineage(aside[0]) == old_four
+    # the branch reaches step 4 again: a new folder 4 of this lineage, the old 4 is still aside
+    _save(run, 4, history=ck.read_lineage(run / "3").chain, keep_last=2)
+    assert _steps(run) == [3, 4] and ck.read_lineage(run / "4").ancestors[-1][1] == 3
+    assert ck.resolve_checkpoint(run, "latest") == run / "4" and len(list((run / "abandoned").iterdir())) == 1
+
+
+def test_latest_is_the_checkpoint_written_last_not_the_highest_step(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 2)
+    _save(run, 4)
+    # a second run folder's checkpoint copied in by hand is a branch of its own; latest is still 4
+    (run / "4").rename(tmp_path / "four")
+    _save(run, 3, history=ck.read_lineage(run / "2").chain)
+    (tmp_path / "four").rename(run / "4")              # put back by hand: written before 3
+    assert ck.read_lineage(run / "3").serial > ck.read_lineage(run / "4").serial
+    assert ck.resolve_checkpoint(run, "latest") == run / "3"
+
+
+def test_checkpoints_without_lineage_count_as_one_lineage(tmp_path):
+    run = tmp_path / "run"
+    for s in (1, 2, 4):
+        _save(run, s)
+        _strip_lineage(run / str(s))
+    assert ck.read_lineage(run / "4") == ck.Lineage(id="legacy-4", step=4, ancestors=(("legacy-1", 1), ("legacy-2", 2)))
+    assert ck.resolve_checkpoint(run, "latest") == run / "4"
+    _save(run, 3, history=ck.read_lineage(run / "2").chain, keep_last=2)
+    assert _steps(run) == [2, 3] and [p.name[:2] for p in (run / "abandoned").iterdir()] == ["4-"]
+    assert ck.load_checkpoint(run / "2").step == 2     # an old checkpoint still loads
+
+
+def test_all_finite_sees_inf_and_nan_but_not_large_finite_values():
+    big = torch.full((4, 4), 3e38)
+    assert ck.all_finite([big, torch.zeros(3, dtype=torch.bfloat16), torch.arange(3)])
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.ones(5)
+        t[3] = bad
+        assert not ck.all_finite([torch.ones(2), t])

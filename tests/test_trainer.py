@@ -485,3 +485,111 @@ def test_engine_clips_like_clip_grad_norm(device):
     for (name, p), q, u in zip(model.named_parameters(), reference.parameters(), unclipped.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert max((p - u).abs().max().item() for p, u in zip(model.parameters(), unclipped.parameters())) > 1e-3
+
+
+# ------------------------------------------------------------------ issue 15: checkpoints and resume
+def _steps(run_dir):
+    return [s for s, _ in ck.list_checkpoints(run_dir)]
+
+
+def test_rollback_with_keep_last_keeps_the_new_branch_and_latest_follows_it(tmp_path):
+    cfg = _cfg(tmp_path, train_iters=4, save_iters=2)
+    Trainer(cfg, loader=ToyLoader()).fit()                                   # checkpoints 2 and 4
+    back = cfg.override({"resume_ckpt": "2", "keep_last": 1, "train_iters": 3})
+    assert Trainer(back, loader=ToyLoader()).fit().last_checkpoint == cfg.run_dir / "3"
+    assert _steps(cfg.run_dir) == [2, 3]            # just written + resumed from; never the new branch
+    assert ck.resolve_checkpoint(cfg.run_dir, "latest") == cfg.run_dir / "3"
+    aside = list((cfg.run_dir / "abandoned").iterdir())   # the abandoned 4: moved, not deleted
+    assert len(aside) == 1 and aside[0].name.startswith("4-") and (aside[0] / "fm9g_live_checkpoint-4.pt").is_file()
+    # the next resume (from latest = 3) prunes the old lineage normally
+    t = Trainer(cfg.override({"resume_ckpt": "latest", "keep_last": 2, "train_iters": 5, "save_iters": 0}),
+                loader=ToyLoader())
+    assert t.fit().step == 5 and _steps(cfg.run_dir) == [3, 5]
+
+
+@pytest.mark.parametrize("key, value", [("lr", "inf"), ("lr", 1e400), ("weight_decay", "nan"), ("clip_grad", "inf"),
+                                        ("adam_eps", "-inf"), ("warmup_iters", "inf"), ("drop_rate", "nan"),
+                                        ("adam_betas", [0.9, "nan"]), ("peak_flops", "inf"), ("train_iters", "inf")])
+def test_non_finite_hyperparameters_are_config_errors(tmp_path, key, value):
+    from fm9g._io import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"{key} must be (a finite number|an integer)"):
+        _cfg(tmp_path, **{key: value})
+
+
+def test_non_finite_weights_are_never_saved_and_nothing_is_pruned(tmp_path):
+    cfg = _cfg(tmp_path, train_iters=2, save_iters=1, keep_last=1)
+    Trainer(cfg, loader=ToyLoader()).fit()
+    assert _steps(cfg.run_dir) == [2]
+    wild = cfg.override({"lr": 1e38})   # finite but absurd: the first update overflows
+    with pytest.raises(TrainingError, match=r"not saving checkpoint 1: the model weights hold inf or NaN.*"
+                                            r"Lower lr.*resume_ckpt=2"):
+        Trainer(wild, loader=ToyLoader()).fit()
+    assert _steps(cfg.run_dir) == [2] and not (cfg.run_dir / "abandoned").exists()
+    assert all(torch.isfinite(v).all() for v in _final_state(cfg.run_dir, 2).values())
+
+
+def test_a_checkpoint_without_optimizer_or_loader_state_is_refused_unless_asked(tmp_path, capsys):
+    cfg = _cfg(tmp_path, train_iters=2, save_iters=2)
+    Trainer(cfg, loader=ToyLoader()).fit()
+    two = cfg.run_dir / "2"
+    (two / "fm9g_live_checkpoint-2.rank-0.opt").unlink()
+    again = cfg.override({"resume_ckpt": "2", "train_iters": 3})
+    with pytest.raises(ck.CheckpointError, match=r"holds no optimizer state.*set resume_no_optimizer=true"):
+        Trainer(again, loader=ToyLoader()).fit()
+    capsys.readouterr()
+    t = Trainer(again.override({"resume_no_optimze": "true"}), loader=ToyLoader())   # the original's spelling
+    assert t.config.resume_no_optimizer is True and t.fit().step == 3
+    out = capsys.readouterr().out
+    assert "restored weights, data position, step 2 and token counters, RNG; NOT restored: optimizer" in out
+    (two / "dataset_ckpt" / "loader_state.pt").unlink()
+    no_opt = again.override({"resume_no_optimizer": True})
+    with pytest.raises(ck.CheckpointError, match=r"holds no data loader state.*load_dataloader_ckpt=false"):
+        Trainer(no_opt, loader=ToyLoader()).fit()
+    with pytest.raises(ck.CheckpointError, match=r"loader \(_ListLoader\) has no load_state_dict"):
+        Trainer(cfg.override({"resume_ckpt": "latest"}), loader=_ListLoader([2, 3])).resume("latest")
+    capsys.readouterr()
+    assert Trainer(no_opt.override({"load_dataloader_ckpt": False}), loader=ToyLoader()).fit().step == 3
+    assert "NOT restored: optimizer (resume_no_optimizer" in capsys.readouterr().out
+    # a complete checkpoint: the header says the resume is exact
+    Trainer(cfg.override({"resume_ckpt": "latest", "train_iters": 4}), loader=ToyLoader()).fit()
+    assert "restored weights, optimizer, data position, step 3 and token counters, RNG; exact resume" in capsys.readouterr().out
+
+
+def test_lora_resume_with_other_settings_or_another_base_is_refused(tmp_path):
+    import shutil
+
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    for name, seed in (("base.pt", 123), ("other.pt", 5)):
+        torch.manual_seed(seed)
+        torch.save(FM9GModel(FM9GConfig.from_name("tiny")).state_dict(), tmp_path / name)
+    cfg = _cfg(tmp_path, train_iters=2, save_iters=2, pretrained_model=str(tmp_path / "base.pt"),
+               lora={"r": 4, "alpha": 8, "target_modules": ["project_q", "project_v"]})
+    Trainer(cfg, loader=ToyLoader()).fit()
+    resume = cfg.override({"resume_ckpt": "2", "train_iters": 3})
+    with pytest.raises(ck.CheckpointError, match=r"other LoRA settings \(alpha: 8 in the checkpoint vs 16"):
+        Trainer(resume.override({"lora_alpha": 16}), loader=ToyLoader()).fit()
+    with pytest.raises(ck.CheckpointError, match=r"target_modules"):
+        Trainer(resume.override({"lora_layer": ["project_q"]}), loader=ToyLoader()).fit()
+    with pytest.raises(ck.CheckpointError, match=r"trained on another base model.*other\.pt"):
+        Trainer(resume.override({"pretrained_model": str(tmp_path / "other.pt")}), loader=ToyLoader()).fit()
+    shutil.copy(tmp_path / "base.pt", tmp_path / "moved.pt")    # the same base elsewhere is fine
+    assert Trainer(resume.override({"pretrained_model": str(tmp_path / "moved.pt")}), loader=ToyLoader()).fit().step == 3
+
+
+def test_relative_save_paths_resolve_against_the_config_file_folder(tmp_path, monkeypatch):
+    conf, work = tmp_path / "conf", tmp_path / "work"
+    conf.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (conf / "train.json").write_text(json.dumps({"model": "tiny", "save": "ckpts", "model_unique": "r",
+                                                 "tensorboard": "tb", "stats_dir": "stats"}))
+    cfg = TrainConfig.from_json(conf / "train.json")
+    want = conf.resolve() / "ckpts" / "r"
+    assert cfg.run_dir == want                        # before the folder exists ...
+    (want / "2").mkdir(parents=True)
+    assert cfg.run_dir == want                        # ... and after: one place
+    assert Path(cfg.output_path(cfg.tensorboard)) == conf.resolve() / "tb"
+    assert TrainConfig(model="tiny", save="ckpts").run_dir == Path("ckpts") / "fm9g"   # Python: the cwd

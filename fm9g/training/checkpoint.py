@@ -11,6 +11,13 @@ Layout of one checkpoint (``<save>/<model_unique>/<step>/``, the original's layo
     config.json                              the model config (FM9GConfig.to_dict())
     train_config.json                        the TrainConfig of the run
 
+Lineage: ``trainer_state.pt`` also records where the checkpoint's state comes from (:class:`Lineage`:
+its id, the ``(id, step)`` of the checkpoints it descends from, and a write serial). A save moves
+every checkpoint of the run folder that is not in the new checkpoint's history into
+``<run>/abandoned/<step>-<time>/`` (a branch left by resuming from an earlier step), prunes only
+older checkpoints of its own history (``keep_last``; never the one just written nor a protected
+one), and ``latest`` is the checkpoint written last. docs/checkpoints.md states the rules.
+
 Crash safety: every file is written (and fsynced) into ``<run>/.tmp-<step>-<pid>-*/`` and the folder is
 renamed to ``<run>/<step>`` only when all files are on disk (``fm9g._io.atomic_dir``; ``os.replace``
 is atomic on POSIX). A crash in the
@@ -28,9 +35,11 @@ import os
 import random
 import re
 import shutil
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +51,16 @@ __all__ = [
     "CHECKPOINT_NAME",
     "Checkpoint",
     "CheckpointError",
+    "Lineage",
+    "read_lineage",
+    "latest_checkpoint",
+    "all_finite",
     "save_checkpoint",
     "list_checkpoints",
     "resolve_checkpoint",
     "load_checkpoint",
     "model_file",
+    "optimizer_file",
     "to_safe",
     "from_safe",
     "get_rng_state",
@@ -56,6 +70,7 @@ __all__ = [
 
 TRAINER_STATE = "trainer_state.pt"
 LOADER_STATE = os.path.join("dataset_ckpt", "loader_state.pt")
+ABANDONED = "abandoned"  # <run>/abandoned/<step>-<time>/: checkpoints of a branch left behind
 FORMAT_VERSION = 1
 
 
@@ -69,6 +84,7 @@ def model_file(step: int) -> str:
 
 
 def optimizer_file(step: int, rank: int = 0) -> str:
+    """File name of rank `rank`'s optimizer state of ``step``: ``fm9g_live_checkpoint-<step>.rank-<rank>.opt``."""
     return f"{CHECKPOINT_NAME}-{step}.rank-{rank}.opt"
 
 
@@ -129,6 +145,111 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+# ------------------------------------------------------------------------------ lineage
+@dataclass(frozen=True, kw_only=True)
+class Lineage:
+    """Where the state of a checkpoint comes from (stored in its ``trainer_state.pt``).
+
+    Attributes:
+        id: the checkpoint's unique id (``"legacy-<step>"`` for one written without a record:
+            such checkpoints of a folder count as one lineage, ordered by step).
+        step: its step.
+        ancestors: ``(id, step)`` of the checkpoints its state descends from, oldest first (a
+            resumed run inherits the history of the checkpoint it resumed from).
+        serial: write order: the time of writing in ns, or one more than the largest serial in
+            the run folder if that is larger (so a clock set back never reorders checkpoints); 0
+            for a checkpoint without a record (older than any with one).
+    """
+
+    id: str
+    step: int
+    ancestors: tuple[tuple[str, int], ...] = ()
+    serial: int = 0
+
+    @property
+    def chain(self) -> tuple[tuple[str, int], ...]:
+        """The history a state restored from this checkpoint continues: ancestors, then itself."""
+        return self.ancestors + ((self.id, self.step),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "step": self.step, "ancestors": [list(a) for a in self.ancestors],
+                "serial": self.serial, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Lineage":
+        return cls(id=str(d["id"]), step=int(d["step"]), serial=int(d.get("serial", 0)),
+                   ancestors=tuple((str(i), int(s)) for i, s in d.get("ancestors", ())))
+
+
+def _recorded_lineage(path: Path) -> Lineage | None:
+    """The lineage record of a complete checkpoint folder (None: written without one)."""
+    try:
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - name the file
+        raise CheckpointError(f"cannot read {path / TRAINER_STATE}: {err}") from err
+    rec = state.get("lineage") if isinstance(state, dict) else None
+    return Lineage.from_dict(rec) if isinstance(rec, dict) else None
+
+
+def _lineages(run_dir: Path) -> dict[Path, Lineage]:
+    """Lineage of every complete checkpoint of a run folder; checkpoints without a record form one
+    chain by step (``legacy-<step>`` ids, serial 0)."""
+    found = {path: _recorded_lineage(path) for _, path in list_checkpoints(run_dir)}
+    legacy = sorted(int(p.name) for p, lin in found.items() if lin is None)
+    out: dict[Path, Lineage] = {}
+    for path, lin in found.items():
+        if lin is None:
+            step = int(path.name)
+            lin = Lineage(id=f"legacy-{step}", step=step,
+                          ancestors=tuple((f"legacy-{s}", s) for s in legacy if s < step))
+        out[path] = lin
+    return out
+
+
+def read_lineage(path: str | os.PathLike) -> Lineage:
+    """The :class:`Lineage` of a checkpoint folder (a synthetic ``legacy-<step>`` one when it has no record)."""
+    p = Path(path)
+    lin = _recorded_lineage(p)
+    return lin if lin is not None else _lineages(p.parent)[p]
+
+
+def _newest(lineages: Mapping[Path, Lineage]) -> Path | None:
+    """The checkpoint written last: highest serial, then highest step."""
+    return max(lineages, key=lambda p: (lineages[p].serial, lineages[p].step), default=None)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """``latest``: the checkpoint of `run_dir` written last (the tip of the current lineage), or None."""
+    return _newest(_lineages(Path(run_dir)))
+
+
+def _move_aside(run_dir: Path, path: Path) -> Path:
+    """Move a checkpoint of an abandoned branch to ``<run>/abandoned/<step>-<UTC time>[-n]/``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest_root = run_dir / ABANDONED
+    dest_root.mkdir(exist_ok=True)
+    dest, n = dest_root / f"{path.name}-{stamp}", 1
+    while dest.exists():
+        dest, n = dest_root / f"{path.name}-{stamp}-{n}", n + 1
+    os.replace(path, dest)
+    return dest
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when no element of `tensors` is inf or NaN: one fused max-abs reduction per device
+    and dtype (``torch._foreach_norm(ord=inf)``, no overflow for large finite values) and one
+    host sync in all."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel() and t.is_floating_point():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    if not groups:
+        return True
+    with torch.no_grad():
+        maxima = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in groups.values()]
+        return bool(torch.stack([m.to(maxima[0].device) for m in maxima]).all())
+
+
 # ------------------------------------------------------------------------------ writing
 def _write_file(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write one file of a checkpoint and fsync it. (Tests monkeypatch this to inject faults.)"""
@@ -151,6 +272,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def loader_state_file(rank: int = 0) -> str:
+    """Where rank ``rank`` keeps its loader state inside a checkpoint folder (rank 0: the one-process name)."""
+    return LOADER_STATE if rank == 0 else os.path.join("dataset_ckpt", f"loader_state.rank-{rank}.pt")
+
+
+SHARDED_DIR = "dcp"  # inside a checkpoint folder: the torch.distributed.checkpoint shards (checkpoint_format "sharded")
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -163,54 +292,145 @@ def save_checkpoint(
     train_config: dict[str, Any] | None = None,
     keep_last: int | None = None,
     rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    sharded_writer: Callable[[Path], None] | None = None,
+    history: Sequence[tuple[str, int]] | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write checkpoint ``step`` under ``run_dir`` atomically; prune to ``keep_last`` afterwards.
+
+    Before writing, every checkpoint of ``run_dir`` outside the new checkpoint's history is moved
+    to ``<run>/abandoned/<step>-<time>/`` (a branch left by a resume from an earlier step; never
+    deleted). ``keep_last`` then deletes only older checkpoints of that history.
+
+    With several ranks (``world_size > 1``; a collective: every rank calls it, with ``barrier``)
+    every rank writes its optimizer file (``*.rank-<r>.opt``) and loader state into one temporary
+    folder on a file system all ranks see; rank 0 then writes the shared files (the gathered model
+    ``.pt``, trainer state, configs) and renames the folder, exactly as one process does. With
+    ``sharded_writer`` (``checkpoint_format: "sharded"``) every rank writes its shards of the model
+    and optimizer into ``<step>/dcp/`` (``torch.distributed.checkpoint``) and no ``.pt`` is written.
 
     Args:
         run_dir: ``<save>/<model_unique>``.
         step: iteration number (the folder name).
-        model_state: state dict in the original names (full model, or the LoRA tensors).
-        optimizer_state: ``optimizer.state_dict()``.
-        loader_state: ``loader.state_dict()`` (numpy arrays allowed).
+        model_state: state dict in the original names (full model, or the LoRA tensors; used on rank 0).
+        optimizer_state: this rank's ``optimizer.state_dict()``.
+        loader_state: this rank's ``loader.state_dict()`` (numpy arrays allowed).
         trainer_state: step, counters, RNG (see :func:`get_rng_state`); plain types and tensors.
         model_config / train_config: JSON-able dicts.
-        keep_last: keep only the newest N checkpoints (None keeps all).
+        keep_last: keep only the newest N checkpoints of this history (None keeps all).
+        rank / world_size / barrier: the data-parallel position and a barrier across the ranks.
+        sharded_writer: ``f(folder)`` writing this rank's model and optimizer shards (collective).
+        history: ``(id, step)`` of the checkpoints the state descends from (:attr:`Lineage.chain`
+            of the checkpoint a run resumed from, then of each one it saved; ``()`` for a fresh
+            run). None: continue the folder's ``latest`` (its history up to ``step``).
+        protect: checkpoint folders that pruning never deletes (the one the run resumed from).
     Returns:
         The final checkpoint folder ``run_dir/<step>``.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    sync = barrier or (lambda: None)
+    main = rank == 0
+    own_files: list[tuple[str, Callable[[Any], None], bool]] = [
+        (optimizer_file(step, rank), lambda f: torch.save(to_safe(optimizer_state or {}), f), True),
+        (loader_state_file(rank), lambda f: torch.save(to_safe(loader_state), f), True),
+    ]
+    if world_size > 1:  # the ranks share one temporary folder, named the same on every rank
+        tmp = run_dir / f".tmp-{step}-ranks"
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale(run_dir)
+            (tmp / "dataset_ckpt").mkdir(parents=True)
+        sync()
+        if sharded_writer is not None:
+            sharded_writer(tmp / SHARDED_DIR)
+        if not main:
+            for name, write, binary in own_files:
+                _write_file(tmp / name, write, binary)
+        sync()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if world_size == 1:
+            _remove_stale(run_dir)
+        existing = _lineages(run_dir)
+        if history is None:
+            newest = _newest(existing)
+            history = [a for a in existing[newest].chain if a[1] < step] if newest is not None else []
+        lineage = Lineage(id=uuid.uuid4().hex, step=step, ancestors=tuple((str(i), int(s)) for i, s in history),
+                          serial=max(time.time_ns(), 1 + max((lin.serial for lin in existing.values()), default=0)))
+        files = own_files + _shared_files(step, lineage, model_state if sharded_writer is None else None,
+                                          trainer_state, model_config, train_config)
+        final = run_dir / str(step)
+        mine = {i for i, _ in lineage.ancestors}
+        for path, lin in existing.items():
+            if lin.id not in mine:  # another branch (a same-step folder of it included): keep it aside
+                _move_aside(run_dir, path)
+        if world_size > 1:
+            _write_all(tmp, files)
+            with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as empty:
+                empty.rmdir()
+                os.replace(tmp, empty)
+        else:
+            with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as new:
+                (new / "dataset_ckpt").mkdir()
+                _write_all(new, files)
+        _fsync_dir(run_dir)
+        if keep_last is not None:
+            _prune(existing, mine, final, keep_last, {Path(p).resolve() for p in protect})
+    sync()
+    return run_dir / str(step)
+
+
+def _remove_stale(run_dir: Path) -> None:
     for stale in run_dir.glob(".tmp-*"):  # leftovers of a crashed save: never a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _shared_files(step: int, lineage: "Lineage", model_state: dict[str, torch.Tensor] | None,
+                  trainer_state: dict[str, Any] | None, model_config: dict[str, Any] | None,
+                  train_config: dict[str, Any] | None) -> list[tuple[str, Callable[[Any], None], bool]]:
+    """The files rank 0 writes (model weights unless sharded, logs, configs, trainer state last)."""
     trainer_state = dict(trainer_state or {})
     trainer_state.setdefault("step", step)
     trainer_state["format_version"] = FORMAT_VERSION
+    trainer_state["lineage"] = lineage.to_dict()
     log_ckpt = {
         "iteration": step,
         "global_token_pass": int(trainer_state.get("tokens", 0)),
         "global_total_task_token": dict(trainer_state.get("task_tokens", {})),
     }
-    files: list[tuple[str, Callable[[Any], None], bool]] = [
-        (model_file(step), lambda f: torch.save(model_state, f), True),
-        (optimizer_file(step, rank), lambda f: torch.save(to_safe(optimizer_state or {}), f), True),
-        (LOADER_STATE, lambda f: torch.save(to_safe(loader_state), f), True),
+    files: list[tuple[str, Callable[[Any], None], bool]] = []
+    if model_state is not None:
+        files.append((model_file(step), lambda f: torch.save(model_state, f), True))
+    files += [
         (f"{CHECKPOINT_NAME}-{step}.log_ckpt", lambda f: json.dump(log_ckpt, f), False),
         ("config.json", lambda f: json.dump(model_config or {}, f, indent=2, default=str), False),
         ("train_config.json", lambda f: json.dump(train_config or {}, f, indent=2, default=str), False),
         # written last: its presence marks a complete folder even before the rename
         (TRAINER_STATE, lambda f: torch.save(to_safe(trainer_state), f), True),
     ]
-    final = run_dir / str(step)
-    with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as tmp:
-        (tmp / "dataset_ckpt").mkdir()
-        for name, write, binary in files:
-            _write_file(tmp / name, write, binary)
-        _fsync_dir(tmp)
-    _fsync_dir(run_dir)
-    if keep_last is not None:
-        for _, old_path in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old_path, ignore_errors=True)
-    return final
+    return files
+
+
+def _write_all(folder: Path, files: list[tuple[str, Callable[[Any], None], bool]]) -> None:
+    for name, write, binary in files:
+        _write_file(folder / name, write, binary)
+    _fsync_dir(folder)
+
+
+def _prune(existing: Mapping[Path, Lineage], history_ids: set[str], written: Path, keep_last: int,
+           protected: set[Path]) -> None:
+    """Delete older checkpoints of the written one's history beyond the newest ``keep_last``
+    (the written one counts); never the written one nor a protected one."""
+    older = sorted((lin.step, path) for path, lin in existing.items()
+                   if lin.id in history_ids and path != written and path.is_dir())
+    for _, path in older[:max(0, len(older) - (keep_last - 1))]:
+        if path.resolve() not in protected:
+            # renamed first: a kill in the middle never leaves a half-deleted folder that looks complete
+            trash = path.parent / f".tmp-pruned-{path.name}-{os.getpid()}"
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ finding
@@ -219,7 +439,7 @@ def _is_complete(path: Path) -> bool:
         step = int(path.name)
     except ValueError:
         return False
-    model = (path / model_file(step)).is_file() or (path / "dcp" / ".metadata").is_file()  # dcp: sharded format
+    model = (path / model_file(step)).is_file() or (path / SHARDED_DIR / ".metadata").is_file()
     return model and (path / TRAINER_STATE).is_file()
 
 
@@ -240,17 +460,19 @@ def resolve_checkpoint(run_dir: str | os.PathLike | None, spec: int | str | os.P
 
     Args:
         run_dir: ``<save>/<model_unique>`` (may be None when ``spec`` is a path).
-        spec: a step number (``5`` or ``"5"``), ``"latest"``, a checkpoint folder, or the ``.pt``
-            file inside one.
+        spec: a step number (``5`` or ``"5"``), ``"latest"`` (the checkpoint written last: the tip
+            of the current lineage, see :func:`latest_checkpoint`), a checkpoint folder, or the
+            ``.pt`` file inside one.
     Raises:
         CheckpointError: nothing matches (the message lists what exists).
     """
     s = str(spec).strip()
     available = list_checkpoints(run_dir) if run_dir is not None else []
     if s.lower() == "latest":
-        if not available:
+        latest = latest_checkpoint(run_dir) if available else None
+        if latest is None:
             raise CheckpointError(f"resume_ckpt='latest' but {run_dir} holds no complete checkpoint")
-        return available[-1][1]
+        return latest
     if re.fullmatch(r"-?\d+", s):
         for step, path in available:
             if step == int(s):
@@ -314,8 +536,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if not weights_only_model:
         if (p / optimizer_file(step, rank)).is_file():
             opt = from_safe(_load(optimizer_file(step, rank)))
-        if (p / LOADER_STATE).is_file():
-            loader = from_safe(_load(LOADER_STATE))
+        if (p / loader_state_file(rank)).is_file():
+            loader = from_safe(_load(loader_state_file(rank)))
 
     def _json(name: str) -> dict[str, Any]:
         f = p / name

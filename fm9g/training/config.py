@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -73,10 +74,15 @@ class TrainConfig:
     max_length tokens per micro-batch, seed, max_bad_steps (consecutive non-finite losses before
     stopping), ignore_cuda_oom (skip a batch that runs out of GPU memory).
 
-    Checkpoints: save (root directory; None disables), model_unique (run name: checkpoints go to
-    ``<save>/<model_unique>/<step>/``), save_iters (0: only at the end), save_final, keep_last
-    (prune older checkpoints), resume_ckpt (a step number, ``"latest"`` or a checkpoint path),
-    only_load_model (resume weights only: step 0, fresh optimizer and loader).
+    Checkpoints: save (root directory; None disables; a relative path resolves against the
+    config file's folder, or the working directory for a config built in Python), model_unique
+    (run name: checkpoints go to ``<save>/<model_unique>/<step>/``), save_iters (0: only at the
+    end), save_final, keep_last (prune older checkpoints of the run's lineage), resume_ckpt (a
+    step number, ``"latest"`` or a checkpoint path), only_load_model (resume weights only: step 0,
+    fresh optimizer and loader), load_dataloader_ckpt (false: resume without the data position),
+    resume_no_optimizer (resume without the optimizer state; alias ``resume_no_optimze``). A
+    resume from a checkpoint lacking optimizer or loader state is refused unless the matching
+    option says to go on (docs/checkpoints.md).
 
     Logging: log_iters, inspect_iters (parameter statistics), tensorboard (directory;
     ``"auto"`` = ``<save>/<model_unique>/tensorboard``; None disables), stats_dir (train_stats
@@ -137,6 +143,7 @@ class TrainConfig:
     resume_ckpt: str | None = None
     only_load_model: bool = False
     load_dataloader_ckpt: bool = True
+    resume_no_optimizer: bool = False
     # --- logging ------------------------------------------------------------------------------
     log_iters: int = 1
     inspect_iters: int = 100
@@ -270,6 +277,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError(f"compile must be true, false or \"auto\", got {self.compile!r}")
+        _check_finite(self)
         for name in ("train_iters", "grad_accum", "batch_size", "max_length", "log_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -305,7 +313,17 @@ class TrainConfig:
         """``<save>/<model_unique>`` (None when saving is off)."""
         if self.save is None:
             return None
-        return Path(self.resolve_path(self.save)) / self.model_unique
+        return Path(self.output_path(self.save)) / self.model_unique
+
+    def output_path(self, p: str | os.PathLike) -> str:
+        """Resolve a path the run writes to (``save``, ``tensorboard``, ``stats_dir``): absolute as
+        is, else relative to ``base_dir`` (the config file's folder) when the config came from a
+        file, else relative to the working directory. Unlike :meth:`resolve_path` it never depends
+        on what already exists."""
+        p = os.path.expanduser(str(p))
+        if os.path.isabs(p) or self.base_dir is None:
+            return p
+        return os.path.join(self.base_dir, p)
 
     def resolve_path(self, p: str | os.PathLike) -> str:
         """Resolve a path from the config: absolute as is, else relative to ``base_dir`` if the
@@ -353,6 +371,16 @@ def resolve_iters(value: float, train_iters: int) -> float:
 # ---------------------------------------------------------------------------------- helpers
 def _field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_finite(config: TrainConfig) -> None:
+    """Every number of the config is finite: an inf / NaN hyperparameter (lr, weight_decay,
+    clip_grad, adam_eps, adam_betas, warmup_iters, ...) would train a non-finite model."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -16,7 +16,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -267,89 +266,3 @@ def estimate_memory(
     total = weights + grads + optimizer + gathered + activations
     return {"params": float(params), "weights": weights, "grads": grads, "optimizer": optimizer,
             "gathered": gathered, "activations": activations, "total": total}
-
-
-# ------------------------------------------------------------------------------ checkpoints of several ranks
-def loader_state_file(rank: int) -> str:
-    """Where rank ``rank`` keeps its loader state inside a checkpoint folder (rank 0: the one-process name)."""
-    from fm9g.training.checkpoint import LOADER_STATE
-
-    return LOADER_STATE if rank == 0 else os.path.join("dataset_ckpt", f"loader_state.rank-{rank}.pt")
-
-
-def save_checkpoint_ranks(run_dir: str | os.PathLike, step: int, *, rank: int, world_size: int, barrier: Any,
-                          optimizer_state: dict[str, Any], loader_state: Any, sharded_writer: Any = None,
-                          **shared: Any) -> Any:
-    """:func:`fm9g.training.checkpoint.save_checkpoint` for several ranks (collective).
-
-    Every rank writes its optimizer file (``*.rank-<r>.opt``) and loader state
-    (``dataset_ckpt/loader_state.rank-<r>.pt``) into one temporary folder; then rank 0 writes the
-    shared files (the gathered model ``.pt``, trainer state, configs) and renames the folder, as in
-    one process. Needs a file system every rank sees (the usual shared storage of a cluster).
-
-    With ``sharded_writer`` (``checkpoint_format: "sharded"``) every rank writes its shards of the
-    model and optimizer into ``<step>/dcp/`` (``torch.distributed.checkpoint``) in parallel, and no
-    gathered ``.pt`` is written.
-
-    Args:
-        sharded_writer: ``f(folder)``, called on every rank (collective), or None.
-        shared: ``model_state``, ``trainer_state``, ``model_config``, ``train_config``, ``keep_last``
-            (used on rank 0 only).
-    Returns:
-        The checkpoint folder ``run_dir/<step>``.
-    """
-    from fm9g.training import checkpoint as ck
-
-    run_dir = Path(run_dir)
-    final = run_dir / str(step)
-    tmp = run_dir / f".tmp-{step}-ranks"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        (tmp / "dataset_ckpt").mkdir(parents=True)
-    barrier()
-    if sharded_writer is not None:
-        sharded_writer(tmp / SHARDED_DIR)
-    if rank != 0:
-        ck._write_file(tmp / ck.optimizer_file(step, rank), lambda f: torch.save(ck.to_safe(optimizer_state), f))
-        ck._write_file(tmp / loader_state_file(rank), lambda f: torch.save(ck.to_safe(loader_state), f))
-    barrier()
-    if rank == 0:
-        # rank 0's own files and the shared ones, written into the same folder, then the rename
-        written = ck.save_checkpoint(run_dir / f".tmp-rank0-{step}", step, optimizer_state=optimizer_state,
-                                     loader_state=loader_state, rank=0, **shared)
-        for item in written.iterdir():
-            dest = tmp / item.name
-            if item.is_dir():
-                for sub in item.iterdir():
-                    os.replace(sub, dest / sub.name)
-            else:
-                os.replace(item, dest)
-        shutil.rmtree(written.parent, ignore_errors=True)
-        if sharded_writer is not None:  # the model lives in dcp/ only
-            (tmp / ck.model_file(step)).unlink()
-        ck._fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ck._fsync_dir(run_dir)
-        keep_last = shared.get("keep_last")
-        if keep_last is not None:
-            for _, old in ck.list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-SHARDED_DIR = "dcp"  # inside a checkpoint folder: the torch.distributed.checkpoint shards
-
-
-def load_loader_state(folder: str | os.PathLike, rank: int, world_size: int) -> Any:
-    """This rank's loader state from a checkpoint folder written by ``world_size`` ranks (None if absent)."""
-    from fm9g.training import checkpoint as ck
-
-    path = Path(folder) / loader_state_file(rank)
-    if not path.is_file():
-        return None
-    return ck.from_safe(torch.load(path, map_location="cpu", weights_only=True))

@@ -15,6 +15,7 @@ See docs/training.md ("Original train configs") for the rules.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
@@ -34,6 +35,7 @@ ALIASES: dict[str, str] = {
     "tensorboard_all_tasks": "log_task_loss",
     "load": "pretrained_model",
     "log_dir": "stats_dir",
+    "resume_no_optimze": "resume_no_optimizer",  # the original launcher's spelling
 }
 
 # keys of the original launcher that have no meaning here: accepted (so the original JSON files
@@ -43,13 +45,12 @@ IGNORED_KEYS: dict[str, str] = {
     "flash": "the attention backend is chosen by attn_impl",
     "local": "launcher switch",
     "dataloader": "only the indexed loader exists",
-    "load_grad": "optimizer state is always restored on resume (only_load_model=true skips it)",
+    "load_grad": "optimizer state is restored on resume (resume_no_optimizer=true skips it)",
     "grad_ckpt_num": "unused in the original",
     "exp_group": "name runs with model_unique / tensorboard",
     "only_run_dataloader": "unused in the original",
     "eps": "layer-norm eps comes from the model config; Adam eps is adam_eps",
     "strict_state_dict": "state dicts are always loaded strictly",
-    "resume_no_optimze": "not supported",
     "tp_size": "tensor parallelism is not supported",
     "async_save": "saves are synchronous and atomic",
     "dataloader_num_threads": "use num_workers",
@@ -181,7 +182,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return int(f)
     if tp is float:

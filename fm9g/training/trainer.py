@@ -16,10 +16,13 @@ gradient is not finite is skipped (no update; the iteration number does not adva
 Resuming (``resume_ckpt``: a step, ``"latest"`` or a path) restores the weights (LoRA runs: the
 LoRA tensors, on top of ``pretrained_model``), the optimizer, the loader position, the token
 counters and every RNG, so k steps + resume + (N-k) steps gives the same losses and the same final
-weights as N steps straight.
+weights as N steps straight. A checkpoint lacking optimizer or loader state, or a LoRA checkpoint
+of other settings or another base, is refused unless an option says to go on; checkpoints follow
+the run's lineage (docs/checkpoints.md).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -31,13 +34,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm9g.models.lora import apply_lora, lora_modules
+from fm9g.models.lora import apply_lora, get_lora_config, lora_modules
 from fm9g.training.builders import check_same_shape, build_loader, build_model, build_tokenizer, pretrained_state
 from fm9g.training.checkpoint import (
+    Checkpoint,
     CheckpointError,
+    all_finite,
     get_rng_state,
+    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    SHARDED_DIR,
+    optimizer_file,
+    read_lineage,
     resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -87,6 +96,39 @@ def _has_lora(model: nn.Module) -> bool:
     return next(lora_modules(model), None) is not None
 
 
+def _lora_settings(model: nn.Module) -> dict[str, Any]:
+    """The model's LoRA r / alpha / dropout / target_modules (as JSON-able values)."""
+    lc = get_lora_config(model)
+    return lc.to_dict() if lc is not None else {}
+
+
+def _norm(value: Any) -> Any:
+    """Numbers compare as floats, lists as lists (a checkpoint's values went through JSON-able types)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _base_identity(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
+    """Identity of a LoRA run's frozen base: the ``pretrained_model`` path and a SHA-256 over the
+    names, shapes and first 4096 values (as fp32) of four of its frozen tensors (None on meta)."""
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    path = str(Path(config.resolve_path(config.pretrained_model)).resolve()) if config.pretrained_model else None
+    if not frozen or any(p.device.type == "meta" for _, p in frozen):
+        return {"path": path, "fingerprint": None}
+    picks = sorted({0, len(frozen) // 3, 2 * len(frozen) // 3, len(frozen) - 1})
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for i in picks:
+            name, p = frozen[i]
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            t = p.detach()
+            if hasattr(t, "full_tensor"):  # a DTensor shard (FSDP2): every rank gathers the same tensor
+                t = t.full_tensor()
+            h.update(t.reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return {"path": path, "fingerprint": h.hexdigest()}
+
+
 # ------------------------------------------------------------------------------ the trainer
 class Trainer:
     """Trains a model with a :class:`TrainConfig`.
@@ -126,6 +168,7 @@ class Trainer:
             apply_lora(model, config.lora)
         self.is_lora = _has_lora(model)
         self.model = model
+        self._base_identity = _base_identity(model, config) if self.is_lora else None  # before any wrapping
         self.engine = engine or build_engine(config, model, lora_only=self.is_lora)
         self.tokenizer = tokenizer
         self._loader = loader
@@ -139,6 +182,10 @@ class Trainer:
         self.bad_in_row = 0
         self.last_checkpoint: Path | None = None
         self._resumed = False
+        # the checkpoints this state descends from ((id, step), oldest first) and where it resumed
+        self._history: tuple[tuple[str, int], ...] = ()
+        self._resumed_from: Path | None = None
+        self.resume_summary: str | None = None  # what the last resume restored and what not
         # rows come from the loader when one is given (it may pack other lengths than the config)
         self.batch_size = int(getattr(loader, "batch_size", None) or config.batch_size)
         self.max_length = int(getattr(loader, "max_length", None) or config.max_length)
@@ -180,6 +227,7 @@ class Trainer:
             f"  {c.train_iters} iterations of {c.grad_accum} x {self.batch_size} x {self.max_length} tokens; "
             f"lr {c.lr:g} {c.lr_scheduler} (warmup {c.warmup_steps:g}, drop {c.drop_steps:g}); "
             f"starting after step {self.step}; checkpoints: {c.run_dir or 'off'}"
+            + (f"\n  {self.resume_summary}" if self.resume_summary else "")
         )
 
     # ------------------------------------------------------------------ one step
@@ -270,7 +318,7 @@ class Trainer:
         def folder(value: str | None, auto: str) -> Path | None:
             if value is None or (value == "auto" and run_dir is None):
                 return None
-            return run_dir / auto if value == "auto" else Path(cfg.resolve_path(value))
+            return run_dir / auto if value == "auto" else Path(cfg.output_path(value))
 
         stats = folder(cfg.stats_dir, "train_stats") if run_dir is not None else None
         return MetricsLogger(
@@ -344,25 +392,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Trainer state: step, counters, RNG states, whether this is a LoRA run."""
-        return {
+        """Trainer state: step, counters, RNG states, whether this is a LoRA run (and then its
+        LoRA settings and the identity of its pretrained base, checked on resume)."""
+        state = {
             "step": self.step, "tokens": self.tokens, "task_tokens": dict(self.task_tokens),
             "skipped": dict(self.skipped), "rng": get_rng_state(), "is_lora": self.is_lora,
             "seed": self.config.seed,
         }
+        if self.is_lora:
+            state["lora"] = _lora_settings(self.model)
+            state["pretrained"] = dict(self._base_identity or {})
+        return state
 
     def save(self) -> Path:
-        """Write checkpoint ``<save>/<model_unique>/<step>/`` (atomically) and return its folder."""
+        """Write checkpoint ``<save>/<model_unique>/<step>/`` (atomically) and return its folder.
+
+        The checkpoint continues this run's lineage (docs/checkpoints.md): checkpoints of the run
+        folder outside it move to ``abandoned/``, ``keep_last`` prunes only older ones of it and
+        never the checkpoint this run resumed from.
+
+        Raises:
+            TrainingError: the weights hold inf/NaN; nothing is written, moved or pruned.
+        """
         cfg = self.config
         run_dir = cfg.run_dir
         if run_dir is None:
             raise ValueError("save is null: set `save` to a directory to write checkpoints")
+        self._check_finite_weights()
         loader = self._loader
         loader_state = loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None
         mc = getattr(self.model, "config", None)
         # checkpoint_format "sharded" (several ranks): model + optimizer go to <step>/dcp/ instead
         sharded = self.engine.world_size > 1 and cfg.checkpoint_format == "sharded"
-        shared = dict(
+        path = save_checkpoint(
+            run_dir, self.step,
             model_state={} if sharded else self.engine.model_state_dict(lora_only=self.is_lora),
             optimizer_state={"world_size": self.engine.world_size} if sharded else self.engine.optimizer_state_dict(),
             loader_state=loader_state,
@@ -370,28 +433,46 @@ class Trainer:
             model_config=mc.to_dict() if hasattr(mc, "to_dict") else None,
             train_config=cfg.to_dict(),
             keep_last=cfg.keep_last,
+            rank=self.engine.rank,
+            world_size=self.engine.world_size,
+            barrier=self.engine.barrier,
+            sharded_writer=getattr(self.engine, "save_sharded") if sharded else None,
+            history=self._history,
+            protect=[self._resumed_from] if self._resumed_from is not None else [],
         )
-        if self.engine.world_size > 1:  # several ranks write into one folder (see docs/distributed.md)
-            from fm9g.training.distributed import save_checkpoint_ranks
-
-            path = save_checkpoint_ranks(run_dir, self.step, rank=self.engine.rank, world_size=self.engine.world_size,
-                                         barrier=self.engine.barrier,
-                                         sharded_writer=getattr(self.engine, "save_sharded") if sharded else None,
-                                         **shared)
-        else:
-            path = save_checkpoint(run_dir, self.step, rank=self.engine.rank, **shared)
+        self._history = read_lineage(path).chain
         self.last_checkpoint = path
         if self.logger is not None:
             self.logger.print(f"saved checkpoint {path}")
         return path
 
+    def _check_finite_weights(self) -> None:
+        """Refuse to save inf/NaN weights (one fused reduction, one host sync; every rank agrees)."""
+        params = [p for p in self.engine.model.parameters() if p.requires_grad]
+        bad = 0.0 if all_finite(params) else 1.0
+        if self.engine.all_reduce({"nonfinite": bad})["nonfinite"] == 0:
+            return
+        last = self.last_checkpoint or latest_checkpoint(self.config.run_dir)
+        good = (f"the last good checkpoint is {last} (resume_ckpt={last.name})" if last is not None
+                else "this run has no checkpoint yet")
+        raise TrainingError(
+            f"not saving checkpoint {self.step}: the model weights hold inf or NaN after iteration {self.step} "
+            f"(an update overflowed; lr is {self.config.lr:g}); nothing was written or pruned. "
+            f"Lower lr (or clip_grad) and restart; {good}"
+        )
+
     def resume(self, spec: int | str | os.PathLike) -> Path:
         """Restore from checkpoint ``spec`` (step number, ``"latest"`` or a path).
 
         Weights always; with ``only_load_model`` nothing else (step 0). Otherwise also the
-        optimizer, the loader position (when ``load_dataloader_ckpt``), counters and RNG states.
-        Raises :class:`CheckpointError` for a missing checkpoint, another model shape, or a
-        LoRA / full mismatch.
+        optimizer, the loader position, counters and RNG states. What was restored and what not
+        is in :attr:`resume_summary` (printed in the run header).
+
+        Raises:
+            CheckpointError: a missing checkpoint, another model shape, a LoRA / full mismatch,
+                other LoRA settings or another pretrained base, or a checkpoint without optimizer
+                or loader state (``resume_no_optimizer`` / ``load_dataloader_ckpt=false``
+                continue without them).
         """
         cfg = self.config
         path = resolve_checkpoint(cfg.run_dir, spec)
@@ -406,51 +487,114 @@ class Trainer:
                 f"{'LoRA' if self.is_lora else 'full'} training; "
                 + ("set the same lora settings (lora_r, lora_alpha, lora_layer)" if ck_lora else "remove lora from the config, or start a new run (model_unique)")
             )
-        sharded = (Path(path) / "dcp").is_dir()  # checkpoint_format "sharded": model + optimizer in dcp/
+        sharded = (Path(path) / SHARDED_DIR).is_dir()  # checkpoint_format "sharded": model + optimizer in dcp/
         if sharded and not hasattr(self.engine, "load_sharded"):
             raise CheckpointError(f"checkpoint {path} is sharded (dcp/): resume it under torchrun (2 or more processes)")
+        notes = self._check_lora_resume(ck) if self.is_lora else []
+        loader = None if cfg.only_load_model else self._check_resumable(ck, sharded)
         try:
             if sharded:
-                self.engine.load_sharded(Path(path) / "dcp", model_only=cfg.only_load_model)
+                self.engine.load_sharded(Path(path) / SHARDED_DIR, model_only=cfg.only_load_model)
             else:
                 self.engine.load_model_state_dict(ck.model_state, lora_only=self.is_lora)
         except ValueError as err:
             raise CheckpointError(f"checkpoint {path}: {err}") from None
         self._resumed = True
-        if cfg.only_load_model:
+        self._resumed_from = path
+        if cfg.only_load_model:  # a new run (new lineage) from these weights
+            self.resume_summary = (f"loaded the weights of {path} (only_load_model): a new run from step 0 with "
+                                   "a fresh optimizer, data position and RNG")
             return path
-        saved_world = int((ck.optimizer_state or {}).get("world_size", 1))
-        if sharded and saved_world != self.engine.world_size and not cfg.load_dataloader_ckpt:
-            pass  # dcp re-shards model + optimizer; the data order starts fresh (load_dataloader_ckpt=false)
-        elif saved_world != self.engine.world_size:
-            raise CheckpointError(
-                f"checkpoint {path} was written by {saved_world} process(es) but this run has {self.engine.world_size}: "
-                "the optimizer and data-loader states are per rank, so an exact resume needs the same number of "
-                "processes. Resume with the same world size, or set only_load_model=true (weights only; fresh "
-                "optimizer, data order and step 0)"
-                + (", or load_dataloader_ckpt=false (this sharded checkpoint re-shards the model and optimizer; "
-                   "the data order starts fresh)" if sharded else "") + " - see docs/distributed.md"
-            )
-        if ck.optimizer_state and not sharded:
-            self.engine.load_optimizer_state_dict(ck.optimizer_state)
-        if self.engine.world_size > 1 and cfg.load_dataloader_ckpt:
-            from fm9g.training.distributed import load_loader_state
+        restored, missing = self._restore_run_state(ck, loader, sharded)
+        self._history = read_lineage(path).chain
+        self.last_checkpoint = path
+        self.resume_summary = (f"resumed from {path}: restored {', '.join(['weights'] + restored)}"
+                               + (f"; NOT restored: {'; '.join(missing)}" if missing else "; exact resume")
+                               + "".join(f"; {n}" for n in notes))
+        return path
 
-            ck.loader_state = load_loader_state(path, self.engine.rank, self.engine.world_size)
-        if ck.loader_state is not None and cfg.load_dataloader_ckpt:
-            loader = self.loader
-            if hasattr(loader, "load_state_dict"):
-                loader.load_state_dict(ck.loader_state)
+    def _restore_run_state(self, ck: Checkpoint, loader: Any, sharded: bool) -> tuple[list[str], list[str]]:
+        """Optimizer, data position (into `loader`, None: skipped), counters and RNG from `ck`;
+        returns what was restored and what was not, for the run header."""
+        restored, missing = [], []
+        if self.config.resume_no_optimizer:
+            missing.append("optimizer (resume_no_optimizer: fresh AdamW moments)")
+        elif sharded:  # loaded with the model from dcp/ (re-sharded to this world size)
+            restored.append("optimizer")
+        else:
+            self.engine.load_optimizer_state_dict(ck.optimizer_state)
+            restored.append("optimizer")
+        if loader is not None:
+            loader.load_state_dict(ck.loader_state)
             self._data_iter = None
+            restored.append("data position")
+        else:
+            missing.append("data position (load_dataloader_ckpt=false: the data starts from the beginning)")
         ts = ck.trainer_state
         self.step = int(ts.get("step", ck.step))
         self.tokens = int(ts.get("tokens", 0))
         self.task_tokens = dict(ts.get("task_tokens", {}))
         self.skipped.update(ts.get("skipped", {}))
+        restored.append(f"step {self.step} and token counters")
         if "rng" in ts:
             set_rng_state(ts["rng"])
-        self.last_checkpoint = path
-        return path
+            restored.append("RNG")
+        else:
+            missing.append("RNG (not in the checkpoint)")
+        return restored, missing
+
+    def _check_resumable(self, ck: Checkpoint, sharded: bool) -> Any:
+        """Refuse a partial resume the config does not allow, or one on another number of processes
+        that cannot be exact (docs/distributed.md); returns the loader to restore (or None)."""
+        cfg = self.config
+        saved_world, world = int((ck.optimizer_state or {}).get("world_size", 1)), self.engine.world_size
+        if saved_world != world and not (sharded and not cfg.load_dataloader_ckpt):
+            raise CheckpointError(
+                f"checkpoint {ck.path} was written by {saved_world} process(es) but this run has {world}: "
+                "the optimizer and data-loader states are per rank, so an exact resume needs the same number of "
+                "processes. Resume with the same world size, or set only_load_model=true (weights only; fresh "
+                "optimizer, data order and step 0)"
+                + (", or load_dataloader_ckpt=false (this sharded checkpoint re-shards the model and optimizer; "
+                   "the data order starts fresh)" if sharded else "") + " - see docs/distributed.md")
+        if not cfg.resume_no_optimizer and not ck.optimizer_state:
+            raise CheckpointError(
+                f"checkpoint {ck.path} holds no optimizer state ({ck.path.name}/"
+                f"{optimizer_file(ck.step, self.engine.rank)} is missing or empty), so the resume "
+                "would not be exact; set resume_no_optimizer=true to continue with a fresh optimizer")
+        if not cfg.load_dataloader_ckpt:
+            return None
+        loader = self.loader
+        if ck.loader_state is None:
+            raise CheckpointError(
+                f"checkpoint {ck.path} holds no data loader state (dataset_ckpt/loader_state.pt is missing or "
+                "empty), so the data would start from the beginning; set load_dataloader_ckpt=false to accept that")
+        if not hasattr(loader, "load_state_dict"):
+            raise CheckpointError(
+                f"this run's loader ({type(loader).__name__}) has no load_state_dict(), so the data position of "
+                f"checkpoint {ck.path} cannot be restored; set load_dataloader_ckpt=false to start the data "
+                "from the beginning")
+        return loader
+
+    def _check_lora_resume(self, ck: Checkpoint) -> list[str]:
+        """LoRA settings and pretrained base must be the checkpoint's; returns notes for the log."""
+        saved, mine = ck.trainer_state.get("lora"), _lora_settings(self.model)
+        notes = []
+        if saved is None:
+            notes.append("the checkpoint does not record its LoRA settings or base (older version): not checked")
+        else:
+            diff = [f"{k}: {saved.get(k)!r} in the checkpoint vs {mine[k]!r} here" for k in ("r", "alpha", "target_modules")
+                    if _norm(saved.get(k)) != _norm(mine[k])]
+            if diff:
+                raise CheckpointError(
+                    f"checkpoint {ck.path} was trained with other LoRA settings ({'; '.join(diff)}); set lora_r, "
+                    "lora_alpha and lora_layer to the checkpoint's, or start a new run (model_unique)")
+        base, here = ck.trainer_state.get("pretrained") or {}, self._base_identity or {}
+        if base.get("fingerprint") and here.get("fingerprint") and base["fingerprint"] != here["fingerprint"]:
+            raise CheckpointError(
+                f"checkpoint {ck.path} holds LoRA tensors trained on another base model (pretrained_model "
+                f"{base.get('path')!r} then, {here.get('path')!r} now: their weights differ); set pretrained_model "
+                "to the base the LoRA was trained on")
+        return notes
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``[(step, folder), ...]`` of this run's complete checkpoints."""
