@@ -239,4 +239,3 @@ def check_shares(values: list[float], key: str, where: str) -> None:
             f"{where}: the {key} values {values} cannot be normalised (their sum overflows, or a share is below "
             f"{MIN_SHARE:g} of the sum); only their ratios matter: give numbers such as 0.7 and 0.3"
         )
-

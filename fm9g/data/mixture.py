@@ -120,7 +120,15 @@ class MixtureLoader:
     Raises:
         MixtureConfigError: bad entries, a missing index / transform, or a record that the
             transform turns into something without ``output``; a non-repeating dataset with fewer
-            lines than ``world_size``; bad rank / world size / sampler.
+            lines than ``world_size``; bad rank / world size / sampler; abs_weight values whose
+            shares cannot be computed (``1e308``).
+        ConfigError: a tokenizer path that needs ``trust_remote_code`` (see
+            :func:`fm9g.data.tokenizers.load_tokenizer`).
+        RuntimeError: ``num_workers > 0`` with ``spawn`` / ``forkserver`` from a script without an
+            ``if __name__ == "__main__":`` block (the workers would re-run the script). While
+            iterating: a worker process that died (killed, out of memory).
+
+    Workers exit by themselves when the process that started them dies (even by SIGKILL).
 
     Iterating yields the packer's batch dicts — ``input_ids`` / ``labels`` / ``position_ids`` /
     ``task_ids`` Long[B, L], ``cu_seqlens`` Int32[n+1], ``max_seqlen``, ``num_tokens``,
@@ -389,13 +397,19 @@ def _check_main_guard(num_workers: int, start_method: str) -> None:
     block: a ``spawn`` / ``forkserver`` worker re-imports the main script, so each worker would
     run the script's code again and die while starting, with the reason only in its own stderr.
 
+    The workers re-import what ``multiprocessing.spawn`` re-imports: the main script file or
+    ``python -m`` module, except a package's ``__main__`` (``python -m fm9g``) and IPython.
+
     Raises:
-        RuntimeError: the main module is a ``.py`` file whose top level has no ``if`` on
+        RuntimeError: the main module is re-imported and its top level has no ``if`` on
             ``__name__`` (naming the file and the two ways out).
     """
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if not path or not str(path).endswith(".py"):  # interactive, -c, a notebook: nothing is re-imported
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if not path or (name is not None and (name == "__main__" or name.endswith(".__main__"))):
+        return  # interactive, -c, a notebook, a package's __main__: nothing is re-imported
+    if Path(path).stem == "ipython":
         return
     try:
         tree = ast.parse(Path(path).read_bytes(), filename=str(path))
