@@ -31,9 +31,10 @@ def _build_error(src: Path, out: Path) -> str:
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-def test_nan_literal_is_named_not_a_lone_surrogate(tmp_path, json_backend, literal):
+@pytest.mark.parametrize("indent", ["", " "])  # a leading space takes the standard library's full parser
+def test_nan_literal_is_named_not_a_lone_surrogate(tmp_path, json_backend, literal, indent):
     src = tmp_path / "nan.jsonl"
-    src.write_text('{"output": "a"}\n{"output": "b", "score": ' + literal + "}\n")
+    src.write_text('{"output": "a"}\n' + indent + '{"output": "b", "score": ' + literal + "}\n")
     msg = _build_error(src, tmp_path / "idx")
     assert f"{src}:2:" in msg
     assert f"{literal} is not a JSON value" in msg

@@ -192,7 +192,7 @@ class _Scanner:
         try:
             obj, end = self._scan(s, 0)
         except StopIteration:  # leading whitespace (or not JSON): the full parser decides
-            return json.loads(s)
+            return json.loads(s, parse_constant=_refuse_constant)
         if end != len(s) and s[end:].strip(_JSON_WS):
             raise ValueError("extra data")
         return obj
