@@ -383,3 +383,21 @@ def test_killed_build_temporaries_are_cleaned(tmp_path):
     live.mkdir()
     build_index(tmp_path / "a.jsonl", tmp_path / "idx")
     assert not stale.exists() and live.exists()
+
+
+def test_big_integers_in_extra_keys_stay_exact(tmp_path, json_backend):
+    """orjson reads integers beyond 64 bits as floats: such lines are read exactly (issue 15, item 7)."""
+    recs = [
+        {"output": "a", "id": 123456789012345678901234567890},
+        {"output": "b", "meta": {"ids": [18446744073709551615, -9223372036854775809, 2**70]}, "x": 1.5e300},
+        {"output": "c", "n": -(10**40), "f": 12345678901234567890.5},
+    ]
+    src = tmp_path / "ids.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    meta = build_index(src, tmp_path / "idx", num_workers=1)
+    ds = IndexedDataset(tmp_path / "idx")
+    assert [ds[i] for i in range(3)] == recs and ds[0:3] == recs and list(ds) == recs
+    assert type(ds[0]["id"]) is int and ds[0]["id"] == 123456789012345678901234567890
+    assert type(ds[2]["n"]) is int and type(ds[2]["f"]) is float
+    assert meta["data_sample"]["id"] == 123456789012345678901234567890
+    assert json.loads((tmp_path / "idx" / "meta.json").read_text())["data_sample"]["id"] == 123456789012345678901234567890

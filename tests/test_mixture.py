@@ -4,15 +4,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from fm9g._io import ConfigError
+from fm9g.data import mixture as mixture_module
 from fm9g.data.indexed import build_index
 from fm9g.data.mixture import (
     DatasetEntry,
@@ -22,6 +26,7 @@ from fm9g.data.mixture import (
     load_dataset_config,
 )
 from fm9g.data.tokenize import SampleTokenizer
+from fm9g.data.tokenizers import VocabTxtTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -430,3 +435,186 @@ def test_bad_data_and_sharding_errors(data_root, smollm2_tokenizer, tmp_path):
         load_dataset_config(tmp_path / "bad.json")
     with pytest.raises(MixtureConfigError, match="rank must be"):
         MixtureLoader(_cfg(data_root, MIX), smollm2_tokenizer, 64, 1, rank=2, world_size=2)
+
+
+# -- worker processes and tokenizer paths (issue 15, items 8 and 9) -------------------------------
+def _tiny_mix(root: Path) -> tuple[Path, Path]:
+    """A one-dataset config and an FM9G-8B style vocab.txt (a pure-Python tokenizer: workers start fast)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list("abcdefghijklmnopqrstuvwxyz ")
+    (root / "vocab.txt").write_text("".join(json.dumps(t) + "\n" for t in tokens))
+    src = root / "tiny.jsonl"
+    src.write_text("".join(json.dumps({"output": "hello world " * (i % 5 + 1)}) + "\n" for i in range(64)))
+    build_index(src, root / "tiny", language="en", num_workers=1)
+    (root / "cfg.json").write_text(json.dumps([{"dataset_name": "t", "task_name": "t", "path": "tiny", "abs_weight": 1}]))
+    return root / "cfg.json", root / "vocab.txt"
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of process `pid` (``None`` when gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_exit_when_the_training_process_is_killed(tmp_path):
+    cfg, vocab = _tiny_mix(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import time
+        from fm9g.data.mixture import MixtureLoader
+        from fm9g.data.tokenizers import VocabTxtTokenizer
+
+        if __name__ == "__main__":
+            loader = MixtureLoader.from_config({str(cfg)!r}, VocabTxtTokenizer({str(vocab)!r}), 32, 2, num_workers=2)
+            it = iter(loader)
+            next(it)
+            print("ready", flush=True)
+            time.sleep(300)
+        """
+    )
+    (tmp_path / "train.py").write_text(script)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "train.py")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    kids: list[int] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        kids = _children(proc.pid)  # 2 workers and the resource tracker
+        assert len(kids) >= 2
+        proc.kill()  # SIGKILL: no cleanup of any kind in the parent
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_proc_state(k) not in (None, "Z") for k in kids):
+            time.sleep(0.1)
+        assert [k for k in kids if _proc_state(k) not in (None, "Z")] == []
+    finally:
+        proc.kill()
+        for k in kids:
+            if _proc_state(k) not in (None, "Z"):
+                os.kill(k, 9)
+
+
+def test_workers_from_a_script_without_main_guard_fail_at_once(tmp_path):
+    cfg, vocab = _tiny_mix(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        from fm9g.data.mixture import MixtureLoader
+        from fm9g.data.tokenizers import VocabTxtTokenizer
+
+        loader = MixtureLoader.from_config({str(cfg)!r}, VocabTxtTokenizer({str(vocab)!r}), 32, 2, num_workers=2)
+        print(next(iter(loader))["input_ids"].shape)
+        """
+    )
+    (tmp_path / "noguard.py").write_text(script)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(tmp_path / "noguard.py")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError:") and str(tmp_path / "noguard.py") in last
+    assert 'if __name__ == "__main__":' in last and "num_workers=0" in last
+    assert "spawn_main" not in proc.stderr  # the parent said it before starting any worker
+
+
+def test_a_dead_worker_is_a_clear_error(tmp_path):
+    cfg, vocab = _tiny_mix(tmp_path)
+    loader = MixtureLoader.from_config(cfg, VocabTxtTokenizer(vocab), 32, 2, num_workers=1)
+    try:
+        it = iter(loader)
+        next(it)
+        assert loader._executor is not None
+        for p in loader._executor._processes.values():
+            p.kill()
+        with pytest.raises(RuntimeError, match=r"worker process ended unexpectedly.*num_workers=0"):
+            for _ in range(100):
+                next(it)
+    finally:
+        loader.close()
+
+
+def _remote_code_tokenizer(tok_dir: Path, root: Path) -> tuple[Path, Path]:
+    """A copy of a real tokenizer directory whose auto_map names Python code that writes a marker."""
+    folder = root / "remote_tok"
+    shutil.copytree(tok_dir, folder)
+    marker = root / "code_ran"
+    (folder / "tokenization_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+def test_tokenizer_path_runs_no_shipped_code_unless_trusted(data_root, tok_dir, tmp_path, monkeypatch):
+    folder, marker = _remote_code_tokenizer(tok_dir, tmp_path)
+    with pytest.raises(ConfigError, match="trust_remote_code") as exc:
+        MixtureLoader(_cfg(data_root, MIX), str(folder), 256, 2)
+    assert "tokenization_evil.py" in str(exc.value)
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        MixtureLoader.from_config(_cfg(data_root, MIX), folder, 256, 2)
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        build_index(data_root / "short.jsonl", tmp_path / "idx", tokenizer=folder)
+    assert not marker.exists()
+    seen = {}
+
+    def fake_load(path, *, trust_remote_code=False):
+        from transformers import AutoTokenizer
+
+        seen[str(path)] = trust_remote_code
+        return AutoTokenizer.from_pretrained(tok_dir)
+
+    monkeypatch.setattr(mixture_module, "load_tokenizer", fake_load)
+    MixtureLoader.from_config(_cfg(data_root, MIX), str(folder), 256, 2, trust_remote_code=True)
+    assert seen == {str(folder): True}
+
+
+def test_build_index_takes_every_tokenizer_path_form(tmp_path):
+    cfg, vocab = _tiny_mix(tmp_path)
+    meta = build_index(tmp_path / "tiny.jsonl", tmp_path / "idx2", tokenizer=vocab, num_workers=1)
+    assert meta["token_count"] == f"tokenizer:{vocab}"
+    tok = VocabTxtTokenizer(vocab)
+    expected = sum(len(tok.encode("hello world " * (i % 5 + 1))) for i in range(64)) / 64
+    assert meta["avg_token_per_line"] == pytest.approx(expected)
+
+
+def test_main_guard_check_follows_what_spawn_reimports(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+
+    from fm9g.data.mixture import _check_main_guard
+
+    unguarded = tmp_path / "__main__.py"
+    unguarded.write_text("import sys\nrun(sys.argv)\n")  # a package's __main__ runs unconditionally
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("def main():\n    pass\n\nif '__main__' == __name__:\n    main()\n")
+
+    def fake_main(path: Path, spec_name: str | None) -> None:
+        mod = types.ModuleType("__main__")
+        mod.__file__ = str(path)
+        mod.__spec__ = importlib.machinery.ModuleSpec(spec_name, None) if spec_name else None
+        monkeypatch.setitem(sys.modules, "__main__", mod)
+
+    fake_main(unguarded, "fm9g.__main__")  # python -m fm9g: spawn does not re-import it
+    _check_main_guard(2, "spawn")
+    fake_main(guarded, None)
+    _check_main_guard(2, "spawn")
+    fake_main(unguarded, "mytool")  # python -m mytool: re-imported by name
+    with pytest.raises(RuntimeError, match="num_workers=0"):
+        _check_main_guard(2, "forkserver")

@@ -221,5 +221,21 @@ def load_dataset_config(
             f"{src_name}: 'abs_weight' is set on some entries but missing on {missing}; give every entry an "
             f"abs_weight (token shares) or none (then weight x nlines are sample shares)"
         )
+    if all(has_abs):
+        check_shares([float(e.abs_weight) for e in entries], "abs_weight", src_name)  # type: ignore[arg-type]
     return entries
 
+
+#: The smallest share of the total a weight may have (a smaller one would never be drawn, and its
+#: normalised value would underflow the mixer's arithmetic).
+MIN_SHARE = 1e-100
+
+
+def check_shares(values: list[float], key: str, where: str) -> None:
+    """Raise :class:`MixtureConfigError` unless ``values / sum(values)`` are finite shares >= MIN_SHARE."""
+    total = sum(values)
+    if not math.isfinite(total) or min(values) / total < MIN_SHARE:
+        raise MixtureConfigError(
+            f"{where}: the {key} values {values} cannot be normalised (their sum overflows, or a share is below "
+            f"{MIN_SHARE:g} of the sum); only their ratios matter: give numbers such as 0.7 and 0.3"
+        )

@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from fm9g._io import read_json
+
 try:  # optional: 4-5x faster validation and reading; the standard library is the fallback
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
@@ -36,6 +38,9 @@ INDEX_FILE = "index"
 H5_FILE = "index.h5"
 META_FILE = "meta.json"
 _TEXT_INDEX_MAX_BYTES = 16 << 20  # read the text index below this size; the h5 index above
+# orjson parses an integer outside [-2**63, 2**64) as a float (1e29 for a 30-digit id); any such
+# float has at least this magnitude, and a line holding one is parsed again by the standard library
+_INT64_LIMIT = 9223372036854775808.0
 
 
 class IndexedDatasetError(ValueError):
@@ -68,9 +73,18 @@ def _read_h5_index(path: Path) -> np.ndarray:
         import h5py
     except ImportError as err:  # pragma: no cover - h5py is a core dependency
         raise IndexedDatasetError(f"reading {path} needs h5py: pip install h5py") from err
+    try:
+        return _read_h5_offsets(h5py, path)
+    except IndexedDatasetError:
+        raise
+    except (OSError, ValueError) as err:  # not HDF5, truncated, or an unreadable dataset
+        raise IndexedDatasetError(f"{path} is not a readable HDF5 index ({err})") from err
+
+
+def _read_h5_offsets(h5py: Any, path: Path) -> np.ndarray:
     with h5py.File(path, "r") as f:
         if "index" not in f:
-            raise IndexedDatasetError(f"{path} has no dataset 'index' (found {list(f)}); rebuild the index")
+            raise IndexedDatasetError(f"{path} has no dataset 'index' (found {list(f)})")
         ds = f["index"]
         offset = ds.id.get_offset()
         if (
@@ -100,7 +114,8 @@ def read_offsets(path: str | Path, source: str = "auto") -> np.ndarray:
     """
     p = Path(path)
     txt, h5 = p / INDEX_FILE, p / H5_FILE
-    if source == "auto":
+    auto = source == "auto"
+    if auto:
         source = "text" if txt.is_file() and (not h5.is_file() or txt.stat().st_size < _TEXT_INDEX_MAX_BYTES) else "h5"
     if source == "text":
         if not txt.is_file():
@@ -111,12 +126,36 @@ def read_offsets(path: str | Path, source: str = "auto") -> np.ndarray:
             raise IndexedDatasetError(
                 f"{p} has neither {INDEX_FILE} nor {H5_FILE}: build the index with `fm9g build-index SRC {p}`"
             )
-        offsets = _read_h5_index(h5)
+        try:
+            offsets = _read_h5_index(h5)
+        except IndexedDatasetError as err:
+            if auto and txt.is_file():  # a damaged index.h5 beside a text index: read the text one
+                offsets = _parse_text_index(txt)
+            else:
+                there = f"read the text {INDEX_FILE} with source='text', or " if txt.is_file() else (
+                    f"the directory has no text {INDEX_FILE} to read instead: ")
+                raise IndexedDatasetError(f"{err}; {there}rebuild the index with `fm9g build-index SRC {p}`") from err
     else:
         raise ValueError(f"source must be 'auto', 'text' or 'h5', got {source!r}")
     if len(offsets) == 0 or offsets[0] != 0:  # original convert_json2index: end offsets, no leading 0
         offsets = np.concatenate([np.zeros(1, np.int64), np.asarray(offsets, dtype=np.int64)])
     return offsets
+
+
+def _has_inexact_number(obj: Any) -> bool:
+    """Whether a value orjson parsed holds a float of magnitude >= 2**63: perhaps an integer
+    literal orjson could not keep exact (see ``_INT64_LIMIT``)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        t = type(o)
+        if t is dict:
+            stack.extend(o.values())
+        elif t is list:
+            stack.extend(o)
+        elif t is float and not -_INT64_LIMIT < o < _INT64_LIMIT:
+            return True
+    return False
 
 
 class IndexedDataset(Sequence):
@@ -149,9 +188,12 @@ class IndexedDataset(Sequence):
         self.meta: dict[str, Any] = {}
         if meta_path.is_file():
             try:
-                self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except ValueError as err:
-                raise IndexedDatasetError(f"{meta_path} is not valid JSON ({err}); rebuild the index") from err
+                self.meta = read_json(meta_path, expect=dict, error=IndexedDatasetError)
+            except IndexedDatasetError as err:
+                raise IndexedDatasetError(
+                    f"{err}: {META_FILE} holds one JSON object (the index's line and byte counts, docs/data.md); "
+                    f"rebuild the index with `fm9g build-index SRC {self.path}`"
+                ) from None
         self.offsets: np.ndarray = read_offsets(self.path, index_source)
         self.nbytes = self.data_path.stat().st_size
         self._mm: mmap.mmap | None = None
@@ -225,9 +267,12 @@ class IndexedDataset(Sequence):
     def _parse(self, raw: bytes | memoryview, i: int) -> dict:
         if _orjson is not None:
             try:
-                return _orjson.loads(raw)
+                obj = _orjson.loads(raw)
             except ValueError:
                 pass  # the standard library accepts a little more (lone surrogate escapes) and words the error
+            else:
+                if not _has_inexact_number(obj):
+                    return obj  # else an integer beyond 64 bits: the standard library keeps it exact
         try:
             return json.loads(bytes(raw))
         except ValueError as err:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,42 @@ def _bucket_counts(lengths: np.ndarray) -> np.ndarray:
     return np.bincount(np.searchsorted(_BUCKET_EDGES, lengths, side="right"), minlength=len(LENGTH_BUCKETS))
 
 
+_ARRAY_HINT = (
+    " (expected one JSON object per line, this looks like a JSON array: convert with "
+    "`jq -c '.[]' FILE.json > FILE.jsonl` or `python -c \"import json,sys; "
+    "[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]\" FILE.json > FILE.jsonl`)"
+)
+
+
+def _refuse_constant(name: str) -> Any:
+    """``parse_constant`` hook: NaN / Infinity / -Infinity are not JSON."""
+    raise ValueError(f"{name} is not a JSON value (JSON has no NaN or Infinity): write null, or the value as a string")
+
+
+def _finite_float(text: str) -> float:
+    """``parse_float`` hook: a number beyond the float range is an error, as in orjson."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is beyond the range of a 64-bit float: write it as a string")
+    return value
+
+
+def _file_format_hint(line: str) -> str:
+    """What an unparsable line tells about the file's format (``""`` when nothing particular)."""
+    if line.startswith("\ufeff"):
+        return " (the line starts with a UTF-8 byte-order mark: save the file without BOM)"
+    if "\r" in line.rstrip("\r\n"):
+        return (" (the file has bare CR (\\r) line endings: lines must end in \\n or \\r\\n; convert with "
+                "`tr '\\r' '\\n' < FILE > FILE.jsonl`)")
+    body = line.strip(_JSON_WS)
+    if body.startswith("["):
+        return _ARRAY_HINT
+    if body == "{":
+        return (" (this looks like pretty-printed JSON, one object over several lines: expected one JSON object "
+                "per line; rewrite it with `jq -c . FILE > FILE.jsonl`)")
+    return ""
+
+
 @dataclass(kw_only=True)
 class _Job:
     file_no: int
@@ -103,7 +140,8 @@ class _Scanner:
         self.language = language
         self.tokenizer = tokenizer
         self.skip_invalid = skip_invalid
-        self._scan = json.scanner.make_scanner(json.JSONDecoder())
+        # NaN / Infinity are refused as orjson refuses them, so both parsers accept the same lines
+        self._scan = json.scanner.make_scanner(json.JSONDecoder(parse_constant=_refuse_constant))
         self._orjson = _orjson if use_orjson is None else (_orjson if use_orjson else None)
 
     # reading one block, aligned to whole lines ------------------------------------------------
@@ -154,7 +192,7 @@ class _Scanner:
         try:
             obj, end = self._scan(s, 0)
         except StopIteration:  # leading whitespace (or not JSON): the full parser decides
-            return json.loads(s)
+            return json.loads(s, parse_constant=_refuse_constant)
         if end != len(s) and s[end:].strip(_JSON_WS):
             raise ValueError("extra data")
         return obj
@@ -169,16 +207,16 @@ class _Scanner:
         except UnicodeDecodeError as err:
             return f"invalid UTF-8: {err.reason} at byte {err.start} of the line"
         try:
-            json.loads(s)
+            json.loads(s, parse_constant=_refuse_constant, parse_float=_finite_float)
         except ValueError as err:
-            hint = " (the line starts with a UTF-8 byte-order mark: save the file without BOM)" if s.startswith("\ufeff") else ""
-            return f"invalid JSON: {err}{hint}"
+            return f"invalid JSON: {err}{_file_format_hint(s)}"
         return "invalid JSON: the line holds a value that cannot be represented (e.g. a lone surrogate escape)"
 
     @staticmethod
     def _check_fields(obj: Any) -> str:
         if not isinstance(obj, dict):
-            return f"expected a JSON object, got {type(obj).__name__}"
+            hint = _ARRAY_HINT if isinstance(obj, list) else ""
+            return f"expected a JSON object, got {type(obj).__name__}{hint}"
         if "output" not in obj:
             return f"missing field 'output' (keys: {sorted(obj)[:10]})"
         out = obj["output"]
@@ -221,7 +259,8 @@ class _Scanner:
             return res
         records, kept_lines, keep_or_payload = scanned
         if records:
-            res.first = records[0]
+            # orjson turns integers beyond 64 bits into floats: meta.json's sample is parsed exactly
+            res.first = json.loads(kept_lines[0]) if self._orjson is not None and not txt else records[0]
             lengths_tok = self._token_lengths(records, kept_lines)
             res.buckets = _bucket_counts(lengths_tok)
             res.sum_tokens = float(lengths_tok.sum())

@@ -31,6 +31,7 @@ from fm9g.data.index_format import (
     read_offsets,
 )
 from fm9g.data.index_scan import LENGTH_BUCKETS, _BlockResult, _Job, _Scanner, estimate_tokens, worker_init, worker_scan
+from fm9g.data.tokenizers import load_tokenizer
 
 __all__ = [
     "build_index",
@@ -216,6 +217,7 @@ def build_index(
     overwrite: bool = False,
     num_workers: int | None = None,
     block_size: int = _DEFAULT_BLOCK,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Validate a jsonl/txt source and write an index directory (see the module docstring).
 
@@ -229,13 +231,15 @@ def build_index(
             sorted). ``.txt`` lines become ``{"input": "", "output": line.strip()}``, blank lines skipped.
         out_dir: the index directory to write.
         language: ``"zh"``, ``"en"`` (or ``"code"``) — selects the token estimate.
-        tokenizer: a tokenizer object or a path for ``AutoTokenizer.from_pretrained``; when given,
-            token statistics are real token counts of input + output.
+        tokenizer: a tokenizer object or a local path for :func:`fm9g.data.tokenizers.load_tokenizer`;
+            when given, token statistics are real token counts of input + output.
         skip_invalid: skip (and count, ``n_invalid``) bad lines instead of raising.
         overwrite: replace an existing index directory (or a non-empty non-index directory).
         num_workers: validating processes (default: ``min(2, cpu count)`` without a tokenizer, 1
             with one, whose batch encoding is multi-threaded already; 1 = in this process).
         block_size: bytes per validation job.
+        trust_remote_code: let a tokenizer directory given as a path run the Python code it ships
+            (off by default: such a folder is refused with a message naming this option).
 
     Returns:
         The meta.json dict.
@@ -255,10 +259,8 @@ def build_index(
     sources = _list_sources(src_p)
     _check_output(src_p, sources, out, overwrite)
     if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
         tok_name = str(tokenizer)
-        tokenizer = AutoTokenizer.from_pretrained(tok_name)
+        tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     else:
         tok_name = getattr(tokenizer, "name_or_path", None) or (type(tokenizer).__name__ if tokenizer is not None else None)
     if num_workers is None:  # a tokenizer batch-encodes on all cores by itself: no need to fork it

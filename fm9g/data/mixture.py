@@ -60,9 +60,11 @@ state layout); this module holds the loader and re-exports the public names.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import multiprocessing
 import queue
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -72,6 +74,7 @@ from fm9g.data.entries import DatasetEntry, MixtureConfigError, load_dataset_con
 from fm9g.data.loader_state import STATE_FORMAT, MixtureStateError, Position, check_compatible
 from fm9g.data.producer import MixPlan, Producer
 from fm9g.data.reader import LineSource, Reader, ReaderSpec, worker_init
+from fm9g.data.tokenizers import load_tokenizer
 from fm9g.data.transforms import load_transform
 
 __all__ = [
@@ -93,7 +96,9 @@ class MixtureLoader:
     Args:
         entries: the dataset config (see :func:`load_dataset_config`).
         tokenizer: a Hugging Face tokenizer (a fast one for speed; must be picklable when
-            ``num_workers > 0``), or a tokenizer directory / hub name for ``AutoTokenizer``.
+            ``num_workers > 0``), or a local tokenizer path for
+            :func:`fm9g.data.tokenizers.load_tokenizer` (a directory, ``tokenizer.json``, a
+            sentencepiece ``.model`` or the FM9G-8B ``vocab.txt``).
         max_length: row length L of a packed batch (and the longest sample).
         batch_size: rows B per batch.
         seed: seeds the line order of every epoch (same on all ranks) and the mixer (per rank).
@@ -108,11 +113,22 @@ class MixtureLoader:
             script that uses workers needs the ``if __name__ == "__main__":`` guard). ``"fork"``
             starts faster but forks a possibly multi-threaded process.
         base_dir: for a list of dicts, the directory relative paths are resolved against.
+        trust_remote_code: let a tokenizer directory given as a path run the Python code it
+            ships (``auto_map``: the FM9G 4B / 7B / 70B folders). Off by default: such a folder is
+            refused with a message naming this option.
 
     Raises:
         MixtureConfigError: bad entries, a missing index / transform, or a record that the
             transform turns into something without ``output``; a non-repeating dataset with fewer
-            lines than ``world_size``; bad rank / world size / sampler.
+            lines than ``world_size``; bad rank / world size / sampler; abs_weight values whose
+            shares cannot be computed (``1e308``).
+        ConfigError: a tokenizer path that needs ``trust_remote_code`` (see
+            :func:`fm9g.data.tokenizers.load_tokenizer`).
+        RuntimeError: ``num_workers > 0`` with ``spawn`` / ``forkserver`` from a script without an
+            ``if __name__ == "__main__":`` block (the workers would re-run the script). While
+            iterating: a worker process that died (killed, out of memory).
+
+    Workers exit by themselves when the process that started them dies (even by SIGKILL).
 
     Iterating yields the packer's batch dicts — ``input_ids`` / ``labels`` / ``position_ids`` /
     ``task_ids`` Long[B, L], ``cu_seqlens`` Int32[n+1], ``max_seqlen``, ``num_tokens``,
@@ -140,10 +156,11 @@ class MixtureLoader:
         chunk_lines: int = 32,
         start_method: str = "spawn",
         base_dir: str | Path | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self.entries = load_dataset_config(list(entries), base_dir=base_dir)
         _check_settings(rank, world_size, sampler, max_epochs, max_length, batch_size)
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -159,6 +176,8 @@ class MixtureLoader:
                 f"start_method must be one of {multiprocessing.get_all_start_methods()}, got {start_method!r}"
             )
         self.start_method = start_method
+        if self.num_workers > 0 and start_method != "fork":
+            _check_main_guard(self.num_workers, start_method)
         self.task_names = [e.task_name for e in self.entries]
         self._spec = ReaderSpec(
             entries=self.entries, tokenizer=self.tokenizer, max_length=self.max_length, seed=self.seed,
@@ -184,16 +203,18 @@ class MixtureLoader:
         batch_size: int,
         *,
         base_dir: str | Path | None = None,
+        trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> "MixtureLoader":
         """Build a loader from a dataset-config JSON file (original format) or a list of entries.
 
         Relative ``path`` / ``transforms`` in a file are resolved against the file's directory
-        (in a list of dicts, against ``base_dir``). Other keyword arguments (``seed``, ``rank``,
-        ``world_size``, ``num_workers``, ...) are those of :class:`MixtureLoader`.
+        (in a list of dicts, against ``base_dir``). ``trust_remote_code`` and the other keyword
+        arguments (``seed``, ``rank``, ``world_size``, ``num_workers``, ...) are those of
+        :class:`MixtureLoader`.
         """
         entries = load_dataset_config(path_or_list, base_dir=base_dir)
-        return cls(entries, tokenizer, max_length, batch_size, **kwargs)
+        return cls(entries, tokenizer, max_length, batch_size, trust_remote_code=trust_remote_code, **kwargs)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -371,12 +392,43 @@ def _check_settings(
         raise MixtureConfigError(f"need max_length >= 4 and batch_size >= 1, got {max_length}, {batch_size}")
 
 
-def _load_tokenizer(tokenizer: Any) -> Any:
-    """A tokenizer object as it is, or ``AutoTokenizer`` loaded from a directory / hub name."""
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
+def _check_main_guard(num_workers: int, start_method: str) -> None:
+    """Refuse to start worker processes from a script without an ``if __name__ == "__main__":``
+    block: a ``spawn`` / ``forkserver`` worker re-imports the main script, so each worker would
+    run the script's code again and die while starting, with the reason only in its own stderr.
 
-        return AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=True)
+    The workers re-import what ``multiprocessing.spawn`` re-imports: the main script file or
+    ``python -m`` module, except a package's ``__main__`` (``python -m fm9g``) and IPython.
+
+    Raises:
+        RuntimeError: the main module is re-imported and its top level has no ``if`` on
+            ``__name__`` (naming the file and the two ways out).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if not path or (name is not None and (name == "__main__" or name.endswith(".__main__"))):
+        return  # interactive, -c, a notebook, a package's __main__: nothing is re-imported
+    if Path(path).stem == "ipython":
+        return
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return
+    for node in tree.body:
+        if isinstance(node, ast.If) and any(isinstance(n, ast.Name) and n.id == "__name__" for n in ast.walk(node.test)):
+            return
+    raise RuntimeError(
+        f"num_workers={num_workers} starts worker processes with {start_method!r}, which re-imports the main "
+        f"script {path}; it has no `if __name__ == \"__main__\":` block, so every worker would run the "
+        f"script again. Put the script's code under `if __name__ == \"__main__\":`, or use num_workers=0"
+    )
+
+
+def _load_tokenizer(tokenizer: Any, trust_remote_code: bool) -> Any:
+    """A tokenizer object as it is, or :func:`fm9g.data.tokenizers.load_tokenizer` of a path."""
+    if isinstance(tokenizer, (str, Path)):
+        return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     return tokenizer
 
 

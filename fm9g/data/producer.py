@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from fm9g.data.entries import DatasetEntry
+from fm9g.data.entries import DatasetEntry, check_shares
 from fm9g.data.loader_state import Position, StateSettings
 from fm9g.data.order import shard_len
 from fm9g.data.packing import Packer
@@ -58,6 +58,7 @@ class MixPlan(StateSettings):
             weights = [float(e.abs_weight) / total for e in entries]  # type: ignore[arg-type]
         else:
             raw = [float(e.weight) * n for e, n in zip(entries, nlines)]
+            check_shares(raw, "weight x nlines", "the dataset config")
             weights = [w / sum(raw) for w in raw]
         prior = [None if e.ave_tokens_per_line is None else float(min(e.ave_tokens_per_line, max_length)) for e in entries]
         shard_lens = [shard_len(n, settings["rank"], settings["world_size"]) for n in nlines]

@@ -4,8 +4,13 @@ batches do not depend on the number of workers). See docs/mixture.md.
 """
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
+import os
 import random
+import threading
 from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,10 +85,42 @@ _WORKER_READER: Reader | None = None
 
 
 def worker_init(spec: ReaderSpec) -> None:
-    """Initializer of a worker process: one thread for torch, its own :class:`Reader`."""
+    """Initializer of a worker process: exit with the parent, one thread for torch, its own
+    :class:`Reader`."""
     global _WORKER_READER
+    exit_with_parent()
     torch.set_num_threads(1)
     _WORKER_READER = Reader(spec)
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this (worker) process as soon as the process that started it is gone, even when that
+    one was killed with SIGKILL: an idle pool worker would otherwise wait on its task queue
+    forever, and keep multiprocessing's resource tracker alive with it.
+
+    A daemon thread waits on the parent's sentinel (a pipe that reaches end-of-file when the parent
+    dies: spawn and forkserver workers) and checks every ``poll_s`` seconds that the parent
+    process id is unchanged (any start method).
+    """
+    ppid = os.getppid()
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+
+    def watch() -> None:
+        nonlocal sentinel
+        while True:
+            if sentinel is not None:
+                try:
+                    if multiprocessing.connection.wait([sentinel], timeout=poll_s):
+                        os._exit(1)
+                except (OSError, ValueError):  # not a waitable handle here: poll the parent id only
+                    sentinel = None
+            else:
+                threading.Event().wait(poll_s)
+            if os.getppid() != ppid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fm9g-exit-with-parent", daemon=True).start()
 
 
 def _worker_read(d: int, epoch: int, k0: int, k1: int) -> Lines:
@@ -126,7 +163,14 @@ class LineSource:
             if (epoch, cc) not in self.pending[d]:
                 self._submit(d, epoch, cc)
         item = self.pending[d][(epoch, c)]
-        result = item.result() if isinstance(item, Future) else item
+        try:
+            result = item.result() if isinstance(item, Future) else item
+        except BrokenProcessPool as err:
+            raise RuntimeError(
+                "a MixtureLoader worker process ended unexpectedly: it was killed (e.g. out of memory) or "
+                "failed while starting (its error, if any, is printed above; a script that starts workers "
+                "needs the `if __name__ == \"__main__\":` guard); num_workers=0 reads in this process"
+            ) from err
         if k == min((c + 1) * self.chunk, self.shard_lens[d]) - 1:  # last line of the chunk: forget it
             del self.pending[d][(epoch, c)]
             for key in [key for key in self.pending[d] if key[0] < epoch]:
