@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fm9g._io import read_json
+from fm9g._io import ConfigError, parse_bool, read_json
 from fm9g.data.tokenize import OVERSIZE_RULES, SampleTokenizer, TokenizedSample
 from fm9g.data.transforms import BUILTIN_TRANSFORMS, load_transform
 
@@ -218,8 +218,10 @@ class DatasetEntry:
             if not math.isfinite(v) or v <= 0:
                 raise bad(key, "must be a finite number > 0 (drop the entry to give a dataset no weight)")
         for key in ("allow_repeat", "do_compact", "is_long"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, "must be true or false")
+            try:  # the one boolean parser of fm9g configs: true/false, 1/0, "true"/"false", "1"/"0"
+                setattr(self, key, parse_bool(getattr(self, key), key))
+            except ConfigError:
+                raise bad(key, "must be true or false") from None
         if self.ave_tokens_per_line is not None and (
             not _is_number(self.ave_tokens_per_line) or not self.ave_tokens_per_line > 0
         ):
@@ -847,7 +849,13 @@ class MixtureLoader:
             self._weights = [float(e.abs_weight) / total for e in self.entries]  # type: ignore[arg-type]
         else:
             raw = [float(e.weight) * n for e, n in zip(self.entries, self._nlines)]
-            self._weights = [w / sum(raw) for w in raw]
+            total = sum(raw)
+            self._weights = [w / total for w in raw]
+        key = "abs_weight" if self._token_shares else "weight"
+        if not math.isfinite(total) or not all(w > 0 for w in self._weights):
+            raise MixtureConfigError(
+                f"the {key} values {[getattr(e, key) for e in self.entries]} (tasks {[e.task_name for e in self.entries]}) "
+                f"cannot be normalised: their sum is {total}; give shares of moderate size such as 0.7 and 0.3")
         self._prior_tokens: list[float | None] = [
             None if e.ave_tokens_per_line is None else float(min(e.ave_tokens_per_line, self.max_length))
             for e in self.entries
