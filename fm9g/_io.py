@@ -30,14 +30,14 @@ class ConfigError(ValueError):
 
 # the spellings of a boolean accepted in every config file (any case); the original launcher wrote
 # "True" / "False" and "1" / "0"
-_TRUE_WORDS = ("true", "1", "yes", "on")
-_FALSE_WORDS = ("false", "0", "no", "off")
+_TRUE_WORDS = ("true", "1")
+_FALSE_WORDS = ("false", "0")
 
 
 def parse_bool(value: object, key: str, source: str | None = None) -> bool:
     """A boolean from a config value: ``True`` / ``False``, the integers ``0`` / ``1`` (also as
-    ``0.0`` / ``1.0``), or the strings ``"true"`` / ``"false"``, ``"1"`` / ``"0"``, ``"yes"`` /
-    ``"no"``, ``"on"`` / ``"off"`` in any case. The one parser of booleans for every fm9g config
+    ``0.0`` / ``1.0``), or the strings ``"true"`` / ``"false"`` and ``"1"`` / ``"0"`` in any case
+    (surrounding spaces ignored). The one parser of booleans for every fm9g config
     (model, training, LoRA, dataset mixture), so ``"false"`` never counts as true.
 
     Args:
@@ -45,7 +45,7 @@ def parse_bool(value: object, key: str, source: str | None = None) -> bool:
         key: the key, named in the error.
         source: the file (or other origin) named in the error.
     Raises:
-        ConfigError: any other value (``"maybe"``, ``2``, ``None``, a list ...).
+        ConfigError: any other value (``"maybe"``, ``"yes"``, ``2``, ``None``, a list ...).
     """
     if isinstance(value, bool):
         return value

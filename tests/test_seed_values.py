@@ -82,7 +82,7 @@ def test_seed_resume_recipe_does_not_overwrite_the_run_and_says_what_it_restores
     """Item 2: resume_ckpt=3 with only_load_model "1", load_dataloader_ckpt "0", pretrained_model ""
     (the seed's recipe) would restart at step 0 over checkpoints 3 and 6: refused, naming the options;
     the header says exactly what a resume restores."""
-    _fit(_seed_cfg(tmp_path))
+    _fit(_seed_cfg(tmp_path, stop_when_end="1"))  # the first run: checkpoints 3 and 6
     run = tmp_path / "data" / "checkpoints" / "7b"
     before = {p.name: (p / f"fm9g_live_checkpoint-{p.name}.pt").read_bytes() for _, p in ck.list_checkpoints(run)}
     assert sorted(before) == ["3", "6"]
@@ -132,6 +132,11 @@ def test_rerunning_a_run_folder_is_refused_unless_overwrite_run(tmp_path):
     assert res.step == 4 and "overwrite_run: deleted 2 checkpoint(s), 1 train_stats file(s)" in printed
     assert [r["iteration"] for r in map(json.loads, (run / "train_stats" / "0.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
     assert [s for s, _ in ck.list_checkpoints(run)] == [3, 4]
+    # one Trainer that fits again continues its own run (not refused)
+    t = Trainer(_seed_cfg(tmp_path, model_unique="again"), loader=_Loader(limit=40), log_stream=io.StringIO())
+    t.fit()
+    t.config.train_iters = 8
+    assert t.fit().step == 8
 
 
 def _scalars(logdir):
@@ -174,7 +179,7 @@ def test_parse_bool_accepts_what_users_write(text, want):
     assert parse_bool(text, "k") is want
 
 
-@pytest.mark.parametrize("bad", ["maybe", "flase", 2, -1, None, [], ""])
+@pytest.mark.parametrize("bad", ["maybe", "flase", "yes", 2, -1, None, [], ""])
 def test_parse_bool_rejects_the_rest_naming_file_and_key(bad):
     from fm9g._io import parse_bool
 

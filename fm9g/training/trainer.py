@@ -369,8 +369,8 @@ class Trainer:
         the options, unless ``overwrite_run`` (then that run's checkpoints, train stats and
         TensorBoard events are deleted first). A real resume continues its run and is not checked."""
         cfg, run_dir = self.config, self.config.run_dir
-        if run_dir is None or (self._resumed and not cfg.only_load_model):
-            return
+        if run_dir is None or self.step > 0 or (self._resumed and not cfg.only_load_model):
+            return  # no folder, or this Trainer continues its own run / the run it resumed
         checkpoints = [p for _, p in list_checkpoints(run_dir)]
         stats = self._log_folder(cfg.stats_dir, "train_stats")
         stat_files = sorted(stats.glob("*.jsonl")) if stats is not None and stats.is_dir() else []
