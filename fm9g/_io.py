@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CHECKPOINT_NAME", "ConfigError", "atomic_dir", "find_model_file", "state_dict_mismatch", "atomic_file", "atomic_write_bytes", "atomic_write_text",
-           "default_permissions", "name_list", "read_json"]
+           "default_permissions", "name_list", "parse_bool", "read_json"]
 
 # The original stack's file name of model weights: <folder>/fm9g_live_checkpoint-<step>.pt
 CHECKPOINT_NAME = "fm9g_live_checkpoint"
@@ -26,6 +26,37 @@ CHECKPOINT_NAME = "fm9g_live_checkpoint"
 class ConfigError(ValueError):
     """A configuration (model, training, LoRA, dataset mixture) is invalid; the message names the
     file and key. The one error class for every config of fm9g."""
+
+
+# the spellings of a boolean accepted in every config file (any case); the original launcher wrote
+# "True" / "False" and "1" / "0"
+_TRUE_WORDS = ("true", "1")
+_FALSE_WORDS = ("false", "0")
+
+
+def parse_bool(value: object, key: str, source: str | None = None) -> bool:
+    """A boolean from a config value: ``True`` / ``False``, the integers ``0`` / ``1`` (also as
+    ``0.0`` / ``1.0``), or the strings ``"true"`` / ``"false"`` and ``"1"`` / ``"0"`` in any case
+    (surrounding spaces ignored). The one parser of booleans for every fm9g config
+    (model, training, LoRA, dataset mixture), so ``"false"`` never counts as true.
+
+    Args:
+        value: the value as read from the file.
+        key: the key, named in the error.
+        source: the file (or other origin) named in the error.
+    Raises:
+        ConfigError: any other value (``"maybe"``, ``"yes"``, ``2``, ``None``, a list ...).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+    where = f"{source}: " if source else ""
+    raise ConfigError(f"{where}{key} must be true/false (or 1/0), got {value!r}")
 
 
 def default_permissions(path: str | os.PathLike[str], *, directory: bool = False) -> None:

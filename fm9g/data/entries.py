@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fm9g._io import ConfigError, read_json
+from fm9g._io import ConfigError, parse_bool, read_json
 from fm9g.data.tokenize import OVERSIZE_RULES
 from fm9g.data.transforms import BUILTIN_TRANSFORMS
 
@@ -142,8 +142,10 @@ class DatasetEntry:
             if not math.isfinite(v) or v <= 0:
                 raise bad(key, "must be a finite number > 0 (drop the entry to give a dataset no weight)")
         for key in ("allow_repeat", "do_compact", "is_long"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, "must be true or false")
+            try:  # the one boolean parser of fm9g configs: true/false, 1/0, "true"/"false", "1"/"0"
+                setattr(self, key, parse_bool(getattr(self, key), key))
+            except ConfigError:
+                raise bad(key, "must be true or false") from None
         if self.ave_tokens_per_line is not None and (
             not _is_number(self.ave_tokens_per_line) or not self.ave_tokens_per_line > 0
         ):

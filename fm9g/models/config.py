@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 
-from fm9g._io import ConfigError, atomic_write_text, read_json
+from fm9g._io import ConfigError, atomic_write_text, parse_bool, read_json
 
 __all__ = ["FM9GConfig", "ConfigError", "PRESETS", "DTYPES", "PRECISIONS", "dtype_name"]
 
+# ConfigError (from fm9g._io, the one config error class of fm9g): a model config that cannot be
+# used: an unknown key, a bad value or inconsistent shapes.
 
-# Keys found in the original model_configs JSON (and in exported config.json files) that the model does not use.
+# Keys found in the original model_configs JSON (or HF config.json) that the model does not use.
 # They are accepted, kept in `FM9GConfig.extra` and written back by `to_json`, so files round-trip.
 INFORMATIONAL_KEYS: frozenset[str] = frozenset(
     {
@@ -88,6 +90,9 @@ def dtype_name(value: str | torch.dtype) -> str | None:
 
 
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
+# fields read with fm9g._io.parse_bool ("false" is false) and fields that must be finite numbers
+BOOL_FIELDS: tuple[str, ...] = ("ffn_gated", "tie_lm_head", "qkv_bias", "qk_norm", "scale", "use_checkpoint")
+FLOAT_FIELDS: tuple[str, ...] = ("eps", "base", "scale_emb", "scale_depth", "init_std", "dropout_p")
 ATTN_IMPLS: tuple[str, ...] = ("auto", "sdpa", "flex", "torch_varlen", "flash_attn")
 
 
@@ -157,6 +162,10 @@ class FM9GConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
+        for name in BOOL_FIELDS:
+            setattr(self, name, parse_bool(getattr(self, name), name))
+        for name in FLOAT_FIELDS:
+            setattr(self, name, _finite_float(getattr(self, name), name))
         if self.dim_head is None:
             if self.num_heads <= 0 or self.dim_model % self.num_heads:
                 raise ConfigError(
@@ -331,6 +340,23 @@ class FM9GConfig:
         if path is not None:
             atomic_write_text(path, text)
         return text
+
+
+def _finite_float(value: Any, name: str) -> float:
+    """`value` (a number, or a number written as a string) as a finite float.
+
+    Raises:
+        ConfigError: not a number, or NaN / infinite (naming the key).
+    """
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 _FM9G_COMMON: dict[str, Any] = dict(

@@ -153,16 +153,17 @@ def build_model(config: TrainConfig, *, device: str | torch.device | None = None
 
 
 def build_tokenizer(config: TrainConfig) -> Any:
-    """``AutoTokenizer`` from ``tokenizer_path`` (or the ``pretrained_model`` directory)."""
+    """The tokenizer at ``tokenizer_path`` (or the ``pretrained_model`` directory): an HF tokenizer
+    folder or ``tokenizer.json``, a sentencepiece ``.model`` (or a folder holding one), or the 8B's
+    ``vocab.txt`` (see :func:`fm9g.data.tokenizers.load_tokenizer`)."""
     path = config.tokenizer_path or (config.pretrained_model if config.pretrained_model and
                                      os.path.isdir(config.resolve_path(config.pretrained_model)) else None)
     if path is None:
         raise ValueError("tokenizer_path is not set (needed to tokenize the data)")
     path = config.resolve_path(path)
-    from transformers import AutoTokenizer
+    from fm9g.data.tokenizers import load_tokenizer
 
-    remote = os.path.isdir(path) and any(Path(path).glob("tokenization_*.py"))  # the FM9G tokenizers ship code
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+    return load_tokenizer(path, trust_remote_code=config.trust_remote_code)
 
 
 def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_size: int = 1) -> Any:

@@ -24,6 +24,7 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = ["TrainConfig", "ConfigError", "ALIASES", "IGNORED_KEYS", "SCHEDULERS"
 ENGINES = ("torch", "bmtrain")
 SHARDINGS = ("full", "hybrid")  # FSDP2 over all ranks / within a node, replicated across nodes
 CHECKPOINT_FORMATS = ("full", "sharded")  # one gathered .pt / torch.distributed.checkpoint shards
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -55,12 +57,16 @@ class TrainConfig:
             ``FM9GConfig``. Optional when ``pretrained_model`` is an HF directory.
         pretrained_model: initial weights: a ``.pt`` in the original key names, or an HF directory.
         tokenizer_path: HF tokenizer directory (defaults to ``pretrained_model`` when that is a dir).
+        trust_remote_code: run the Python code a tokenizer folder ships (the FM9G 4B/7B/70B
+            ``tokenization_fm9g.py``); off by default, and a folder that needs it is refused with a
+            message naming this option.
         data: mixture config path (the original ``dataset_configs/*.json``; a bare name is looked up
             as ``dataset_configs/<name>.json``) or a list of entries (``DatasetEntry`` or dicts;
             relative paths in dicts resolve against ``base_dir``).
         lora: ``LoraConfig`` / dict (``r``, ``alpha``, ``dropout``, ``target_modules``) or None
             (full training). The original keys ``lora_r``, ``lora_alpha``, ``lora_dropout``,
-            ``lora_layer`` fill it in.
+            ``lora_layer`` fill it in. LoRA trains on top of ``pretrained_model``; without one the
+            Trainer refuses unless ``lora_random_base`` is true (LoRA on a randomly initialised base).
 
     Optimisation (defaults = the original scripts):
         lr, lr_scheduler (cosine | warmupstabledrop | warmupstableexp | linear | constant;
@@ -69,8 +75,9 @@ class TrainConfig:
         (<= 0 disables), adam_betas (0.9, 0.95), adam_eps 1e-8, grad_accum (micro-batches per
         optimizer step; the loss is the mean over all labelled tokens of the step).
 
-    Loop: train_iters (optimizer steps), stop_when_end (stop at train_iters; False keeps going at
-    the schedule's final lr until the data ends, like the original's default), batch_size rows of
+    Loop: train_iters (optimizer steps; always the length of the run), stop_when_end (what happens
+    when the data runs out before train_iters: True stops there with a message; False is an error
+    naming the step, since the run would fall short of its schedule), batch_size rows of
     max_length tokens per micro-batch, seed, max_bad_steps (consecutive non-finite losses before
     stopping), ignore_cuda_oom (skip a batch that runs out of GPU memory).
 
@@ -82,12 +89,17 @@ class TrainConfig:
     fresh optimizer and loader), load_dataloader_ckpt (false: resume without the data position),
     resume_no_optimizer (resume without the optimizer state; alias ``resume_no_optimze``). A
     resume from a checkpoint lacking optimizer or loader state is refused unless the matching
-    option says to go on (docs/checkpoints.md).
+    option says to go on (docs/checkpoints.md). A run that starts at step 0 (no resume, or only_load_model) refuses a run folder
+    that already holds checkpoints or train stats, unless ``overwrite_run`` is true (then those are
+    deleted first; docs/training.md, "Run folders").
 
     Logging: log_iters, inspect_iters (parameter statistics), tensorboard (directory;
-    ``"auto"`` = ``<save>/<model_unique>/tensorboard``; None disables), stats_dir (train_stats
-    jsonl; ``"auto"`` = ``<save>/<model_unique>/train_stats``), log_task_loss, progress_bar,
-    peak_flops (for MFU; None = detect from the GPU name).
+    ``"auto"`` = ``<save>/<model_unique>/tensorboard``; ``"original"`` = the original launcher's
+    ``<save>/../tensorboard/<exp_group><model_unique>``; None disables), exp_group (prefix of the
+    ``"original"`` TensorBoard folder), stats_dir (train_stats jsonl; ``"auto"`` =
+    ``<save>/<model_unique>/train_stats``), log_task_loss (the original's ``tensorboard_all_tasks``:
+    the per-task TensorBoard scalars ``Loss/train/<task>``; per-task losses are always on the console
+    line and in train_stats), progress_bar, peak_flops (for MFU; None = detect from the GPU name).
 
     Engine: engine (``"torch"``: one process, or FSDP2 under torchrun; ``"bmtrain"``: ZeRO-3 blocks and
     optional optimizer offload, needs bmtrain, see docs/install.md), device (auto |
@@ -112,8 +124,10 @@ class TrainConfig:
     model: FM9GConfig | str | None = None
     pretrained_model: str | None = None
     tokenizer_path: str | None = None
+    trust_remote_code: bool = False
     data: list[DatasetEntry] | str | None = None
     lora: LoraConfig | None = None
+    lora_random_base: bool = False
     # --- optimisation -------------------------------------------------------------------------
     lr: float = 1e-4
     lr_scheduler: str = "cosine"
@@ -144,10 +158,12 @@ class TrainConfig:
     only_load_model: bool = False
     load_dataloader_ckpt: bool = True
     resume_no_optimizer: bool = False
+    overwrite_run: bool = False
     # --- logging ------------------------------------------------------------------------------
     log_iters: int = 1
     inspect_iters: int = 100
     tensorboard: str | None = "auto"
+    exp_group: str = ""
     stats_dir: str | None = "auto"
     log_task_loss: bool = True
     progress_bar: bool = True
@@ -288,6 +304,12 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)} (the original: 0.9, 0.95)")
+        if not 0 < self.adam_eps < float("inf"):
+            raise ConfigError(f"adam_eps must be a finite number > 0, got {self.adam_eps} (the original: 1e-8)")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {self.device!r}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1 or null, got {self.keep_last}")
         if self.max_bad_steps < 1:
@@ -434,7 +456,7 @@ def _lora_value(lora: Any) -> LoraConfig | None:
     d = lora_values(lora) or {}
     r = d.get("r", 0)
     if not isinstance(r, (int, float)) or isinstance(r, bool):
-        raise ConfigError(f"lora.r must be an integer, got {r!r}")
+        raise ConfigError(f"lora_r (lora.r) must be an integer, got {r!r}")
     if r <= 0:
         return None
     try:

@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any, Union
 
-from fm9g._io import ConfigError
+from fm9g._io import ConfigError, parse_bool
 
 __all__ = ["ALIASES", "IGNORED_KEYS", "LORA_KEYS", "translate_keys", "merge_sections", "coerce", "lora_values"]
 
@@ -47,7 +47,6 @@ IGNORED_KEYS: dict[str, str] = {
     "dataloader": "only the indexed loader exists",
     "load_grad": "optimizer state is restored on resume (resume_no_optimizer=true skips it)",
     "grad_ckpt_num": "unused in the original",
-    "exp_group": "name runs with model_unique / tensorboard",
     "only_run_dataloader": "unused in the original",
     "eps": "layer-norm eps comes from the model config; Adam eps is adam_eps",
     "strict_state_dict": "state dicts are always loaded strictly",
@@ -66,10 +65,6 @@ IGNORED_KEYS: dict[str, str] = {
 # LoRA keys of the original finetune section -> LoraConfig field
 LORA_KEYS: dict[str, str] = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
                              "lora_layer": "target_modules"}
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
 
 def translate_keys(d: dict[str, Any], field_names: set[str], source: str | None) -> dict[str, Any]:
     """Map original / hyphenated keys to TrainConfig field names.
@@ -166,13 +161,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name} must be a list of numbers, got {value!r}")
         return tuple(coerce(name, v, float) for v in value)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{name} must be true/false, got {value!r}")
+        return parse_bool(value, name)
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -215,8 +204,8 @@ def lora_values(lora: Any) -> dict[str, Any] | None:
         raise ConfigError(f"lora must be a LoraConfig, a dict or null, got {lora!r}")
     d = {("target_modules" if k == "layers" else k): v for k, v in lora.items()}
     for key, tp in (("r", int), ("alpha", float), ("dropout", float)):
-        if key in d and isinstance(d[key], str):
-            d[key] = coerce(f"lora.{key}", d[key], tp)
+        if key in d and isinstance(d[key], str):  # named as the original finetune section spells it
+            d[key] = coerce(f"lora_{key}", d[key], tp)
     if "r" in d and isinstance(d["r"], float) and d["r"] == int(d["r"]):
         d["r"] = int(d["r"])
     return d

@@ -75,6 +75,9 @@ class MetricsLogger:
         progress_bar: show a tqdm bar.
         enabled: False on non-main ranks (nothing is written).
         stream: where console lines go (default stdout).
+        tensorboard_task_loss: write the per-task scalars ``Loss/train/<task>`` to TensorBoard (the
+            original's ``tensorboard_all_tasks``); per-task losses are on the console line and in
+            train_stats either way.
     """
 
     def __init__(
@@ -88,8 +91,10 @@ class MetricsLogger:
         progress_bar: bool = True,
         enabled: bool = True,
         stream: Any = None,
+        tensorboard_task_loss: bool = True,
     ) -> None:
         self.enabled = enabled
+        self.tensorboard_task_loss = tensorboard_task_loss
         self.log_iters = max(1, log_iters)
         self.stream = stream or sys.stdout
         self.writer = None
@@ -139,7 +144,7 @@ class MetricsLogger:
                 v = stats.get(key)
                 if v is not None and math.isfinite(v):
                     self.writer.add_scalar(tag, v, step)
-            for name, v in task_loss.items():
+            for name, v in task_loss.items() if self.tensorboard_task_loss else ():
                 self.writer.add_scalar(f"Loss/train/{name}", v, step)
         if self._stats_file is not None:
             row = {"time": time.time(), "iteration": step, **stats}

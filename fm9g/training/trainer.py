@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fm9g._io import ConfigError
 from fm9g.models.lora import apply_lora, get_lora_config, lora_modules
 from fm9g.training.builders import check_same_shape, build_loader, build_model, build_tokenizer, pretrained_state
 from fm9g.training.checkpoint import (
@@ -89,6 +91,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_device(spec: str) -> None:
+    """Refuse a CUDA device on a machine without CUDA, in one line (before anything is built).
+
+    Raises:
+        ConfigError: ``device`` names CUDA but ``torch.cuda.is_available()`` is False.
+    """
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"device={spec!r} but CUDA is not available ({why}); set device: \"cpu\" or \"auto\"")
 
 
 def _has_lora(model: nn.Module) -> bool:
@@ -156,6 +169,9 @@ class Trainer:
     ) -> None:
         self.config = config
         seed_everything(config.seed)
+        if engine is None:
+            check_device(config.device)
+        self._model_from_config = model is None and engine is None
         if model is None and engine is None and config.engine == "torch" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun: the FSDP2 engine builds the model on the meta device and loads each rank's shard
             engine = build_engine(config, None, lora_only=config.lora is not None)
@@ -226,11 +242,23 @@ class Trainer:
             f"{' (LoRA)' if self.is_lora else ''}; {where}\n"
             f"  {c.train_iters} iterations of {c.grad_accum} x {self.batch_size} x {self.max_length} tokens; "
             f"lr {c.lr:g} {c.lr_scheduler} (warmup {c.warmup_steps:g}, drop {c.drop_steps:g}); "
-            f"starting after step {self.step}; checkpoints: {c.run_dir or 'off'}"
-            + (f"\n  {self.resume_summary}" if self.resume_summary else "")
+            f"starting after step {self.step}; checkpoints: {c.run_dir or 'off'}\n"
+            f"  start: {self.resume_summary or self._fresh_start_text()}"
         )
 
-    # ------------------------------------------------------------------ one step
+    def _fresh_start_text(self) -> str:
+        """The header's account of a run that resumed nothing: where the weights come from."""
+        c = self.config
+        if not self._model_from_config:
+            weights = "the weights of the model passed to the Trainer"
+        elif c.pretrained_model:
+            weights = f"weights from pretrained_model {c.pretrained_model}"
+        else:
+            weights = "randomly initialised weights (no pretrained_model)"
+        if self.is_lora:
+            weights = f"LoRA (freshly initialised) on {weights}"
+        return f"{weights}; fresh optimizer; data from the start; step 0"
+
     def train_step(self, batches: list[dict[str, Any]]) -> StepOutput:
         """The Trainer's half of iteration ``self.step + 1`` over ``batches`` (grad_accum micro-batches).
 
@@ -274,6 +302,7 @@ class Trainer:
         cfg = self.config
         if cfg.resume_ckpt is not None and not self._resumed:
             self.resume(cfg.resume_ckpt)
+        self._check_start()
         if self._data_iter is None:
             self._data_iter = iter(self.loader)
         self.logger = logger = self._open_logger()
@@ -283,12 +312,11 @@ class Trainer:
             logger.print(inspect_model(self.model))
         t_prev = time.perf_counter()
         try:
-            while not cfg.stop_when_end or self.step < cfg.train_iters:
+            while self.step < cfg.train_iters:
                 batches = self._next_batches()
                 if batches is None:
                     result.stop_reason = "data_exhausted"
-                    logger.print(f"data ran out after iteration {self.step}; stopping"
-                                 + (f" (train_iters={cfg.train_iters})" if cfg.stop_when_end else ""))
+                    logger.print(f"data ran out after iteration {self.step} of train_iters={cfg.train_iters}; stopping")
                     break
                 t0 = time.perf_counter()
                 out = self.train_step(batches)
@@ -305,6 +333,13 @@ class Trainer:
             self._maybe_save(final=True)
         finally:
             logger.close()
+        if result.stop_reason == "data_exhausted" and not cfg.stop_when_end:
+            raise TrainingError(
+                f"the data ran out after iteration {self.step} of train_iters={cfg.train_iters}"
+                + (f" (checkpoint {self.last_checkpoint} was written)" if self.last_checkpoint else "")
+                + "; with stop_when_end false the run must reach train_iters: let the datasets repeat "
+                "(\"allow_repeat\": true in the dataset config), lower train_iters, or set stop_when_end: true "
+                "to stop when the data ends")
         result.step, result.tokens, result.skipped = self.step, self.tokens, dict(self.skipped)
         result.last_checkpoint = self.last_checkpoint
         return result
@@ -315,17 +350,90 @@ class Trainer:
         (``"auto"``: inside the run folder). Only the main rank writes."""
         cfg, run_dir = self.config, self.config.run_dir
 
-        def folder(value: str | None, auto: str) -> Path | None:
-            if value is None or (value == "auto" and run_dir is None):
-                return None
-            return run_dir / auto if value == "auto" else Path(cfg.output_path(value))
-
-        stats = folder(cfg.stats_dir, "train_stats") if run_dir is not None else None
+        stats = self._log_folder(cfg.stats_dir, "train_stats") if run_dir is not None else None
         return MetricsLogger(
-            total_steps=cfg.train_iters, start_step=self.step, tensorboard_dir=folder(cfg.tensorboard, "tensorboard"),
+            total_steps=cfg.train_iters, start_step=self.step, tensorboard_dir=self._log_folder(cfg.tensorboard, "tensorboard"),
             stats_dir=stats, log_iters=cfg.log_iters, progress_bar=cfg.progress_bar, enabled=self.engine.is_main,
-            stream=self.log_stream,
+            stream=self.log_stream, tensorboard_task_loss=cfg.log_task_loss,
         )
+
+    def _log_folder(self, value: str | None, auto: str) -> Path | None:
+        """A log folder of the config: ``"auto"`` = ``<run_dir>/<auto>``; ``"original"`` (TensorBoard) =
+        the original launcher's ``<save>/../tensorboard/<exp_group><model_unique>``; None when off."""
+        cfg, run_dir = self.config, self.config.run_dir
+        if value is None or (value in ("auto", "original") and run_dir is None):
+            return None
+        if value == "original":
+            return run_dir.parent.parent / "tensorboard" / f"{cfg.exp_group}{cfg.model_unique}"
+        return run_dir / auto if value == "auto" else Path(cfg.output_path(value))
+
+    def _check_start(self) -> None:
+        """Checks before the first step, each a :class:`ConfigError` that says what to do: LoRA on a
+        random base, a tokenizer larger than the model's vocabulary, and a run folder that holds
+        another run (see :meth:`_check_run_folder`)."""
+        cfg = self.config
+        if self.is_lora and self._model_from_config and not cfg.pretrained_model and not cfg.lora_random_base:
+            raise ConfigError(
+                "LoRA is on but pretrained_model is not set, so LoRA would train on a randomly initialised base: "
+                "set pretrained_model to the base weights (a .pt, a checkpoint folder or an HF directory), or set "
+                "lora_random_base: true if that is what you want")
+        self._check_run_folder()
+        self._check_vocab()
+
+    def _check_vocab(self) -> None:
+        """The tokenizer's ids must fit the model's embedding (else an IndexError in the middle of fit)."""
+        loader = self.loader  # builds the default tokenizer and loader when none was given
+        tok = self.tokenizer if self.tokenizer is not None else getattr(loader, "tokenizer", None)
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        try:
+            n_tok = len(tok) if tok is not None else None
+        except TypeError:
+            n_tok = None
+        if n_tok is not None and vocab is not None and n_tok > vocab:
+            where = f" ({self.config.tokenizer_path})" if self.config.tokenizer_path else ""
+            raise ConfigError(
+                f"the tokenizer{where} has {n_tok} tokens but the model's vocab_size is {vocab}: token ids >= {vocab} "
+                "would fail in the middle of training; use the model's own tokenizer, or a model config with "
+                f"vocab_size >= {n_tok}")
+
+    def _check_run_folder(self) -> None:
+        """A run that starts at step 0 (no resume, or ``only_load_model``) must not write over the
+        checkpoints and train stats of another run in its folder: it stops with a message naming
+        the options, unless ``overwrite_run`` (then that run's checkpoints, train stats and
+        TensorBoard events are deleted first). A real resume continues its run and is not checked."""
+        cfg, run_dir = self.config, self.config.run_dir
+        if run_dir is None or self.step > 0 or (self._resumed and not cfg.only_load_model):
+            return  # no folder, or this Trainer continues its own run / the run it resumed
+        checkpoints = [p for _, p in list_checkpoints(run_dir)]
+        stats = self._log_folder(cfg.stats_dir, "train_stats")
+        stat_files = sorted(stats.glob("*.jsonl")) if stats is not None and stats.is_dir() else []
+        if not checkpoints and not stat_files:
+            return
+        if cfg.overwrite_run:
+            if self.engine.is_main:
+                tb = self._log_folder(cfg.tensorboard, "tensorboard")
+                events = sorted(tb.glob("events.out.tfevents.*")) if tb is not None and tb.is_dir() else []
+                for p in checkpoints:
+                    shutil.rmtree(p)
+                for f in stat_files + events:
+                    f.unlink()
+                print(f"overwrite_run: deleted {len(checkpoints)} checkpoint(s), {len(stat_files)} train_stats file(s) "
+                      f"and {len(events)} TensorBoard file(s) of the earlier run in {run_dir}", file=self.log_stream)
+            self.engine.barrier()
+            return
+        found = (f"checkpoints {[p.name for p in checkpoints]}" if checkpoints else "no checkpoint") + (
+            f" and train stats ({stats})" if stat_files else "")
+        if self._resumed:
+            start = (f"only_load_model is true, so this is a NEW run starting at step 0 from the weights of "
+                     f"checkpoint {cfg.resume_ckpt}; its checkpoints would overwrite the run in {run_dir} ({found}). ")
+            fix = ("To continue that run set only_load_model: false (restores optimizer, data position and step); "
+                   "to start a new run from those weights choose another model_unique (or save) folder; ")
+        else:
+            start = f"{run_dir} already holds a run ({found}) and this run starts at step 0 without resuming it. "
+            fix = ("To continue it set resume_ckpt: \"latest\"; " if checkpoints else "") + (
+                "to start a separate run choose another model_unique (or save) folder; ")
+        raise ConfigError(start + fix + "or set overwrite_run: true to delete the earlier run's checkpoints and "
+                          "train stats first")
 
     def _next_batches(self) -> list[dict[str, Any]] | None:
         """The next ``grad_accum`` micro-batches, or None when the data ran out first."""
@@ -370,9 +478,7 @@ class Trainer:
         return row
 
     def _task_losses(self, out: StepOutput, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """Mean loss per task name of a step (empty unless ``log_task_loss``)."""
-        if not self.config.log_task_loss:
-            return {}
+        """Mean loss per task name of a step (always; ``log_task_loss`` only decides the TensorBoard scalars)."""
         names = self.task_names(batches[0])
         return {(names[tid] if tid < len(names) else str(tid)): s / out.task_label_tokens[tid]
                 for tid, s in out.task_loss_sum.items() if out.task_label_tokens.get(tid, 0)}
