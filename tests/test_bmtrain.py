@@ -29,7 +29,8 @@ def _patcher():
 
 
 class ToyLoader:
-    """Deterministic packed batches (2 rows x 32 tokens, 2 documents per row, 2 tasks)."""
+    """Deterministic packed batches (2 rows x 32 tokens, 2 documents per row, 2 tasks) of counting
+    sequences (a learnable next token)."""
 
     task_names = ["alpha", "beta"]
 
@@ -40,7 +41,9 @@ class ToyLoader:
         while True:
             g = torch.Generator().manual_seed(1000 + self.i)
             self.i += 1
-            ids = torch.randint(3, self.vocab, (2, 32), generator=g)
+            # counting sequences from a random start: the next token is learnable, so the loss falls
+            start = torch.randint(0, self.vocab - 3, (2, 1), generator=g)
+            ids = (start + torch.arange(32)) % (self.vocab - 3) + 3
             labels = torch.roll(ids, -1, 1)
             labels[:, [0, 1, 15, 16, 17, 31]] = -100
             pos = torch.arange(16).repeat(2).expand(2, 32).clone()
