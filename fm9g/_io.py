@@ -58,21 +58,30 @@ _NO_SPACE = {
     errno.EDQUOT: "the disk quota is exceeded",
 }
 # what torch.save's zip writer says when the OS refuses a write (it does not pass the errno on)
-_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "basic_ios::clear: iostream error")
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors' save_file: "... (os error 28)"
 
 
 def _no_space_reason(err: BaseException) -> tuple[str, int | None] | None:
-    """(reason, errno) when `err` is a write refused for lack of space or a size limit, else None."""
-    if isinstance(err, OSError) and err.errno in _NO_SPACE:
-        return _NO_SPACE[err.errno], err.errno
-    text = str(err)
-    if isinstance(err, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILURES):
-        return ("torch.save could not write the whole file: the disk is full or a size limit "
-                f"(disk quota, ulimit -f) was hit ({text.strip().splitlines()[0]})"), None
-    found = _RUST_OS_ERROR.search(text)
-    if found and int(found.group(1)) in _NO_SPACE:
-        return _NO_SPACE[int(found.group(1))], int(found.group(1))
+    """(reason, errno) when `err`, or an error it was raised from or while handling (torch.save
+    reports "unexpected pos" while closing after the failed write), is a write refused for lack of
+    space or a size limit; else None."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(seen) < 8 and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for e in seen:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return _NO_SPACE[e.errno], e.errno
+        found = _RUST_OS_ERROR.search(str(e))
+        if found and int(found.group(1)) in _NO_SPACE:
+            return _NO_SPACE[int(found.group(1))], int(found.group(1))
+    for e in seen:
+        text = str(e).strip()
+        if isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILURES):
+            return ("torch.save could not write the whole file: the disk is full or a size limit "
+                    f"(disk quota, ulimit -f) was hit ({text.splitlines()[0]})"), None
     return None
 
 
