@@ -5,7 +5,13 @@ sharded safetensors / ``pytorch_model.bin`` with their index json) and fm9g / bm
 Reading memory-maps (safetensors ``safe_open``, ``torch.load(mmap=True, weights_only=True)``);
 writing streams: each output tensor is a `TensorPlan` whose ``make()`` is called only when the
 tensor is written, so a 7B export never holds several copies of the model in memory. Folders are
-written through `fm9g._io.atomic_dir`, files through `fm9g._io.atomic_file`.
+written through `fm9g._io.atomic_dir`, files through `fm9g._io.atomic_file` (a full disk or a size
+limit is a `fm9g._io.DiskFullError` naming the file, and the output is left as it was).
+
+`load_checkpoint_file` is the one way to ``torch.load`` a file fm9g did not just write (training
+uses it too) and `open_safetensors` the one way to open a safetensors file: a refused pickle or a
+truncated file fails with an error naming the file and saying what to do. `refuse_replacing_inputs`
+keeps every conversion from replacing or writing into its inputs.
 """
 from __future__ import annotations
 
