@@ -46,9 +46,11 @@ def write_text_jsonl(path: str | Path) -> Path:
 
 def make_toy_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
     """Train a small byte-level BPE on the toy texts and save it as an HF tokenizer directory
-    (ChatML specials, <s> / </s> as BOS / EOS)."""
+    (ChatML specials, <s> / </s> as BOS / EOS) with `fm9g.data.tokenizers.save_tokenizer`."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
+
+    from fm9g.data.tokenizers import save_tokenizer
 
     out_dir = Path(out_dir)
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -57,8 +59,7 @@ def make_toy_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
     bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return save_tokenizer(tok, out_dir)  # loadable by transformers 4.44 as well as 5
 
 
 def example_main(doc: str, cpu_smoke, config_help: str) -> None:

@@ -7,8 +7,10 @@ output and never damages the previous version.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -67,10 +69,106 @@ def default_permissions(path: str | os.PathLike[str], *, directory: bool = False
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
+class DiskFullError(OSError):
+    """Writing `filename` failed because the disk is full or a size limit (disk quota, ``ulimit -f``)
+    was hit. The message names the file and says what to do; `path` is that file, `reason` says
+    which limit, `errno` is the OS error number when known."""
+
+    def __init__(self, filename: str | os.PathLike[str], reason: str, code: int | None = None) -> None:
+        super().__init__(f"cannot write {filename}: {reason}. Free some space (or raise the limit) and run "
+                         "again, or write to another disk")
+        self.errno, self.path, self.reason = code, Path(filename), reason  # (`filename` would change str())
+
+
+__all__ += ["DiskFullError", "explain_disk_full"]
+
+# errno -> what it means for a write
+_NO_SPACE = {
+    errno.ENOSPC: "the disk is full (no space left on the device)",
+    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the file system's largest file",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+# what torch.save's zip writer says when the OS refuses a write (it does not pass the errno on)
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "basic_ios::clear: iostream error")
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors' save_file: "... (os error 28)"
+
+
+def _no_space_reason(err: BaseException) -> tuple[str, int | None] | None:
+    """(reason, errno) when `err`, or an error it was raised from or while handling (torch.save
+    reports "unexpected pos" while closing after the failed write), is a write refused for lack of
+    space or a size limit; else None."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(seen) < 8 and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for e in seen:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return _NO_SPACE[e.errno], e.errno
+        found = _RUST_OS_ERROR.search(str(e))
+        if found and int(found.group(1)) in _NO_SPACE:
+            return _NO_SPACE[int(found.group(1))], int(found.group(1))
+    for e in seen:
+        text = str(e).strip()
+        if isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILURES):
+            return ("torch.save could not write the whole file: the disk is full or a size limit "
+                    f"(disk quota, ulimit -f) was hit ({text.splitlines()[0]})"), None
+    return None
+
+
+def _shown_path(err: BaseException, written: Path, destination: Path) -> Path:
+    """The destination name of the file `err` is about: a path inside the temporary `written`
+    becomes the same path inside `destination`; no known path gives `destination` itself."""
+    name = err.path if isinstance(err, DiskFullError) else getattr(err, "filename", None)
+    if not name:
+        return destination
+    try:
+        rel = Path(name).relative_to(written)
+    except ValueError:
+        return Path(name)
+    return destination / rel if rel.parts else destination
+
+
+def _raise_if_disk_full(err: BaseException, written: Path, destination: Path) -> None:
+    """Raise `DiskFullError` naming the destination file when `err` is a disk-full / size-limit failure
+    while writing `written` (a temporary file or folder standing for `destination`); else return."""
+    if isinstance(err, DiskFullError):
+        shown = _shown_path(err, written, destination)
+        if shown != err.path:
+            raise DiskFullError(shown, err.reason, err.errno) from err.__cause__
+        return
+    found = _no_space_reason(err)
+    if found is not None:
+        raise DiskFullError(_shown_path(err, written, destination), *found) from err
+
+
+@contextmanager
+def explain_disk_full(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a write of `path` refused for lack of space or a size limit into a `DiskFullError`
+    naming `path`: an OSError ENOSPC / EFBIG / EDQUOT, torch.save's ``inline_container.cc ...
+    unexpected pos`` / ``PytorchStreamWriter failed`` RuntimeError, safetensors' ``(os error 28)``.
+    Other errors pass unchanged. `atomic_file` and `atomic_dir` do this for what they write.
+
+    Example:
+        >>> with explain_disk_full(path), open(path, "wb") as f:   # doctest: +SKIP
+        ...     torch.save(state, f)
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        found = _no_space_reason(err)
+        if found is None:
+            raise
+        raise DiskFullError(path, *found) from err
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on normal exit it replaces `path`, on an error it
-    is removed and `path` is left as it was.
+    is removed and `path` is left as it was (a disk-full or size-limit failure is raised as a
+    `DiskFullError` naming `path`).
 
     Example:
         >>> with atomic_file("ckpt.pt") as tmp:   # doctest: +SKIP
@@ -85,8 +183,9 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         default_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(err, tmp, path)
         raise
 
 
@@ -94,7 +193,8 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike[str], *, tmp_prefix: str | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on normal exit it replaces `path` (an
     existing `path` is swapped out first and removed only after the new one is in place), on an
-    error it is removed and `path` is left as it was.
+    error it is removed and `path` is left as it was (a disk-full or size-limit failure is raised
+    as a `DiskFullError` naming the file inside `path`, or `path` when the file is not known).
 
     Args:
         path: the destination folder.
@@ -114,8 +214,9 @@ def atomic_dir(path: str | os.PathLike[str], *, tmp_prefix: str | None = None) -
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(err, tmp, path)
         raise
 
 

@@ -137,8 +137,6 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch):
         main(["train", "--config", str(cfg)])
 
 
-@pytest.mark.xfail(strict=True, reason="FM9GModel raises a plain RuntimeError for a missing flash-attn: "
-                   "fm9g/models/fm9g.py must raise AttentionUnavailableError (lead's one-line change)")
 @pytest.mark.skipif(__import__("importlib").util.find_spec("flash_attn") is not None, reason="flash-attn installed")
 def test_flash_attn_without_flash_attn_is_one_line(tmp_path):
     cfg = _train_config(tmp_path, model={**TINY_MODEL, "attn_impl": "flash_attn"})
@@ -146,6 +144,16 @@ def test_flash_attn_without_flash_attn_is_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     line, = out.stderr.strip().splitlines()
     assert line.startswith("fm9g train: error: ") and "attn_impl" in line and "pip install" in line
+
+
+def test_refused_checkpoint_is_one_line_with_exit_2(tmp_path):
+    """A CheckpointError / TrainingError is a user error like any other: one line, exit status 2."""
+    (tmp_path / "half" / "3").mkdir(parents=True)  # a step folder without its files
+    cfg = _train_config(tmp_path, resume_ckpt=str(tmp_path / "half" / "3"))
+    out = fm9g_cli("train", "--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    line, = out.stderr.strip().splitlines()
+    assert line.startswith("fm9g train: error: ") and "half" in line, line
 
 
 def test_user_errors_and_bugs_are_told_apart():

@@ -226,7 +226,7 @@ def test_save_on_two_resume_on_two_is_exact_and_one_is_refused(setup):
     cmd = [sys.executable, "-m", "fm9g", "train", "--config", str(straight), "--set", f"resume_ckpt={ck2}",
            "--set", "model_unique=one_from_two"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=120)
-    assert out.returncode == 1 and "written by 2 process(es) but this run has 1" in out.stderr
+    assert out.returncode == 2 and "written by 2 process(es) but this run has 1" in out.stderr
     assert "only_load_model=true" in out.stderr
     # ... and with only_load_model the weights load into one process
     _one_process(straight, f"resume_ckpt={ck2}", "only_load_model=true", "train_iters=1", "model_unique=from2")
@@ -312,7 +312,7 @@ def test_sharded_checkpoint_format_resumes_exactly(setup):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     out = subprocess.run([sys.executable, "-m", "fm9g", "train", "--config", str(again)], capture_output=True,
                          text=True, cwd=ROOT, env=_env(), timeout=120)
-    assert out.returncode == 1 and "resume it under torchrun" in out.stderr
+    assert out.returncode == 2 and "resume it under torchrun" in out.stderr
 
 
 def test_lora_on_two_ranks_matches_one_process(setup):

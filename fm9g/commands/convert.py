@@ -1,6 +1,6 @@
 """`fm9g convert`: checkpoint conversion between Hugging Face directories and fm9g / bmtrain `.pt` files.
 
-    fm9g convert hf2bmt HF_DIR OUT.pt [--dtype bf16] [--safetensors]
+    fm9g convert hf2bmt HF_DIR OUT.pt [--dtype bf16] [--safetensors] [--overwrite]
     fm9g convert bmt2hf CKPT OUT_DIR [--reference-dir HF_DIR] [--config model.json]
                         [--lora LORA.pt [--lora-alpha A] [--lora-config train.json] [--lora-mode merge|adapter]]
                         [--format native|fm9g] [--dtype bf16] [--max-shard-size 5GB] [--overwrite]
@@ -53,6 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="output checkpoint file, e.g. 9g_models/7b.pt (config.json is written beside it)")
     h2b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast the weights (default: keep)")
     h2b.add_argument("--safetensors", action="store_true", help="write safetensors instead of a torch .pt")
+    h2b.add_argument("--overwrite", action="store_true",
+                     help="replace OUT (and another model's config.json beside it) if it exists; never an input")
 
     b2h = sub.add_parser("bmt2hf", help="fm9g / bmtrain .pt -> Hugging Face directory")
     positional_or_flag(b2h, "ckpt", "-i", "--bmtrain-ckpt-path", metavar="CKPT",
@@ -74,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="JSON with the LoRA settings (LoraConfig JSON or the training JSON with a 'finetune' section)")
     b2h.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast the weights (default: keep)")
     b2h.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="safetensors shard size (default 5GB)")
-    b2h.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    b2h.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists; never an input")
     return parser
 
 
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if args.direction == "hf2bmt":
-        cfg = hf_to_bmt(args.hf_dir, args.out, dtype=args.dtype, safetensors=args.safetensors)
+        cfg = hf_to_bmt(args.hf_dir, args.out, dtype=args.dtype, safetensors=args.safetensors,
+                        overwrite=args.overwrite)
         print(
             f"wrote {args.out} (+ config.json): {cfg.num_layers} layers, d={cfg.dim_model}, "
             f"heads={cfg.num_heads}/{cfg.num_kv_heads}, vocab={cfg.vocab_size}, tied={cfg.tie_lm_head}, "

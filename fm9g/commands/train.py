@@ -56,15 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    from fm9g.training.checkpoint import CheckpointError
-    from fm9g.training.distributed import DistributedError
-    from fm9g.training.trainer import TrainingError
-
-    try:
-        result = Trainer(cfg).fit()
-    except (CheckpointError, TrainingError, DistributedError) as err:
-        print(f"fm9g train: error: {err}", file=sys.stderr)
-        return 1
+    result = Trainer(cfg).fit()  # a refused checkpoint or run: one line, exit 2 (fm9g.cli.main)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"done: step {result.step}, {result.tokens} tokens, stop: {result.stop_reason}, "

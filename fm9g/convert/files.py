@@ -5,13 +5,20 @@ sharded safetensors / ``pytorch_model.bin`` with their index json) and fm9g / bm
 Reading memory-maps (safetensors ``safe_open``, ``torch.load(mmap=True, weights_only=True)``);
 writing streams: each output tensor is a `TensorPlan` whose ``make()`` is called only when the
 tensor is written, so a 7B export never holds several copies of the model in memory. Folders are
-written through `fm9g._io.atomic_dir`, files through `fm9g._io.atomic_file`.
+written through `fm9g._io.atomic_dir`, files through `fm9g._io.atomic_file` (a full disk or a size
+limit is a `fm9g._io.DiskFullError` naming the file, and the output is left as it was).
+
+`load_checkpoint_file` is the one way to ``torch.load`` a file fm9g did not just write (training
+uses it too) and `open_safetensors` the one way to open a safetensors file: a refused pickle or a
+truncated file fails with an error naming the file and saying what to do. `refuse_replacing_inputs`
+keeps every conversion from replacing or writing into its inputs.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -23,12 +30,15 @@ from typing import Any
 
 import torch
 
-from fm9g._io import atomic_dir, atomic_file, find_model_file, name_list, read_json
+from fm9g._io import atomic_dir, atomic_file, explain_disk_full, find_model_file, name_list, read_json
 from fm9g.models.config import DTYPES
 
 __all__ = [
     "ConversionError",
     "DEFAULT_MAX_SHARD_SIZE",
+    "load_checkpoint_file",
+    "open_safetensors",
+    "refuse_replacing_inputs",
     "TensorPlan",
     "check_hf_dir",
     "hf_weight_names",
@@ -141,20 +151,73 @@ def hf_weight_names(path: Path) -> list[str]:
     files = _hf_weight_files(path)
     if files[0].suffix == ".safetensors":
         return list(_safetensors_header(files[0]))
-    return list(_load_torch_file(files[0]))
+    return list(load_checkpoint_file(files[0]))
 
 
-def _load_torch_file(path: Path) -> Any:
-    """`torch.load` memory-mapped when the file is a zip archive (every file since torch 1.6)."""
+_ZIP_MAGIC = b"PK\x03\x04"  # every torch.save since torch 1.6 writes a zip archive
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def load_checkpoint_file(path: PathLike, *, map_location: str | torch.device = "cpu", mmap: bool = True,
+                         error: type[Exception] = ConversionError) -> Any:
+    """``torch.load(path, weights_only=True)``, memory-mapped when `mmap` and the file is a zip
+    archive (a legacy pre-zip file is read whole), failing with one `error` that names the file and
+    says what to do. The one way fm9g opens a ``.pt`` / ``.bin`` it did not just write.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go (``"cpu"``: memory-mapped from disk).
+        mmap: memory-map a zip archive (tensors are read when touched).
+        error: the exception class to raise (e.g. ``ConversionError``, ``CheckpointError``).
+
+    Returns:
+        What the file holds (tensors, numbers, strings and their lists / dicts).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        error: the file holds other Python objects (refused, never executed), or it is truncated,
+            damaged or not a torch file.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        zipped = fh.read(4) == _ZIP_MAGIC
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err) and "zip" not in str(err):
-            raise ConversionError(f"{path}: cannot be read by torch.load ({err})") from None
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except Exception as err:  # pickle errors, weights_only refusals
-        raise ConversionError(f"{path}: cannot be read with torch.load(weights_only=True): {err}") from None
-    return obj
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused is None:
+            raise error(f"{path}: not a readable torch checkpoint (truncated or damaged?): "
+                        f"torch.load refused it ({_first_line(err)}); copy or download it again") from err
+        raise error(
+            f"{path}: holds Python objects other than tensors ({refused.group(1).rstrip('.')}), which "
+            "torch.load(weights_only=True) refuses to run; fm9g only loads tensors-only checkpoints. If "
+            "you trust the file, load it once yourself (torch.load(path, weights_only=False)) and save "
+            "its tensors alone: torch.save(state_dict, new_path), or safetensors.torch.save_file"
+        ) from err
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:
+        raise error(f"{path}: not a readable torch checkpoint (truncated or damaged?): torch.load says "
+                    f"{_first_line(err) or type(err).__name__}; copy or download it again") from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def open_safetensors(path: PathLike, stack: ExitStack) -> Any:
+    """`safetensors.safe_open(path)` kept open by `stack`, failing with a ConversionError that names
+    the file (a truncated shard, a damaged header).
+
+    Returns:
+        The open handle (``keys()``, ``get_tensor(name)``: memory-mapped tensors).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except SafetensorError as err:
+        raise ConversionError(f"{path}: not a readable safetensors file (truncated or damaged?): {err}; "
+                              "copy or download it again") from err
 
 
 def read_hf_state_dict(hf_dir: PathLike, stack: ExitStack) -> dict[str, torch.Tensor]:
@@ -166,17 +229,15 @@ def read_hf_state_dict(hf_dir: PathLike, stack: ExitStack) -> dict[str, torch.Te
     Returns:
         ``{hf_name: tensor}``.
     """
-    from safetensors import safe_open
-
     path = check_hf_dir(hf_dir)
     out: dict[str, torch.Tensor] = {}
     for file in _hf_weight_files(path):
         if file.suffix == ".safetensors":
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            handle = open_safetensors(file, stack)
             for name in handle.keys():
                 out[name] = handle.get_tensor(name)
         else:
-            sd = _load_torch_file(file)
+            sd = load_checkpoint_file(file)
             if not isinstance(sd, Mapping):
                 raise ConversionError(f"{file}: expected a dict of tensors, got {type(sd).__name__}")
             out.update(sd)
@@ -194,6 +255,33 @@ def copy_reference_files(reference_dir: Path, out: Path) -> list[str]:
     return copied
 
 
+def refuse_replacing_inputs(outputs: Mapping[str, PathLike], inputs: Mapping[str, PathLike | None]) -> None:
+    """Refuse a conversion that would replace or change one of its inputs: an output that is an
+    input, that holds one (an output folder around it), or that lies inside an input folder. Paths
+    are compared resolved (symlinks, ``..``); ``overwrite`` never allows it.
+
+    Args:
+        outputs: each output's name in the message (``"out_dir"``) -> its path.
+        inputs: each input's name in the message (``"the checkpoint"``, ``"lora"``) -> its path
+            (None: not given, or not a path).
+
+    Raises:
+        ConversionError: naming the output and the input, and saying to choose another output.
+    """
+    for out_name, out in outputs.items():
+        o = Path(out).resolve()
+        for in_name, given in inputs.items():
+            if given is None:
+                continue
+            i = Path(given).resolve()
+            if o == i or o in i.parents:
+                raise ConversionError(f"{out_name} {out} would replace {in_name} {given}; "
+                                      "choose another output path (outside every input)")
+            if i in o.parents:
+                raise ConversionError(f"{out_name} {out} is inside {in_name} {given}, and a conversion never "
+                                      f"changes its inputs; choose an output path outside {given}")
+
+
 @contextmanager
 def output_dir(dest: Path, *, overwrite: bool) -> Iterator[Path]:
     """`fm9g._io.atomic_dir` for an export folder: refuses a file, and a non-empty folder unless
@@ -201,7 +289,8 @@ def output_dir(dest: Path, *, overwrite: bool) -> Iterator[Path]:
     if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is a file; choose a directory path for the output")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {dest} exists and is not empty; pass overwrite=True or pick another")
+        raise FileExistsError(f"output directory {dest} exists and is not empty; pass overwrite=True "
+                              "(CLI: --overwrite) to replace it, or pick another")
     with atomic_dir(dest) as tmp:
         yield tmp
 
@@ -259,11 +348,9 @@ def read_bmt_checkpoint(ckpt: PathLike, stack: ExitStack) -> dict[str, torch.Ten
     """
     path = resolve_ckpt(ckpt)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        handle = stack.enter_context(safe_open(str(path), framework="pt"))
+        handle = open_safetensors(path, stack)
         return {name: handle.get_tensor(name) for name in handle.keys()}
-    return unwrap_state_dict(_load_torch_file(path), str(path))
+    return unwrap_state_dict(load_checkpoint_file(path), str(path))
 
 
 def write_state_dict(path: Path, sd: Mapping[str, torch.Tensor], *, safetensors: bool) -> None:
@@ -300,7 +387,11 @@ class TensorPlan:
 
 
 def write_safetensors(path: Path, plans: list[TensorPlan], metadata: dict[str, str] | None = None) -> None:
-    """Write one safetensors file, producing and writing one tensor at a time."""
+    """Write one safetensors file, producing and writing one tensor at a time.
+
+    Raises:
+        fm9g._io.DiskFullError: the disk is full or a size limit was hit (naming `path`).
+    """
     header: dict[str, Any] = {}
     offset = 0
     for p in plans:
@@ -311,7 +402,7 @@ def write_safetensors(path: Path, plans: list[TensorPlan], metadata: dict[str, s
     header["__metadata__"] = dict(metadata or {"format": "pt"})
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-    with open(path, "wb") as fh:
+    with explain_disk_full(path), open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for p in plans:
@@ -349,5 +440,7 @@ def save_safetensors_sharded(
         weight_map.update({p.name: name for p in shard})
     if n > 1:
         index = {"metadata": {"total_size": sum(p.nbytes for p in plans)}, "weight_map": weight_map}
-        (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        index_path = out_dir / f"{prefix}.safetensors.index.json"
+        with explain_disk_full(index_path):
+            index_path.write_text(json.dumps(index, indent=2) + "\n")
     return names

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fm9g._io import atomic_write_text, name_list, state_dict_mismatch
+from fm9g._io import atomic_write_text, name_list, read_json, state_dict_mismatch
 from fm9g.convert.files import (
     DEFAULT_MAX_SHARD_SIZE,
     ConversionError,
@@ -48,6 +48,7 @@ from fm9g.convert.files import (
     read_bmt_checkpoint,
     read_conversion_json,
     read_hf_state_dict,
+    refuse_replacing_inputs,
     resolve_ckpt,
     save_safetensors_sharded,
     write_state_dict,
@@ -189,6 +190,27 @@ def _refuse_hf_config_beside(out_path: Path) -> None:
         )
 
 
+def _refuse_existing_outputs(out_path: Path, config: FM9GConfig, write_config: bool) -> None:
+    """An existing checkpoint at `out_path`, or another model's config.json beside it, is replaced
+    only with ``overwrite=True`` (the same config is simply written again)."""
+    if out_path.exists():
+        raise FileExistsError(f"{out_path} exists; pass overwrite=True (CLI: --overwrite) to replace it, "
+                              "or choose another path")
+    beside = out_path.parent / "config.json"
+    if not write_config or not beside.is_file():
+        return
+    try:
+        same = read_json(beside) == json.loads(config.to_json())
+    except ValueError:
+        same = False
+    if not same:
+        raise FileExistsError(
+            f"{beside} holds another model config, which the config of {out_path.name} would replace (the "
+            "checkpoints beside it would lose theirs); put the checkpoint in a directory of its own, or pass "
+            "overwrite=True (CLI: --overwrite) to replace it"
+        )
+
+
 def hf_to_bmt(
     hf_dir: PathLike,
     out_path: PathLike,
@@ -196,6 +218,7 @@ def hf_to_bmt(
     dtype: str | torch.dtype | None = None,
     safetensors: bool = False,
     write_config: bool = True,
+    overwrite: bool = False,
 ) -> FM9GConfig:
     """Convert a Hugging Face checkpoint directory into an fm9g / bmtrain checkpoint.
 
@@ -215,14 +238,19 @@ def hf_to_bmt(
         dtype: cast the weights (``"bf16"``, ``"fp16"``, ``"fp32"``); None keeps them.
         safetensors: write safetensors instead of a torch pickle.
         write_config: write ``config.json`` beside ``out_path``.
+        overwrite: replace an existing ``out_path``, and a ``config.json`` beside it that holds
+            another config (an input is never replaced).
 
     Returns:
         The inferred `FM9GConfig`.
 
     Raises:
         FileNotFoundError: missing directory, config.json or weights.
+        FileExistsError: ``out_path`` exists, or ``config.json`` beside it holds another config
+            (without ``overwrite``).
         ConversionError: unsupported architecture (named), unmapped or missing keys (all listed),
-            shapes that contradict the config.
+            shapes that contradict the config, an output that would replace or lie inside ``hf_dir``.
+        fm9g._io.DiskFullError: the disk is full or a size limit was hit (the output is left as it was).
     """
     src = check_hf_dir(hf_dir)
     out_path = Path(out_path)
@@ -230,13 +258,18 @@ def hf_to_bmt(
         raise ConversionError(f"out_path {out_path} is a directory; give a file name such as {out_path / 'model.pt'}")
     cast = _as_dtype(dtype)
     config = load_hf_config(src)
+    beside = out_path.parent / "config.json"
     if write_config:
         _refuse_hf_config_beside(out_path)
+    refuse_replacing_inputs({"out_path": out_path, **({"config.json beside out_path": beside} if write_config else {})},
+                            {"hf_dir": src})
+    if not overwrite:
+        _refuse_existing_outputs(out_path, config, write_config)
     with ExitStack() as stack:
         sd = _bmt_from_hf(read_hf_state_dict(src, stack), config, str(src), cast)
         write_state_dict(out_path, sd, safetensors=safetensors)
     if write_config:
-        config.to_json(out_path.parent / "config.json")
+        config.to_json(beside)
     return config
 
 
@@ -298,10 +331,17 @@ def _check_choices(format: str, lora_mode: str) -> None:
         raise ConversionError(f"lora_mode must be 'merge' or 'adapter', got {lora_mode!r}")
 
 
-def _refuse_overlap(out: Path, ckpt: Path, ref: Path | None) -> None:
-    for inside, what in ((ckpt, "the checkpoint"), (ref, "reference_dir")):
-        if inside is not None and (out.resolve() == inside.resolve() or out.resolve() in inside.resolve().parents):
-            raise ConversionError(f"out_dir {out} would replace {what} {inside}; choose another output directory")
+def _input_paths(ckpt: PathLike, ckpt_file: Path, config: Any, reference_dir: PathLike | None, lora: Any,
+                 lora_config: Any) -> dict[str, PathLike | None]:
+    """Every file or folder an export reads, by its name in messages (None: not a path); `ckpt_file`
+    is the model file `ckpt` names."""
+    def path(x: Any) -> PathLike | None:
+        return x if isinstance(x, (str, os.PathLike)) else None
+
+    beside = ckpt_file.parent / "config.json"
+    return {"the checkpoint": ckpt, "reference_dir": reference_dir, "lora": path(lora), "config": path(config),
+            "lora_config": path(lora_config),
+            "the config beside the checkpoint": beside if config is None and beside.is_file() else None}
 
 
 def bmt_to_hf(
@@ -331,7 +371,8 @@ def bmt_to_hf(
             in ``out_dir/adapter`` (load with ``peft.PeftModel.from_pretrained(model, out_dir/"adapter")``).
         dtype: cast the exported weights; None keeps the checkpoint's dtype.
         max_shard_size: bytes per safetensors shard (default 5 GiB).
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace an existing non-empty ``out_dir`` (never one that holds, is, or lies
+            inside an input: the checkpoint, ``reference_dir``, ``lora``, ``config``, ``lora_config``).
 
     Returns:
         ``out_dir`` as a Path.
@@ -339,13 +380,16 @@ def bmt_to_hf(
     Raises:
         FileNotFoundError / FileExistsError: missing inputs / existing output.
         ConversionError: keys or shapes that do not match the config (all listed), a LoRA checkpoint
-            for another model, an unknown LoRA alpha, a bad format.
+            for another model, an unknown LoRA alpha, a bad format, an output that would replace or
+            lie inside an input.
+        fm9g._io.DiskFullError: the disk is full or a size limit was hit (the output is left as it was).
     """
     _check_choices(format, lora_mode)
     ckpt_path, out = resolve_ckpt(ckpt), Path(out_dir)
     ref = check_hf_dir(reference_dir) if reference_dir is not None else None
+    refuse_replacing_inputs({"out_dir": out}, _input_paths(ckpt, ckpt_path, config, reference_dir, lora,
+                                                                lora_config))
     cfg = resolve_config(config, ckpt_path, ref)
-    _refuse_overlap(out, ckpt_path, ref)
     cast = _as_dtype(dtype)
     with ExitStack() as stack:
         sd = _read_base(ckpt_path, cfg, stack)
@@ -361,8 +405,10 @@ def bmt_to_hf(
             atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")
             for name in REMOTE_FILES if format == "fm9g" else ():
                 shutil.copy2(REMOTE_CODE_DIR / name, tmp / name)
-            if ref is not None:
-                copy_reference_files(ref, tmp)
+            if ref is not None and copy_reference_files(ref, tmp):
+                from fm9g.data.tokenizers import make_tokenizer_dir_compatible
+
+                make_tokenizer_dir_compatible(tmp)  # transformers 5's tokenizer files load in 4.44 too
             if lora_cfg is not None and lora_mode == "adapter":
                 fp32 = {m: (a.float(), b.float()) for m, (a, b) in pairs.items()}
                 write_peft_adapter(tmp / "adapter", fp32, lora_cfg, factors=export_factors(cfg, format),

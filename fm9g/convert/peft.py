@@ -18,6 +18,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ import torch
 from torch import nn
 
 from fm9g._io import atomic_write_bytes, name_list, read_json
-from fm9g.convert.files import ConversionError, read_conversion_json, resolve_ckpt, unwrap_state_dict
+from fm9g.convert.files import (
+    ConversionError,
+    load_checkpoint_file,
+    open_safetensors,
+    read_conversion_json,
+    resolve_ckpt,
+    unwrap_state_dict,
+)
 from fm9g.convert.hf_config import export_factors
 from fm9g.convert.keys import NAME_TABLE, KeyMappingError, bmt_to_hf_module, hf_to_bmt_module
 from fm9g.models.lora import (
@@ -212,11 +220,9 @@ def config_from_peft(adapter_config: Mapping[str, Any], source: str) -> LoraConf
 def _read_adapter_weights(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
     st_path, bin_path = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
     if st_path.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st_path)), st_path
+        return _read_safetensors(st_path), st_path
     if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True), bin_path
+        return load_checkpoint_file(bin_path, mmap=False), bin_path
     raise LoraError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin found")
 
 
@@ -307,10 +313,15 @@ def _read_lora(
         raise FileNotFoundError(f"LoRA checkpoint {str(path)!r} does not exist")
     path = resolve_ckpt(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        return _read_safetensors(path), str(path), path
+    return unwrap_state_dict(load_checkpoint_file(path, mmap=False), str(path)), str(path), path
 
-        return load_file(str(path)), str(path), path
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path)), str(path), path
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (a ConversionError names a truncated or damaged one)."""
+    with ExitStack() as stack:
+        handle = open_safetensors(path, stack)
+        return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
 def _lora_config_beside(lora_path: Path | None) -> tuple[LoraConfig | None, str]:

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fm9g.models.attention import ATTENTION_BACKENDS, AttentionFn, resolve_attention
+from fm9g.models.attention import ATTENTION_BACKENDS, AttentionFn, AttentionUnavailableError, resolve_attention
 from fm9g.models.config import FM9GConfig
 
 __all__ = ["FM9GModel", "FM9GOutput", "RMSNorm", "chunked_cross_entropy", "rotary_cos_sin", "apply_rotary"]
@@ -338,7 +338,7 @@ class FM9GModel(nn.Module):
         super().__init__()
         self.config = config
         if config.attn_impl == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
-            raise RuntimeError(
+            raise AttentionUnavailableError(
                 "config.attn_impl='flash_attn' but flash-attn is not installed: "
                 "install it with `pip install 'fm9g[gpu]'`, or use attn_impl='auto'"
             )
