@@ -359,7 +359,8 @@ def hf_config_from_fm9g(
         reference: a reference ``config.json``: its token ids (bos / eos / pad) are kept.
     """
     out = _write_fields(config, HF_FIELDS)
-    out.update(use_cache=True, attention_dropout=0.0, torch_dtype=str(dtype).removeprefix("torch."))
+    out.update(use_cache=True, attention_dropout=0.0)
+    out["torch_dtype"] = str(dtype).removeprefix("torch.")  # the config key transformers 4.44 reads
     out.update({k: v for k, v in (reference or {}).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     if format == "fm9g":
         out.update(architectures=["FM9GForCausalLM"], model_type="fm9g", auto_map=dict(_FM9G_AUTO_MAP),

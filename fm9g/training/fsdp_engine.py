@@ -170,14 +170,9 @@ class FSDPEngine(TorchEngine):
 
     # ------------------------------------------------------------------ building
     def _build_on_meta(self, config: Any) -> nn.Module:
-        from fm9g.models.fm9g import FM9GModel
-        from fm9g.training.trainer import _resolve_model_config
+        from fm9g.training.builders import build_model
 
-        mc = _resolve_model_config(config)
-        if mc is None:
-            raise ValueError("TrainConfig.model is not set: give a preset name or a model config JSON")
-        with torch.device("meta"):
-            model = FM9GModel(mc)
+        model = build_model(config, device="meta", load_weights=False)
         if config.lora is not None:
             from fm9g.models.lora import LoraConfig, apply_lora
 
