@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (as the HF baseline)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny shapes, 3 steps (1 warm-up), no HF")
-    ap.add_argument("--timeout", type=float, default=420.0, help="seconds per child process")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per child process")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for run.json and the logs (default $OUT)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
