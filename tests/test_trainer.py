@@ -593,3 +593,65 @@ def test_relative_save_paths_resolve_against_the_config_file_folder(tmp_path, mo
     assert cfg.run_dir == want                        # ... and after: one place
     assert Path(cfg.output_path(cfg.tensorboard)) == conf.resolve() / "tb"
     assert TrainConfig(model="tiny", save="ckpts").run_dir == Path("ckpts") / "fm9g"   # Python: the cwd
+
+
+def _tiny_lora_model(seed=0):
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+    from fm9g.models.lora import LoraConfig, apply_lora
+
+    torch.manual_seed(seed)
+    model = FM9GModel(FM9GConfig.from_name("tiny", attn_impl="sdpa"))
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["project_q", "project_v", "w_out"]))
+    for name, p in model.named_parameters():  # B = 0 at init: give the LoRA path a non-zero output
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _lora_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (2, 16), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_lora_base_is_bf16_under_bf16_precision_and_trains_like_fp32():
+    """Under bf16 precision the frozen base is held in bf16 (no per-step casts of it) and only the
+    LoRA tensors are fp32; on CPU's default precision (fp32) nothing changes."""
+    eng16 = TorchEngine(_tiny_lora_model(), device="cpu", precision="bf16", lora_only=True, lr=1e-2)
+    eng32 = TorchEngine(_tiny_lora_model(), device="cpu", precision="auto", lora_only=True, lr=1e-2)
+    assert eng32.precision == "fp32"
+    for name, p in eng16.model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+        assert p.requires_grad == ("lora_" in name), name
+    assert all(p.dtype == torch.float32 for p in eng32.model.parameters())
+    for p in eng16.params:
+        assert p.dtype == torch.float32
+    losses16, losses32 = [], []
+    for step in range(4):
+        o16 = eng16.train_step([_lora_batch()], 1e-2)
+        o32 = eng32.train_step([_lora_batch()], 1e-2)
+        assert o16.skipped is None and o32.skipped is None
+        losses16.append(o16.loss)
+        losses32.append(o32.loss)
+    assert losses16 == pytest.approx(losses32, rel=3e-2)  # bf16 compute vs fp32
+    assert losses16[-1] < losses16[0] and losses32[-1] < losses32[0]
+    sd = eng16.model_state_dict(lora_only=True)
+    assert sd and all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_step_figures_are_deferred_and_read_once():
+    """train_step hands back device figures; they are read (one copy) on first use, and a
+    non-finite step is skipped inside the optimizer: weights, moments and step counts unchanged."""
+    eng = TorchEngine(_PoisonModel(), device="cpu", lr=1e-1)
+    ok = eng.train_step([{"input_ids": torch.tensor([[2, 3, 4, 5]]), "labels": torch.tensor([[2, 3, 4, 5]])}], 1e-1)
+    assert not ok.ready
+    assert ok.skipped is None and ok.ready and ok.num_label_tokens == 4 and ok.num_tokens == 4
+    assert ok.grad_norm is not None and ok.grad_norm > 0
+    w = eng.model.emb.weight.detach().clone()
+    state = {k: v.clone() for k, v in eng.optimizer.state[eng.model.emb.weight].items()}
+    bad = eng.train_step([{"input_ids": torch.tensor([[0, 3, 4, 5]]), "labels": torch.tensor([[0, 3, 4, 5]])}], 1e-1)
+    assert bad.skipped == "nonfinite" and bad.grad_norm is None
+    assert torch.equal(w, eng.model.emb.weight)
+    for k, v in eng.optimizer.state[eng.model.emb.weight].items():
+        assert torch.equal(v, state[k]), k

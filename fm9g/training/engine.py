@@ -19,9 +19,9 @@ The model an engine trains follows :class:`TrainableLM`:
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,29 +38,81 @@ __all__ = ["Engine", "LMOutput", "StepOutput", "TrainableLM", "TorchEngine", "pa
 _NO_LR_SCALE = ("layernorm", "embedding", "lm_head")
 
 
-@dataclass(kw_only=True)
+_STEP_FIELDS = ("loss", "num_label_tokens", "num_tokens", "grad_norm", "skipped", "task_loss_sum",
+                "task_label_tokens", "task_tokens")
+
+
+def _step_field(name: str) -> property:
+    def get(self: "StepOutput") -> Any:
+        return self.resolve()._values[name]
+
+    def set_(self: "StepOutput", value: Any) -> None:
+        self.resolve()._values[name] = value
+
+    return property(get, set_, doc=f"``{name}`` (reading it waits for the step's figures; see :meth:`StepOutput.resolve`).")
+
+
 class StepOutput:
     """What one optimizer step reports. Every figure is global: summed over all ranks.
+
+    An engine may return the figures *deferred*: they stay on the device while the step runs and
+    are copied to the host once, when any of them is first read (or :meth:`resolve` is called).
+    That keeps the step free of host synchronisation; the Trainer reads them after it has fetched
+    and staged the next batch.
 
     Attributes:
         loss: mean loss over the labelled tokens of the step (float; nan/inf when skipped for it).
         num_label_tokens: labelled tokens in the step.
         num_tokens: real (non-padding) tokens in the step.
-        grad_norm: global L2 norm of the gradient before clipping (None when skipped).
+        grad_norm: global L2 norm of the gradient before clipping (None when the loss was not finite).
         skipped: None, ``"nonfinite"`` (loss or gradient not finite: no update) or ``"oom"``;
             the same on every rank.
         task_loss_sum / task_label_tokens: per task id, summed token loss and labelled tokens.
         task_tokens: per task id, real tokens.
     """
 
-    loss: float
-    num_label_tokens: int
-    num_tokens: int
-    grad_norm: float | None = None
-    skipped: str | None = None
-    task_loss_sum: dict[int, float] = field(default_factory=dict)
-    task_label_tokens: dict[int, int] = field(default_factory=dict)
-    task_tokens: dict[int, int] = field(default_factory=dict)
+    loss = _step_field("loss")
+    num_label_tokens = _step_field("num_label_tokens")
+    num_tokens = _step_field("num_tokens")
+    grad_norm = _step_field("grad_norm")
+    skipped = _step_field("skipped")
+    task_loss_sum = _step_field("task_loss_sum")
+    task_label_tokens = _step_field("task_label_tokens")
+    task_tokens = _step_field("task_tokens")
+
+    def __init__(self, *, loss: float = float("nan"), num_label_tokens: int = 0, num_tokens: int = 0,
+                 grad_norm: float | None = None, skipped: str | None = None,
+                 task_loss_sum: dict[int, float] | None = None, task_label_tokens: dict[int, int] | None = None,
+                 task_tokens: dict[int, int] | None = None) -> None:
+        self._pending: Callable[[], dict[str, Any]] | None = None
+        self._values: dict[str, Any] = dict(
+            loss=loss, num_label_tokens=num_label_tokens, num_tokens=num_tokens, grad_norm=grad_norm,
+            skipped=skipped, task_loss_sum=dict(task_loss_sum or {}), task_label_tokens=dict(task_label_tokens or {}),
+            task_tokens=dict(task_tokens or {}))
+
+    @classmethod
+    def deferred(cls, read: Callable[[], dict[str, Any]]) -> "StepOutput":
+        """A StepOutput whose figures ``read()`` returns (a dict of the attributes) when first needed."""
+        out = cls()
+        out._pending = read
+        return out
+
+    @property
+    def ready(self) -> bool:
+        """True once the figures are on the host (reading them costs nothing more)."""
+        return self._pending is None
+
+    def resolve(self) -> "StepOutput":
+        """Copy the figures to the host (waits for the step to finish on the device); returns self."""
+        if self._pending is not None:
+            read, self._pending = self._pending, None
+            self._values.update(read())
+        return self
+
+    def __repr__(self) -> str:
+        if not self.ready:
+            return "StepOutput(<on the device>)"
+        return "StepOutput(" + ", ".join(f"{k}={self._values[k]!r}" for k in _STEP_FIELDS) + ")"
 
 
 class LMOutput(Protocol):
@@ -249,6 +301,89 @@ def _merge_task_sums(parts: Iterable[torch.Tensor]) -> tuple[dict[int, float], d
             lab[i] = lab.get(i, 0) + int(n)
             tok[i] = tok.get(i, 0) + int(r)
     return loss, lab, tok
+
+
+def _n_tasks(micro_batches: list[dict[str, Any]]) -> int:
+    """Task slots of a step's per-task sums: ``len(task_names)``, else the largest task id + 1
+    (read from the host copy of ``task_ids``), 0 when no batch has ``task_ids``."""
+    if not any(b.get("task_ids") is not None for b in micro_batches):
+        return 0
+    names = next((b["task_names"] for b in micro_batches if b.get("task_names")), None)
+    if names:
+        return len(names)
+    return max((int(b["task_ids"].max()) + 1 for b in micro_batches if b.get("task_ids") is not None
+                and b["task_ids"].numel()), default=0)
+
+
+def stage_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``batch`` with its tensors on ``device``, copied without blocking the host.
+
+    On CUDA a CPU tensor is pinned first and copied ``non_blocking`` (the copy queues behind the
+    work already on the stream, so a batch can be staged while the previous step still runs);
+    tensors already on the device are kept as they are.
+    """
+    cuda = device.type == "cuda"
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.device.type != device.type:
+            if cuda and v.device.type == "cpu" and not v.is_pinned():
+                v = v.pin_memory()
+            v = v.to(device, non_blocking=cuda)
+        out[k] = v
+    return out
+
+
+def _max_seqlen(batch: dict[str, Any]) -> int | None:
+    """The batch's longest document as a Python int (the packer gives one), or None (the model
+    then derives it); a tensor value is only read when it lives on the host."""
+    m = batch.get("max_seqlen")
+    if m is None:
+        return None
+    if isinstance(m, torch.Tensor):
+        return int(m) if m.device.type == "cpu" else None
+    return int(m) or None
+
+
+def deferred_step_output(figures: torch.Tensor, n_tasks: int, *, counts: tuple[int, int] | None = None) -> StepOutput:
+    """A :class:`StepOutput` over the device vector ``figures`` (float64:
+    ``[loss_sum, n_label, n_tokens, grad_norm, finite, task 0 (loss, labels, tokens), task 1, ...]``).
+
+    On CUDA the copy to pinned host memory is queued at once, behind the step; reading a figure
+    waits for that copy only. ``counts``: ``(n_label, n_tokens)`` when the host knows them (their
+    slots in ``figures`` are then ignored).
+    """
+    if figures.device.type == "cuda":
+        host = torch.empty(figures.shape, dtype=figures.dtype, pin_memory=True)
+        host.copy_(figures, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def fetch() -> list[float]:
+            done.synchronize()
+            return host.tolist()
+    else:
+        def fetch() -> list[float]:
+            return figures.tolist()
+
+    def read() -> dict[str, Any]:
+        vals = fetch()
+        loss_sum, n_label, n_tokens, norm, finite = vals[:5]
+        if counts is not None:
+            n_label, n_tokens = counts
+        n_label = int(n_label)
+        loss = loss_sum / max(n_label, 1)
+        task_loss: dict[int, float] = {}
+        task_lab: dict[int, int] = {}
+        task_tok: dict[int, int] = {}
+        for i in range(n_tasks):
+            s, n, r = vals[5 + 3 * i: 8 + 3 * i]
+            if r:
+                task_loss[i], task_lab[i], task_tok[i] = s, int(n), int(r)
+        return dict(loss=loss, num_label_tokens=n_label, num_tokens=int(n_tokens),
+                    grad_norm=norm if math.isfinite(loss) else None, skipped=None if finite else "nonfinite",
+                    task_loss_sum=task_loss, task_label_tokens=task_lab, task_tokens=task_tok)
+
+    return StepOutput.deferred(read)
 
 
 def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: bool = False) -> Engine:

@@ -13,10 +13,15 @@ gradient of one process with N*B rows (up to the order of fp32 additions).
 
 LoRA: the frozen base and the LoRA tensors are sharded alike (one rule for every parameter; the
 LoRA tensors are small, so sharding them saves little but costs nothing either).
+
+The step itself is :meth:`TorchEngine.train_step <fm9g.training.torch_engine.TorchEngine.train_step>`:
+this class overrides only its hooks (the label count and the figures summed over ranks, gradient
+sync on the last micro-batch, the norm of the shards, and an update that reads the non-finite flag
+before stepping), so every change to the step applies to both engines.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,15 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from fm9g.training.distributed import build_mesh, check_same_config, init_distributed
-from fm9g.training.engine import (
-    StepOutput,
-    _merge_task_sums,
-    _num_label_tokens,
-    _num_tokens,
-    _PEAKS,
-    _task_sums,
-    param_groups,
-)
+from fm9g.training.torch_engine import TorchEngine
 
 __all__ = ["FSDPEngine", "load_full_state_into_shards"]
 
@@ -91,7 +88,7 @@ def load_full_state_into_shards(model: nn.Module, state: Mapping[str, torch.Tens
                 target.copy_(full)
 
 
-class FSDPEngine:
+class FSDPEngine(TorchEngine):
     """FSDP2 (``fully_shard``) data-parallel engine; implements the Engine protocol of engine.py.
 
     Args:
@@ -149,18 +146,27 @@ class FSDPEngine:
         mc = getattr(model, "config", None)
         if mc is not None and getattr(mc, "scale", False):
             scale_width = float(getattr(mc, "scale_width", 1.0))
-        self.groups = param_groups(model, scale_width)
+        self._setup_optimizer(lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                              weight_decay=config.weight_decay, lr_scale_width=scale_width)
+
+    def _setup_optimizer(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                         lr_scale_width: float) -> None:
+        """muP groups over the sharded parameters; fused AdamW on CUDA. The update reads the
+        non-finite flag on the host (``found_inf`` is not passed to a kernel over DTensors)."""
+        from fm9g.training.engine import param_groups
+
+        self.groups = param_groups(self.model, lr_scale_width)
         if not self.groups:
             raise ValueError("the model has no trainable parameters")
         self.params = [p for g in self.groups for p in g["params"]]
-        lr = config.lr
         opt_groups = [{"params": g["params"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]} for g in self.groups]
-        kw = dict(lr=lr, betas=tuple(config.adam_betas), eps=config.adam_eps, weight_decay=config.weight_decay)
+        kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        cuda = self.device.type == "cuda"
         try:
-            self.optimizer = torch.optim.AdamW(opt_groups, fused=self.device.type == "cuda",
-                                               foreach=None if self.device.type == "cuda" else False, **kw)
+            self.optimizer = torch.optim.AdamW(opt_groups, fused=cuda, foreach=None if cuda else False, **kw)
         except (RuntimeError, TypeError, ValueError):
             self.optimizer = torch.optim.AdamW(opt_groups, foreach=False, **kw)
+        self._skip_on_device = False
 
     # ------------------------------------------------------------------ building
     def _build_on_meta(self, config: Any) -> nn.Module:
@@ -212,66 +218,33 @@ class FSDPEngine:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        nb = self.device.type == "cuda"
-        return {k: (v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    # ------------------------------------------------------------------ hooks of TorchEngine.train_step
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy gathers bf16 weights on CUDA
 
-    def train_step(self, micro_batches: list[dict[str, Any]], lr: float) -> StepOutput:
-        """One optimizer step over this rank's ``micro_batches``; the figures returned are global."""
-        counts = torch.tensor([sum(_num_label_tokens(b) for b in micro_batches),
-                               sum(_num_tokens(b) for b in micro_batches)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts)  # before backward: every rank divides by the global label count
-        n_label, n_tokens = int(counts[0].item()), int(counts[1].item())
-        denom = float(max(n_label, 1))
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        n_tasks = len(micro_batches[0].get("task_names") or []) if micro_batches else 0
-        task_acc = torch.zeros(n_tasks, 3, device=self.device, dtype=torch.float64)
-        last = len(micro_batches) - 1
+    def _step_counts(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """Before backward: every rank divides by the global label count (float64 device tensor [2])."""
+        counts = super()._step_counts(micro_batches)
+        if not isinstance(counts, torch.Tensor):
+            host = torch.tensor(counts, dtype=torch.float64)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            counts = host.to(self.device, non_blocking=self.device.type == "cuda")
+        dist.all_reduce(counts)
+        return counts
+
+    def _before_micro_batch(self, batch: dict[str, Any], last: bool) -> None:
         trace = os.environ.get("FM9G_TRACE_BATCHES")
-        for i, batch in enumerate(micro_batches):
-            if trace:
-                self._trace(trace, batch)
-            b = self._to_device(batch)
-            self.model.set_requires_gradient_sync(i == last)  # reduce-scatter once per step
-            extra = {"max_seqlen": int(b["max_seqlen"])} if b.get("max_seqlen") else {}
-            out = self.model(b["input_ids"], position_ids=b.get("position_ids"), cu_seqlens=b.get("cu_seqlens"),
-                             labels=b["labels"], **extra)
-            s = out.token_loss.float().sum()
-            (s / denom).backward()
-            loss_sum += s.detach().double()
-            if n_tasks and b.get("task_ids") is not None:
-                task_acc += _task_sums(out.token_loss.detach(), b["labels"], b["task_ids"], n_tasks)
-        dist.all_reduce(loss_sum)
-        if n_tasks:
-            dist.all_reduce(task_acc)
-        loss = float(loss_sum.item()) / denom
-        task_loss, task_lab, task_tok = _merge_task_sums([task_acc.cpu()] if n_tasks else [])
-        result = StepOutput(loss=loss, num_label_tokens=n_label, num_tokens=n_tokens,
-                            task_loss_sum=task_loss, task_label_tokens=task_lab, task_tokens=task_tok)
-        if not math.isfinite(loss):  # the loss is global: every rank takes the same branch
-            self.zero_grad()
-            result.skipped = "nonfinite"
-            return result
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=self.device.type == "cuda")
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # the global norm (all-reduced over the shards)
-        grad_norm = float(norm)
-        result.grad_norm = grad_norm
-        if not math.isfinite(grad_norm):
-            self.zero_grad()
-            result.skipped = "nonfinite"
-            return result
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        if self.clip_grad and self.clip_grad > 0 and grad_norm > self.clip_grad:
-            inv_coef = (norm.float() + 1e-6) / self.clip_grad  # same rule as the one-process engine
-            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-            torch._foreach_div_(local, inv_coef.to(local[0].device))
-        self.optimizer.step()
-        self.zero_grad()
-        return result
+        if trace:
+            self._trace(trace, batch)
+        self.model.set_requires_gradient_sync(last)  # reduce-scatter once per step
+
+    def _sum_across_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # all-reduced over the shards
 
     def _trace(self, folder: str, batch: dict[str, Any]) -> None:
         """Debugging aid (env ``FM9G_TRACE_BATCHES=<folder>``): append a hash of every document this
@@ -290,9 +263,6 @@ class FSDPEngine:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with open(Path(folder) / f"rank-{self.rank}.txt", "a", encoding="utf-8") as f:
             f.write("".join(h + "\n" for h in lines))
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def model_state_dict(self, *, lora_only: bool = False) -> dict[str, torch.Tensor]:
         """The full state in the original names on rank 0 (CPU), ``{}`` elsewhere. Collective."""
@@ -359,20 +329,6 @@ class FSDPEngine:
         else:
             dist.all_reduce(t, op=ops[op])
         return dict(zip(keys, t.tolist()))
-
-    def memory_stats(self) -> dict[str, float]:
-        if self.device.type != "cuda":
-            return {}
-        return {"allocated": torch.cuda.memory_allocated(self.device) / 2**30,
-                "peak": torch.cuda.max_memory_allocated(self.device) / 2**30}
-
-    def peak_flops(self) -> float | None:
-        if self._peak:
-            return self._peak
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((v for k, v in _PEAKS if k in name), None)
 
     # ------------------------------------------------------------------ sharded checkpoints (DCP)
     def save_sharded(self, folder: str | os.PathLike) -> None:

@@ -1,13 +1,19 @@
 """`TorchEngine`: the one-process engine (CPU or one GPU) behind the :class:`~fm9g.training.engine.Engine` protocol.
 
-fp32 master weights and fused AdamW; on CUDA bf16 autocast. Clipping on CUDA is folded into the
-fused AdamW kernel (it divides each gradient as it reads it). In one process every figure of a
-step is already global, ``barrier`` is a no-op and ``all_reduce`` the identity.
+fp32 master weights for what trains and fused AdamW; on CUDA bf16 autocast. A LoRA run's frozen
+base is held in bf16 under bf16 precision (nothing to cast per step; only the LoRA tensors are
+fp32). In one process every figure of a step is already global, ``barrier`` is a no-op and
+``all_reduce`` the identity.
+
+The step never waits for the device: clipping and the non-finite skip are folded into the fused
+AdamW kernel (``grad_scale`` divides each gradient as the kernel reads it; ``found_inf`` makes the
+kernel leave weights, moments and step counts untouched), and the figures come back as a deferred
+:class:`~fm9g.training.engine.StepOutput`. :class:`~fm9g.training.fsdp_engine.FSDPEngine` runs the
+same step; it overrides the hooks marked below (collectives, gradient sync, the update).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
@@ -17,11 +23,12 @@ from fm9g.training.checkpoint import load_state_dict_checked
 from fm9g.training.engine import (
     _PEAKS,
     StepOutput,
-    _merge_task_sums,
-    _num_label_tokens,
-    _num_tokens,
+    _max_seqlen,
+    _n_tasks,
     _task_sums,
+    deferred_step_output,
     param_groups,
+    stage_batch,
 )
 
 __all__ = ["TorchEngine"]
@@ -36,22 +43,36 @@ def _resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def _set_dtypes(model: nn.Module, precision: str) -> None:
+    """fp32 for every trainable parameter; under bf16 the frozen ones (a LoRA run's base) in bf16,
+    under fp32 everything fp32 (buffers too, as ``model.float()``)."""
+    if precision == "fp32":
+        model.float()
+        return
+    for p in model.parameters():
+        want = torch.float32 if (p.requires_grad or precision == "fp32") else torch.bfloat16
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
+
+
 class TorchEngine:
     """Single-process engine: CPU or one GPU.
 
     Args:
-        model: the built model (fp32 parameters; moved to the device here).
+        model: the built model (moved to the device here; what trains becomes fp32).
         lr: peak learning rate (each step passes the scheduled one).
         weight_decay, betas, eps: AdamW settings (decoupled weight decay on every parameter, as
             the original).
         clip_grad: max global L2 norm (<= 0: no clipping; the norm is still computed).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"``.
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU) | ``"bf16"`` | ``"fp32"``.
+            Under bf16 the frozen parameters (a LoRA run's base) are held in bf16.
         lr_scale_width: muP width ratio (1 = no muP learning-rate groups).
         use_checkpoint: activation checkpointing on/off (None leaves the model's setting).
         compile: ``torch.compile`` each transformer layer (``model.encoder.layers``) in place;
             ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository).
         lora_only: only LoRA tensors are trained/saved.
+        peak_flops: dense bf16 FLOP/s of the device for MFU (None: from the GPU name).
     """
 
     name = "torch"
@@ -76,16 +97,11 @@ class TorchEngine:
         peak_flops: float | None = None,
     ) -> None:
         self.device = _resolve_device(device)
-        self.model = model.to(self.device)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
-        if precision == "fp32":
-            self.model.float()
-        else:  # fp32 master weights for what trains; frozen (LoRA base) weights may stay bf16
-            for p in self.model.parameters():
-                if p.requires_grad and p.dtype != torch.float32:
-                    p.data = p.data.float()
+        _set_dtypes(model, precision)  # before the move: a 7B base goes to the GPU in bf16, never in fp32
+        self.model = model.to(self.device)
         self.clip_grad = clip_grad
         self.lora_only = lora_only
         self._peak = peak_flops
@@ -95,19 +111,25 @@ class TorchEngine:
             compile = self.device.type == "cuda"
         if compile:
             self._compile_layers()
+        self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width)
+
+    # ------------------------------------------------------------------ helpers
+    def _setup_optimizer(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                         lr_scale_width: float) -> None:
+        """muP parameter groups and AdamW (fused where the device has the kernel)."""
         self.groups = param_groups(self.model, lr_scale_width)
         if not self.groups:
             raise ValueError("the model has no trainable parameters")
         self.params = [p for g in self.groups for p in g["params"]]
         opt_groups = [{"params": g["params"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]} for g in self.groups]
+        kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         try:  # fused AdamW: one kernel per step on CUDA, and about 2x the single-tensor speed on CPU
-            self.optimizer = torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps,
-                                               weight_decay=weight_decay, fused=True)
+            self.optimizer = torch.optim.AdamW(opt_groups, fused=True, **kw)
         except (RuntimeError, TypeError, ValueError):  # a device / dtype without a fused kernel
-            self.optimizer = torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps,
-                                               weight_decay=weight_decay, foreach=False)
+            self.optimizer = torch.optim.AdamW(opt_groups, foreach=False, **kw)
+        # clip + skip inside the fused kernel (no host sync); otherwise the update reads the flag
+        self._skip_on_device = bool(self.optimizer.defaults.get("fused"))
 
-    # ------------------------------------------------------------------ helpers
     def _compile_layers(self) -> None:
         layers = getattr(getattr(self.model, "encoder", None), "layers", None)
         if layers is None:
@@ -122,69 +144,107 @@ class TorchEngine:
         return contextlib.nullcontext()
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        nb = self.device.type == "cuda"
-        return {k: (v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return stage_batch(batch, self.device)
+
+    # ------------------------------------------------------------------ hooks (FSDPEngine overrides them)
+    def _step_counts(self, micro_batches: list[dict[str, Any]]) -> tuple[int, int] | torch.Tensor:
+        """Labelled and real tokens of the step over all ranks: host ints when every batch carries
+        them (the packer's ``num_label_tokens`` / ``num_tokens``), else a float64 device tensor [2]."""
+        n_label: list[Any] = []
+        n_tokens: list[Any] = []
+        for b in micro_batches:
+            lab = b.get("num_label_tokens")
+            n_label.append(lab if lab is not None else (b["labels"] != -100).sum())
+            tok = b.get("num_tokens")
+            n_tokens.append(tok if tok is not None else b["input_ids"].numel())
+        values = n_label + n_tokens
+        if all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values):
+            return sum(int(v) for v in n_label), sum(int(v) for v in n_tokens)
+        dev = [torch.as_tensor(v, dtype=torch.float64).to(self.device, non_blocking=True) for v in values]
+        k = len(micro_batches)
+        return torch.stack([torch.stack(dev[:k]).sum(), torch.stack(dev[k:]).sum()])
+
+    def _before_micro_batch(self, batch: dict[str, Any], last: bool) -> None:
+        """Called before each micro-batch's forward (FSDP: gradient sync on the last only)."""
+
+    def _sum_across_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a device tensor over the ranks (one process: itself)."""
+        return t
+
+    def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The global gradient norm from this rank's (FSDP: the shards' norm all-reduced)."""
+        return norm
+
+    def _update(self, grads: list[torch.Tensor], clip_coef: torch.Tensor | None, finite: torch.Tensor) -> None:
+        """The AdamW step: gradients divided by ``clip_coef``; nothing changes unless ``finite``.
+
+        With fused AdamW both happen inside the kernel (``grad_scale`` / ``found_inf``), without a
+        host sync; otherwise the flag is read here and the gradients are divided in place.
+        """
+        if self._skip_on_device:
+            self.optimizer.grad_scale = clip_coef
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.grad_scale = None
+                self.optimizer.found_inf = None
+            return
+        if not bool(finite):
+            return
+        if clip_coef is not None and grads:
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            torch._foreach_div_(local, clip_coef.to(local[0].device))
+        self.optimizer.step()
 
     # ------------------------------------------------------------------ the step
     def train_step(self, micro_batches: list[dict[str, Any]], lr: float) -> StepOutput:
         """One optimizer step over ``micro_batches`` (packed batch dicts, see fm9g.data.packing).
 
         Each batch needs ``input_ids`` and ``labels`` [B, T]; optional ``position_ids`` [B, T],
-        ``cu_seqlens`` [n+1], ``task_ids`` [B, T], ``num_tokens``, ``num_label_tokens``.
+        ``cu_seqlens`` [n+1], ``task_ids`` [B, T] (with ``task_names``), ``max_seqlen``,
+        ``num_tokens``, ``num_label_tokens``. The returned figures are deferred (read on first use).
         """
-        n_label = sum(_num_label_tokens(b) for b in micro_batches)
-        n_tokens = sum(_num_tokens(b) for b in micro_batches)
-        denom = float(max(n_label, 1))
+        counts = self._step_counts(micro_batches)
+        if isinstance(counts, torch.Tensor):
+            denom: float | torch.Tensor = counts[0].clamp(min=1).float()
+        else:
+            denom = float(max(counts[0], 1))
+        n_tasks = _n_tasks(micro_batches)
+        sums = torch.zeros(1 + 3 * n_tasks, device=self.device, dtype=torch.float64)  # loss, then per task
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        task_sums: list[torch.Tensor] = []
-        for batch in micro_batches:
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            self._before_micro_batch(batch, i == last)
             b = self._to_device(batch)
-            max_seqlen = b.get("max_seqlen")
             with self._autocast():
                 out = self.model(
                     b["input_ids"], position_ids=b.get("position_ids"), cu_seqlens=b.get("cu_seqlens"),
-                    max_seqlen=int(max_seqlen) if max_seqlen else None, labels=b["labels"],
+                    max_seqlen=_max_seqlen(b), labels=b["labels"],
                 )
             s = out.token_loss.float().sum()
             (s / denom).backward()
-            loss_sum += s.detach()
-            if b.get("task_ids") is not None:
-                n_tasks = len(b["task_names"]) if b.get("task_names") else None
-                task_sums.append(_task_sums(out.token_loss.detach(), b["labels"], b["task_ids"], n_tasks))
-        loss = float(loss_sum.item()) / denom
-        task_loss, task_lab, task_tok = _merge_task_sums(task_sums)
-        result = StepOutput(loss=loss, num_label_tokens=n_label, num_tokens=n_tokens,
-                            task_loss_sum=task_loss, task_label_tokens=task_lab, task_tokens=task_tok)
-        if not math.isfinite(loss):
-            self.zero_grad()
-            result.skipped = "nonfinite"
-            return result
+            sums[0] += s.detach()
+            if n_tasks and b.get("task_ids") is not None:
+                sums[1:] += _task_sums(out.token_loss.detach(), b["labels"], b["task_ids"], n_tasks).reshape(-1)
+        sums = self._sum_across_ranks(sums)
         grads = [p.grad for p in self.params if p.grad is not None]
         cuda = self.device.type == "cuda"
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=cuda)  # pre-clip global L2 norm
-        grad_norm = float(norm)
-        result.grad_norm = grad_norm
-        if not math.isfinite(grad_norm):
-            self.zero_grad()
-            result.skipped = "nonfinite"
-            return result
+        norm = self._global_norm(torch.nn.utils.get_total_norm(grads, 2.0, foreach=cuda))  # pre-clip global L2
+        norm = norm.float().reshape(())
+        finite = torch.isfinite(sums[0]) & torch.isfinite(norm)
+        clip_coef = None
+        if self.clip_grad and self.clip_grad > 0:  # grads are divided by this (1 when within the bound)
+            clip_coef = torch.where(norm > self.clip_grad, (norm + 1e-6) / self.clip_grad, torch.ones_like(norm))
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        if self.clip_grad and self.clip_grad > 0 and grad_norm > self.clip_grad:
-            inv_coef = (norm.float() + 1e-6) / self.clip_grad  # grads are divided by this
-            if cuda and self.optimizer.defaults.get("fused"):
-                # The fused CUDA AdamW kernel divides each gradient by `grad_scale` as it reads it:
-                # clipping costs no extra pass over the gradients.
-                self.optimizer.grad_scale = inv_coef.to(self.device)
-            else:
-                torch._foreach_div_(grads, inv_coef.to(grads[0].device))
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.grad_scale = None
+        self._update(grads, clip_coef, finite)
         self.zero_grad()
-        return result
+        count_vec = counts if isinstance(counts, torch.Tensor) else torch.zeros(2, device=self.device,
+                                                                                dtype=torch.float64)
+        figures = torch.cat([sums[:1], count_vec.double(), norm.double().reshape(1), finite.double().reshape(1),
+                             sums[1:]])
+        return deferred_step_output(figures, n_tasks, counts=None if isinstance(counts, torch.Tensor) else counts)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

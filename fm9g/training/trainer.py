@@ -54,7 +54,7 @@ from fm9g.training.checkpoint import (
     set_rng_state,
 )
 from fm9g.training.config import TrainConfig
-from fm9g.training.engine import Engine, StepOutput, build_engine
+from fm9g.training.engine import Engine, StepOutput, build_engine, stage_batch
 from fm9g.training.metrics import MetricsLogger, flops_per_token, inspect_model, mfu
 from fm9g.training.schedules import lr_at
 
@@ -269,21 +269,27 @@ class Trainer:
         Returns:
             The engine's :class:`StepOutput` (global figures).
         """
-        k = self.step + 1
+        return self._settle(self._launch(batches), batches)
+
+    def _launch(self, batches: list[dict[str, Any]]) -> StepOutput:
+        """Queue iteration ``self.step + 1`` on the engine (its figures may still be on the device)."""
         try:
-            out = self.engine.train_step(batches, self.lr_at(k))
+            return self.engine.train_step(batches, self.lr_at(self.step + 1))
         except torch.cuda.OutOfMemoryError:
             if not self.config.ignore_cuda_oom:
                 raise
             self.engine.zero_grad()
             torch.cuda.empty_cache()
-            out = StepOutput(loss=float("nan"), num_label_tokens=0, num_tokens=0, skipped="oom")
+            return StepOutput(loss=float("nan"), num_label_tokens=0, num_tokens=0, skipped="oom")
+
+    def _settle(self, out: StepOutput, batches: list[dict[str, Any]]) -> StepOutput:
+        """Read the step's figures (waits for the device) and do the skip bookkeeping and counters."""
         if out.skipped:
             self.skipped[out.skipped] = self.skipped.get(out.skipped, 0) + 1
             self.bad_in_row += 1
             return out
         self.bad_in_row = 0
-        self.step = k
+        self.step += 1
         self.tokens += out.num_tokens  # already the count over every rank
         names = self.task_names(batches[0])
         for tid, n in out.task_tokens.items():
@@ -310,41 +316,63 @@ class Trainer:
         logger.print(self.describe())
         if self.step == 0 and cfg.inspect_iters:
             logger.print(inspect_model(self.model))
+        # Per iteration: launch the step; write the PREVIOUS step's log line while the device runs
+        # it; fetch and stage the next batches; then read this step's figures (the one wait for the
+        # device per step) and decide: skipped (the iteration does not advance), log, save.
+        pending: tuple[int, dict[str, Any], dict[str, float]] | None = None
         t_prev = time.perf_counter()
         try:
-            while self.step < cfg.train_iters:
-                batches = self._next_batches()
+            batches = self._next_batches() if self._goes_on() else None
+            while self._goes_on():
                 if batches is None:
+                    pending = self._write_log(pending)
                     result.stop_reason = "data_exhausted"
                     logger.print(f"data ran out after iteration {self.step} of train_iters={cfg.train_iters}; stopping")
                     break
                 t0 = time.perf_counter()
-                out = self.train_step(batches)
+                out = self._launch(batches)
+                pending = self._write_log(pending)
+                prefetched = self._may_prefetch()
+                upcoming = self._next_batches() if prefetched else None
+                self._settle(out, batches)
                 now = time.perf_counter()
                 times, t_prev = (now - t_prev, now - t0), now
                 if out.skipped:
                     self._report_skip(out)
-                    continue
-                result.losses.append(out.loss)
-                logger.log(self.step, self._metrics_row(out, batches, *times), self._task_losses(out, batches))
-                if cfg.inspect_iters and self.step % cfg.inspect_iters == 0:
-                    logger.print(inspect_model(self.model))
-                self._maybe_save()
+                else:
+                    result.losses.append(out.loss)
+                    pending = (self.step, self._metrics_row(out, batches, *times), self._task_losses(out, batches))
+                    if cfg.inspect_iters and self.step % cfg.inspect_iters == 0:
+                        pending = self._write_log(pending)
+                        logger.print(inspect_model(self.model))
+                    if self._save_due():
+                        pending = self._write_log(pending)
+                        self._maybe_save()
+                if not prefetched:  # fetched now only if the loop goes on (the loader state is saved at the end)
+                    upcoming = self._next_batches() if self._goes_on() else None
+                batches = upcoming
+            pending = self._write_log(pending)
             self._maybe_save(final=True)
         finally:
+            self._write_log(pending)
             logger.close()
         if result.stop_reason == "data_exhausted" and not cfg.stop_when_end:
-            raise TrainingError(
-                f"the data ran out after iteration {self.step} of train_iters={cfg.train_iters}"
-                + (f" (checkpoint {self.last_checkpoint} was written)" if self.last_checkpoint else "")
-                + "; with stop_when_end false the run must reach train_iters: let the datasets repeat "
-                "(\"allow_repeat\": true in the dataset config), lower train_iters, or set stop_when_end: true "
-                "to stop when the data ends")
+            raise self._data_ran_out()
         result.step, result.tokens, result.skipped = self.step, self.tokens, dict(self.skipped)
         result.last_checkpoint = self.last_checkpoint
         return result
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _data_ran_out(self) -> TrainingError:
+        """The error of a run whose data ended before ``train_iters`` with ``stop_when_end`` false."""
+        cfg = self.config
+        return TrainingError(
+            f"the data ran out after iteration {self.step} of train_iters={cfg.train_iters}"
+            + (f" (checkpoint {self.last_checkpoint} was written)" if self.last_checkpoint else "")
+            + "; with stop_when_end false the run must reach train_iters: let the datasets repeat "
+            "(\"allow_repeat\": true in the dataset config), lower train_iters, or set stop_when_end: true "
+            "to stop when the data ends")
+
     def _open_logger(self) -> MetricsLogger:
         """The run's logger; TensorBoard and train_stats folders resolved from the config
         (``"auto"``: inside the run folder). Only the main rank writes."""
@@ -436,15 +464,40 @@ class Trainer:
                           "train stats first")
 
     def _next_batches(self) -> list[dict[str, Any]] | None:
-        """The next ``grad_accum`` micro-batches, or None when the data ran out first."""
+        """The next ``grad_accum`` micro-batches, staged on the engine's device (pinned,
+        non-blocking copies on CUDA), or None when the data ran out first."""
         assert self._data_iter is not None
         batches = []
         for _ in range(self.config.grad_accum):
             try:
-                batches.append(next(self._data_iter))
+                batches.append(stage_batch(next(self._data_iter), self.engine.device))
             except StopIteration:
                 return None
         return batches
+
+    def _goes_on(self) -> bool:
+        """The loop trains another iteration: every run ends at ``train_iters``."""
+        return self.step < self.config.train_iters
+
+    def _may_prefetch(self) -> bool:
+        """Whether the next batches may be fetched before this step's figures are read: only when
+        the loop surely goes on and no checkpoint can follow this step (a checkpoint saves the
+        loader position, which must not include batches fetched ahead)."""
+        cfg, k = self.config, self.step + 1
+        if k >= cfg.train_iters:
+            return False
+        return not (cfg.run_dir is not None and cfg.save_iters and k % cfg.save_iters == 0)
+
+    def _save_due(self) -> bool:
+        """A checkpoint is due after this step (every ``save_iters``)."""
+        cfg = self.config
+        return cfg.run_dir is not None and bool(cfg.save_iters) and self.step % cfg.save_iters == 0
+
+    def _write_log(self, pending: tuple[int, dict[str, Any], dict[str, float]] | None) -> None:
+        """Write a deferred log line (step, metrics row, task losses); returns None (nothing pending)."""
+        if pending is not None and self.logger is not None:
+            self.logger.log(*pending)
+        return None
 
     def _report_skip(self, out: StepOutput) -> None:
         """Log a skipped step; raise :class:`TrainingError` after ``max_bad_steps`` in a row."""
