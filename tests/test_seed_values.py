@@ -95,13 +95,13 @@ def test_seed_resume_recipe_does_not_overwrite_the_run_and_says_what_it_restores
     # into a new run folder: a new run from the step-3 weights, and the header says so
     res, printed = _fit(_seed_cfg(tmp_path, **{**recipe, "resume_ckpt": str(run / "3")}, model_unique="7b_new"))
     assert res.step == 6
-    assert "start: weights of checkpoint" in printed and "only (only_load_model): fresh optimizer, data from the start, step 0" in printed
+    assert "start: loaded the weights of" in printed and "(only_load_model): a new run from step 0 with a fresh optimizer" in printed
     # a real resume continues the run and names what came back
     res, printed = _fit(_seed_cfg(tmp_path, resume_ckpt="3", only_load_model="0", train_iters="7"))
     assert res.step == 7
     assert "start: resumed from" in printed and "weights, optimizer, data position, step 3" in printed
     res, printed = _fit(_seed_cfg(tmp_path, resume_ckpt="6", load_dataloader_ckpt="0", train_iters="8"))
-    assert "weights, optimizer, step 6 (token counters, RNG); not restored: data position" in printed
+    assert "restored weights, optimizer, step 6 and token counters, RNG; NOT restored: data position" in printed
     fresh = _fit(_seed_cfg(tmp_path, model_unique="fresh"))[1]
     assert "start: randomly initialised weights (no pretrained_model); fresh optimizer; data from the start; step 0" in fresh
 
@@ -238,7 +238,7 @@ def test_config_values_errors_name_the_key(tmp_path):
         with pytest.raises(ConfigError, match=r"adam_betas must both be in \[0, 1\)"):
             TrainConfig.from_dict({"adam_betas": betas})
     for eps in (0, -1e-8, "inf"):
-        with pytest.raises(ConfigError, match="adam_eps must be a finite number > 0"):
+        with pytest.raises(ConfigError, match="adam_eps must be a finite number"):
             TrainConfig.from_dict({"adam_eps": eps})
 
 
@@ -285,13 +285,13 @@ def test_tokenizer_larger_than_the_model_vocabulary_fails_before_training(toy_da
 def test_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
     """Item 10 (issue 14 item 8): device cuda on a machine without CUDA."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"device='cuda' but CUDA is not available.*device: \"cpu\""):
+    with pytest.raises(ConfigError, match=r"device='cuda' but CUDA is not available.*device: 'cpu'"):
         Trainer(_seed_cfg(tmp_path, device="cuda"), loader=_Loader())
     from fm9g.cli import main
 
     cfg_path = tmp_path / "train.json"
     _seed_cfg(tmp_path).to_json(cfg_path)
-    assert main(["train", "--config", str(cfg_path), "--set", "device=cuda"]) == 1
+    assert main(["train", "--config", str(cfg_path), "--set", "device=cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="device must be"):

@@ -521,8 +521,8 @@ def test_non_finite_weights_are_never_saved_and_nothing_is_pruned(tmp_path):
     cfg = _cfg(tmp_path, train_iters=2, save_iters=1, keep_last=1)
     Trainer(cfg, loader=ToyLoader()).fit()
     assert _steps(cfg.run_dir) == [2]
-    wild = cfg.override({"lr": 1e38})   # finite but absurd: the first update overflows
-    with pytest.raises(TrainingError, match=r"not saving checkpoint 1: the model weights hold inf or NaN.*"
+    wild = cfg.override({"lr": 1e39, "resume_ckpt": "latest", "train_iters": 4})  # a finite float, but the fp32 update overflows
+    with pytest.raises(TrainingError, match=r"not saving checkpoint 3: the model weights hold inf or NaN.*"
                                             r"Lower lr.*resume_ckpt=2"):
         Trainer(wild, loader=ToyLoader()).fit()
     assert _steps(cfg.run_dir) == [2] and not (cfg.run_dir / "abandoned").exists()

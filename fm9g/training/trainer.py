@@ -101,7 +101,7 @@ def check_device(spec: str) -> None:
     """
     if spec.startswith("cuda") and not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ConfigError(f"device={spec!r} but CUDA is not available ({why}); set device: \"cpu\" or \"auto\"")
+        raise ConfigError(f"device={spec!r} but CUDA is not available ({why}); set device: 'cpu' or 'auto'")
 
 
 def _has_lora(model: nn.Module) -> bool:
