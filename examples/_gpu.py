@@ -196,7 +196,7 @@ def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32, st
     x = torch.tensor([ids], device=model.device)
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=[e for e in eos if e is not None], pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 def answer_facts(export_dir: Path, facts: list[tuple[str, str]], device: str) -> dict[str, Any]:
@@ -209,7 +209,7 @@ def answer_facts(export_dir: Path, facts: list[tuple[str, str]], device: str) ->
     model, tok = load_export(export_dir, device)
     rows = []
     for question, expected in facts:
-        got = greedy(model, tok, chat_prompt(question), stop=("<|im_end|>",))
+        got = greedy(model, tok, chat_prompt(question), stop=("<|im_end|>",)).strip()
         ok = got.startswith(expected.rstrip(".。"))
         rows.append({"q": question, "expected": expected, "got": got, "ok": ok})
         log(f"  {'OK ' if ok else 'BAD'} Q: {question}  A: {got}")

@@ -62,7 +62,7 @@ def gpu_run(args) -> None:
     work, timer, summary = Path(args.work), Timer(), {"example": "lora", "device": args.device}
     base = work / "9g_models" / "smollm2.pt"
 
-    def prepare() -> None:  # rank 0 only: index + dataset config, SmolLM2 as HF dir (cached) -> base .pt
+    def prepare() -> None:  # rank 0 only: index + dataset config, SmolLM2 as HF dir (cached) -> base .pt + config.json
         hf_to_bmt(prepare_facts(work, args.gguf), base)
 
     with timer("prepare"):
@@ -70,7 +70,7 @@ def gpu_run(args) -> None:
     hf_dir = SMOLLM2_CACHE / "smollm2-135m-instruct"
     steps = args.steps
     common = dict(
-        pretrained_model=str(base), tokenizer_path=str(hf_dir), data=str(work / "mix.json"), device=args.device,
+        model=str(base.parent / "config.json"), pretrained_model=str(base), tokenizer_path=str(hf_dir), data=str(work / "mix.json"), device=args.device,
         lora=LoraConfig(r=16, alpha=32, dropout=0.0,
                         target_modules=["project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out"]),
         lr=2e-3, lr_scheduler="cosine", warmup_iters=3, train_iters=steps, batch_size=4, max_length=128,

@@ -80,7 +80,8 @@ def gpu_run(args) -> None:
     common = dict(model=model, tokenizer_path=str(work / "tokenizer"), data=str(work / "mix.json"), device=args.device,
                   lr=2e-3, lr_scheduler="warmupstabledrop", warmup_iters=0.05, drop_iters=0.2, train_iters=steps,
                   batch_size=rows, max_length=length, save=str(work / "checkpoints"), save_iters=max(1, steps * 2 // 5),
-                  log_iters=max(1, steps // 20), inspect_iters=0, progress_bar=False)
+                  log_iters=max(1, steps // 20), inspect_iters=0, progress_bar=False,
+                  compile=False)  # torch.compile pays off in long runs (compile=True), not in a 1-minute one
     with timer("train"):
         straight = Trainer(TrainConfig(**common, model_unique="straight")).fit()
     summary.update(steps=straight.step, tokens=straight.tokens, first_loss=straight.losses[0],
