@@ -95,6 +95,8 @@ def gpu_run(args) -> None:
         log(f"the merged export answers {summary['correct']} of {summary['of']} facts correctly")
     summary["seconds"] = timer.seconds
     finish(summary, args.summary)
+    if rank() == 0 and steps >= 20:  # a full-length run must have learnt the facts
+        assert summary["correct"] >= 0.8 * summary["of"], f"the merged export answers only {summary['correct']} of {summary['of']}"
 
 
 if __name__ == "__main__":
