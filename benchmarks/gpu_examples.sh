@@ -59,7 +59,7 @@ for name in "${STAGES[@]}"; do
   esac
   echo "=== $name ==="
   t0=$SECONDS
-  rm -f "$KEEP/examples_$name.json"
+  rm -f "$KEEP/examples_$name.json"; rm -rf "/tmp/fm9g_work_$name"
   "$PY" examples/$name.py --gpu --work "/tmp/fm9g_work_$name" --summary "$OUT/examples_$name.json" "${extra[@]}" \
     > "$OUT/examples_$name.log" 2>&1
   status=$?
