@@ -173,3 +173,41 @@ def test_all_finite_sees_inf_and_nan_but_not_large_finite_values():
         t = torch.ones(5)
         t[3] = bad
         assert not ck.all_finite([torch.ones(2), t])
+
+
+class _Pickled:
+    """An arbitrary Python object inside a checkpoint (weights_only loading refuses it)."""
+
+
+def test_a_refused_pickle_in_pretrained_model_names_the_file(tmp_path):
+    """A .pt holding Python objects (not only tensors) is refused without running it, naming the file."""
+    from fm9g.training.builders import pretrained_state
+    from fm9g.training.config import TrainConfig
+
+    bad = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(2), "extra": _Pickled()}, bad)
+    with pytest.raises(ck.CheckpointError, match=r"pytorch_model\.bin") as err:
+        pretrained_state(TrainConfig(model="tiny", pretrained_model=str(bad)))
+    assert "_Pickled" in str(err.value)
+
+
+def test_a_full_disk_during_save_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from fm9g._io import DiskFullError
+
+    run = tmp_path / "run"
+    state = {"w": torch.ones(3)}
+    ck.save_checkpoint(run, 1, model_state=state, trainer_state={"step": 1})
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):  # what torch.save raises when the disk fills up mid-file
+        if isinstance(obj, dict) and "w" in obj:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match=r"fm9g_live_checkpoint-2\.pt") as err:
+        ck.save_checkpoint(run, 2, model_state=state, trainer_state={"step": 2})
+    assert "disk" in str(err.value).lower()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [s for s, _ in ck.list_checkpoints(run)] == [1]
+    assert torch.equal(ck.load_checkpoint(run / "1").model_state["w"], state["w"])

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fm9g._io import find_model_file
+from fm9g.convert.files import load_checkpoint_file
 from fm9g.convert.hf_config import load_model_config
 from fm9g.models.config import FM9GConfig
 from fm9g.training.checkpoint import CheckpointError, load_state_dict_checked
@@ -94,10 +95,7 @@ def pretrained_state(config: TrainConfig) -> Mapping[str, torch.Tensor] | None:
         from fm9g.convert.hf import load_pretrained
 
         return load_pretrained(pre).state_dict()
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (pre-zip) file cannot be memory-mapped
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(file, error=CheckpointError)  # memory-mapped; a refused pickle names the file
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return state

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm9g._io import CHECKPOINT_NAME, atomic_dir, state_dict_mismatch
+from fm9g._io import CHECKPOINT_NAME, atomic_dir, explain_disk_full, state_dict_mismatch
+from fm9g.convert.files import load_checkpoint_file
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -252,8 +253,9 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------ writing
 def _write_file(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Write one file of a checkpoint and fsync it. (Tests monkeypatch this to inject faults.)"""
-    with open(path, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+    """Write one file of a checkpoint and fsync it; a full disk or a size limit is a
+    :class:`~fm9g._io.DiskFullError` naming the file. (Tests monkeypatch this to inject faults.)"""
+    with explain_disk_full(path), open(path, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
@@ -524,10 +526,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     step = int(p.name)
 
     def _load(name: str) -> Any:
-        try:
-            return torch.load(p / name, map_location=map_location, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - name the file
-            raise CheckpointError(f"cannot read {p / name}: {err}") from err
+        return load_checkpoint_file(p / name, map_location=map_location, mmap=False, error=CheckpointError)
 
     # a sharded checkpoint (dcp/, written by several ranks) has no gathered .pt: the engine loads dcp/
     model_state = _load(model_file(step)) if (p / model_file(step)).is_file() else {}
