@@ -107,7 +107,10 @@ def gpu_run(args) -> None:
     summary["seconds"] = timer.seconds
     finish(summary, args.summary)
     if rank() == 0:
-        assert steps < 100 or straight.losses[-1] < 0.5 * straight.losses[0], "the loss did not fall"
+        tail = straight.losses[-max(1, len(straight.losses) // 10):]  # one step's loss is noisy: the last 10%
+        assert steps < 100 or sum(tail) / len(tail) < 0.6 * straight.losses[0], "the loss did not fall"
+        # bit-exact on CPU; on a GPU the attention backward's atomics reorder sums, so the resumed
+        # curve follows the straight one within bf16 noise (1.4e-2 relative on an H200, 2026-12-02)
         assert summary["resume"]["max_rel_diff"] < 2e-2, "the resumed losses differ from the straight run's"
 
 
