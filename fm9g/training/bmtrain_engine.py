@@ -46,7 +46,7 @@ from torch import nn
 
 from fm9g._io import state_dict_mismatch
 from fm9g.training import engine as _engine
-from fm9g.training.engine import StepOutput, param_groups
+from fm9g.training.engine import StepOutput, check_optimizer_state, param_groups
 
 __all__ = ["BMTrainEngine", "require_bmtrain", "INSTALL_HINT"]
 
@@ -410,14 +410,8 @@ class BMTrainEngine:
         does). Raises ValueError when the state belongs to another model / LoRA setting or to a
         run with another number of ranks (sharded moments).
         """
-        groups = state.get("param_groups", [])
-        mine = self.optimizer.param_groups
-        if len(groups) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, mine)):
-            raise ValueError(
-                "the optimizer state in the checkpoint does not match this model's trainable parameters "
-                f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in mine]} per group); "
-                "was it saved by a run with another model or LoRA setting? Use only_load_model=true to skip it"
-            )
+        check_optimizer_state(state, self.optimizer)
+        groups, mine = state.get("param_groups", []), self.optimizer.param_groups
         meta = state.get("fm9g_bmtrain") or {"world_size": 1}
         sharded = int(meta.get("world_size", 1)) > 1
         if sharded and int(meta["world_size"]) != self.world_size:

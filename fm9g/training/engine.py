@@ -386,6 +386,19 @@ def deferred_step_output(figures: torch.Tensor, n_tasks: int, *, counts: tuple[i
     return StepOutput.deferred(read)
 
 
+def check_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer state whose groups do not match `optimizer` (another model or LoRA
+    setting), naming the sizes and the option that skips it."""
+    groups = state.get("param_groups", [])
+    mine = optimizer.param_groups
+    if len(groups) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, mine)):
+        raise ValueError(
+            "the optimizer state in the checkpoint does not match this model's trainable parameters "
+            f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in mine]} per group); "
+            "was it saved by a run with another model or LoRA setting? Use only_load_model=true to skip it"
+        )
+
+
 def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: bool = False) -> Engine:
     """The engine named by ``config.engine`` for ``model`` (a built, weight-loaded model; under
     torchrun also None: the FSDP2 engine then builds it on the meta device, see docs/distributed.md).

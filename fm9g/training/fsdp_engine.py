@@ -150,22 +150,11 @@ class FSDPEngine(TorchEngine):
                               weight_decay=config.weight_decay, lr_scale_width=scale_width)
 
     def _setup_optimizer(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                         lr_scale_width: float) -> None:
-        """muP groups over the sharded parameters; fused AdamW on CUDA. The update reads the
+                         lr_scale_width: float, fused: bool = True) -> None:
+        """muP groups over the sharded parameters; fused AdamW on CUDA only. The update reads the
         non-finite flag on the host (``found_inf`` is not passed to a kernel over DTensors)."""
-        from fm9g.training.engine import param_groups
-
-        self.groups = param_groups(self.model, lr_scale_width)
-        if not self.groups:
-            raise ValueError("the model has no trainable parameters")
-        self.params = [p for g in self.groups for p in g["params"]]
-        opt_groups = [{"params": g["params"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]} for g in self.groups]
-        kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        cuda = self.device.type == "cuda"
-        try:
-            self.optimizer = torch.optim.AdamW(opt_groups, fused=cuda, foreach=None if cuda else False, **kw)
-        except (RuntimeError, TypeError, ValueError):
-            self.optimizer = torch.optim.AdamW(opt_groups, foreach=False, **kw)
+        super()._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 lr_scale_width=lr_scale_width, fused=fused and self.device.type == "cuda")
         self._skip_on_device = False
 
     # ------------------------------------------------------------------ building

@@ -22,6 +22,7 @@ from torch import nn
 from fm9g.training.checkpoint import load_state_dict_checked
 from fm9g.training.engine import (
     _PEAKS,
+    check_optimizer_state,
     StepOutput,
     _max_seqlen,
     _n_tasks,
@@ -115,8 +116,8 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ helpers
     def _setup_optimizer(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                         lr_scale_width: float) -> None:
-        """muP parameter groups and AdamW (fused where the device has the kernel)."""
+                         lr_scale_width: float, fused: bool = True) -> None:
+        """muP parameter groups and AdamW (fused where the device has the kernel, when `fused`)."""
         self.groups = param_groups(self.model, lr_scale_width)
         if not self.groups:
             raise ValueError("the model has no trainable parameters")
@@ -124,6 +125,8 @@ class TorchEngine:
         opt_groups = [{"params": g["params"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]} for g in self.groups]
         kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         try:  # fused AdamW: one kernel per step on CUDA, and about 2x the single-tensor speed on CPU
+            if not fused:
+                raise ValueError("not fused")
             self.optimizer = torch.optim.AdamW(opt_groups, fused=True, **kw)
         except (RuntimeError, TypeError, ValueError):  # a device / dtype without a fused kernel
             self.optimizer = torch.optim.AdamW(opt_groups, foreach=False, **kw)
@@ -284,14 +287,7 @@ class TorchEngine:
         return self.optimizer.state_dict()
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
-        groups = state.get("param_groups", [])
-        mine = self.optimizer.param_groups
-        if len(groups) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, mine)):
-            raise ValueError(
-                "the optimizer state in the checkpoint does not match this model's trainable parameters "
-                f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in mine]} per group); "
-                "was it saved by a run with another model or LoRA setting? Use only_load_model=true to skip it"
-            )
+        check_optimizer_state(state, self.optimizer)
         self.optimizer.load_state_dict(state)
 
     def memory_stats(self) -> dict[str, float]:
