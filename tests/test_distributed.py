@@ -325,3 +325,21 @@ def test_lora_on_two_ranks_matches_one_process(setup):
     assert len(a) == len(b) == 3 and all(abs(x - y) <= REL_TOL * abs(x) for x, y in zip(a, b)), (a, b)
     saved = _final(d / "runs" / "lora_two", 3)
     assert saved and all(k.endswith(("lora.lora_A", "lora.lora_B")) for k in saved)
+
+
+def test_a_timed_out_collective_is_one_error_saying_what_to_do(monkeypatch):
+    import torch.distributed
+
+    from fm9g.training.distributed import DistributedError, explain_collective_errors
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("FM9G_DIST_TIMEOUT", "30")
+    with pytest.raises(DistributedError, match=r"rank 1: a collective timed out after 30s.*FM9G_DIST_TIMEOUT"):
+        with explain_collective_errors():
+            raise torch.distributed.DistBackendError("[Rank 1] Watchdog caught collective operation timeout: ALLREDUCE")
+    with pytest.raises(DistributedError, match=r"a collective failed"):
+        with explain_collective_errors():
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    with pytest.raises(ValueError, match="not a collective"):   # other errors pass unchanged
+        with explain_collective_errors():
+            raise ValueError("not a collective")

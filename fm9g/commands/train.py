@@ -56,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    result = Trainer(cfg).fit()  # a refused checkpoint or run: one line, exit 2 (fm9g.cli.main)
+    from fm9g.training.distributed import explain_collective_errors
+
+    with explain_collective_errors():  # a rank that times out: one line naming what to do
+        result = Trainer(cfg).fit()  # a refused checkpoint or run: one line, exit 2 (fm9g.cli.main)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"done: step {result.step}, {result.tokens} tokens, stop: {result.stop_reason}, "

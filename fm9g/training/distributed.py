@@ -12,6 +12,7 @@ One-process training does not use this module (it imports torch.distributed only
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -19,7 +20,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -89,6 +90,29 @@ def torchrun_args_from_env(environ: Mapping[str, str] | None = None) -> list[str
     port = env.get("MASTER_PORT") or port or "29500"
     return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
             f"--master_addr={host}", f"--master_port={port}"]
+
+
+@contextlib.contextmanager
+def explain_collective_errors() -> Iterator[None]:
+    """Turn a failed or timed-out collective (NCCL / gloo: ``DistBackendError``, ``DistError``, a
+    gloo ``Timed out`` RuntimeError) into one :class:`DistributedError` that says what happened on
+    which rank and what to do next; other errors pass unchanged."""
+    try:
+        yield
+    except (torch.distributed.DistError, RuntimeError) as err:
+        text = str(err)
+        collective = isinstance(err, torch.distributed.DistError) or "gloo" in text or "NCCL" in text
+        if not collective:
+            raise
+        rank = os.environ.get("RANK", "?")
+        limit = _timeout().total_seconds()
+        timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+        what = (f"a collective timed out after {limit:.0f}s" if timed_out else "a collective failed")
+        raise DistributedError(
+            f"rank {rank}: {what} ({text.strip().splitlines()[0][:200]}). Another rank is stuck, died or "
+            "runs a different config: read the first error in the other ranks' logs; for a slow step "
+            "(a large checkpoint save, a first compile) raise FM9G_DIST_TIMEOUT (seconds, now "
+            f"{limit:.0f}); for NCCL set NCCL_DEBUG=INFO to see which link failed") from err
 
 
 def _timeout() -> datetime.timedelta:
