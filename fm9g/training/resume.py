@@ -77,7 +77,8 @@ def _check_same_kind(trainer: Trainer, ck: Checkpoint, path: Path) -> None:
         raise CheckpointError(
             f"checkpoint {path} was written by a {'LoRA' if ck_lora else 'full'} run but this run is "
             f"{'LoRA' if trainer.is_lora else 'full'} training; "
-            + ("set the same lora settings (lora_r, lora_alpha, lora_layer)" if ck_lora else "remove lora from the config, or start a new run (model_unique)")
+            + ("set the same lora settings (lora_r, lora_alpha, lora_layer)" if ck_lora
+               else "remove lora from the config, or start a new run (model_unique)")
         )
 
 
