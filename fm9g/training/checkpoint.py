@@ -333,34 +333,17 @@ def save_checkpoint(
     """
     run_dir = Path(run_dir)
     sync = barrier or (lambda: None)
-    main = rank == 0
     own_files: list[tuple[str, Callable[[Any], None], bool]] = [
         (optimizer_file(step, rank), lambda f: torch.save(to_safe(optimizer_state or {}), f), True),
         (loader_state_file(rank), lambda f: torch.save(to_safe(loader_state), f), True),
     ]
-    if world_size > 1:  # the ranks share one temporary folder, named the same on every rank
-        tmp = run_dir / f".tmp-{step}-ranks"
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale(run_dir)
-            (tmp / "dataset_ckpt").mkdir(parents=True)
-        sync()
-        if sharded_writer is not None:
-            sharded_writer(tmp / SHARDED_DIR)
-        if not main:
-            for name, write, binary in own_files:
-                _write_file(tmp / name, write, binary)
-        sync()
-    if main:
+    tmp = _shared_tmp_for_ranks(run_dir, step, rank, sync, own_files, sharded_writer) if world_size > 1 else None
+    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if world_size == 1:
+        if tmp is None:
             _remove_stale(run_dir)
         existing = _lineages(run_dir)
-        if history is None:
-            newest = _newest(existing)
-            history = [a for a in existing[newest].chain if a[1] < step] if newest is not None else []
-        lineage = Lineage(id=uuid.uuid4().hex, step=step, ancestors=tuple((str(i), int(s)) for i, s in history),
-                          serial=max(time.time_ns(), 1 + max((lin.serial for lin in existing.values()), default=0)))
+        lineage = _new_lineage(existing, step, history)
         files = own_files + _shared_files(step, lineage, model_state if sharded_writer is None else None,
                                           trainer_state, model_config, train_config)
         final = run_dir / str(step)
@@ -368,20 +351,57 @@ def save_checkpoint(
         for path, lin in existing.items():
             if lin.id not in mine:  # another branch (a same-step folder of it included): keep it aside
                 _move_aside(run_dir, path)
-        if world_size > 1:
-            _write_all(tmp, files)
-            with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as empty:
-                empty.rmdir()
-                os.replace(tmp, empty)
-        else:
-            with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as new:
-                (new / "dataset_ckpt").mkdir()
-                _write_all(new, files)
+        _commit(final, step, files, tmp)
         _fsync_dir(run_dir)
         if keep_last is not None:
             _prune(existing, mine, final, keep_last, {Path(p).resolve() for p in protect})
     sync()
     return run_dir / str(step)
+
+
+def _shared_tmp_for_ranks(run_dir: Path, step: int, rank: int, sync: Callable[[], None],
+                          own_files: list[tuple[str, Callable[[Any], None], bool]],
+                          sharded_writer: Callable[[Path], None] | None) -> Path:
+    """Several ranks: rank 0 makes one temporary folder (named the same on every rank), then every
+    rank writes its shards (``sharded_writer``) and every rank but 0 its own files into it
+    (rank 0 writes its own with the shared files); returns the folder once all ranks are done."""
+    tmp = run_dir / f".tmp-{step}-ranks"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale(run_dir)
+        (tmp / "dataset_ckpt").mkdir(parents=True)
+    sync()
+    if sharded_writer is not None:
+        sharded_writer(tmp / SHARDED_DIR)
+    if rank != 0:
+        for name, write, binary in own_files:
+            _write_file(tmp / name, write, binary)
+    sync()
+    return tmp
+
+
+def _new_lineage(existing: Mapping[Path, Lineage], step: int, history: Sequence[tuple[str, int]] | None) -> Lineage:
+    """The lineage of the checkpoint about to be written: a new id, `history` as its ancestors (None:
+    the history of the folder's ``latest`` up to `step`) and a serial above every one in the folder."""
+    if history is None:
+        newest = _newest(existing)
+        history = [a for a in existing[newest].chain if a[1] < step] if newest is not None else []
+    return Lineage(id=uuid.uuid4().hex, step=step, ancestors=tuple((str(i), int(s)) for i, s in history),
+                   serial=max(time.time_ns(), 1 + max((lin.serial for lin in existing.values()), default=0)))
+
+
+def _commit(final: Path, step: int, files: list[tuple[str, Callable[[Any], None], bool]], tmp: Path | None) -> None:
+    """Write `files` and rename the folder to `final` atomically: into the ranks' shared `tmp`
+    folder (which then takes the place of the new one), or into a fresh one (one process)."""
+    if tmp is not None:
+        _write_all(tmp, files)
+        with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as empty:
+            empty.rmdir()
+            os.replace(tmp, empty)
+    else:
+        with atomic_dir(final, tmp_prefix=f".tmp-{step}-{os.getpid()}-") as new:
+            (new / "dataset_ckpt").mkdir()
+            _write_all(new, files)
 
 
 def _remove_stale(run_dir: Path) -> None:

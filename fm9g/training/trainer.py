@@ -22,10 +22,8 @@ the run's lineage (docs/checkpoints.md).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,27 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm9g._io import ConfigError
-from fm9g.models.lora import apply_lora, get_lora_config, lora_modules
-from fm9g.training.builders import check_same_shape, build_loader, build_model, build_tokenizer, pretrained_state
+from fm9g.models.lora import apply_lora
+from fm9g.training.builders import build_loader, build_model, build_tokenizer, pretrained_state
 from fm9g.training.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    all_finite,
-    get_rng_state,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    SHARDED_DIR,
-    optimizer_file,
-    read_lineage,
-    resolve_checkpoint,
-    save_checkpoint,
-    set_rng_state,
+    all_finite, get_rng_state, latest_checkpoint, list_checkpoints, read_lineage, save_checkpoint,
 )
 from fm9g.training.config import TrainConfig
 from fm9g.training.engine import Engine, StepOutput, build_engine, stage_batch
 from fm9g.training.metrics import MetricsLogger, flops_per_token, inspect_model, mfu
+from fm9g.training.resume import resume as resume_checkpoint
+from fm9g.training.run_checks import base_identity, check_device, check_start, fresh_start_text, has_lora, lora_settings
 from fm9g.training.schedules import lr_at
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "build_model", "build_tokenizer", "build_loader", "pretrained_state",
@@ -91,55 +78,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_device(spec: str) -> None:
-    """Refuse a CUDA device on a machine without CUDA, in one line (before anything is built).
-
-    Raises:
-        ConfigError: ``device`` names CUDA but ``torch.cuda.is_available()`` is False.
-    """
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ConfigError(f"device={spec!r} but CUDA is not available ({why}); set device: 'cpu' or 'auto'")
-
-
-def _has_lora(model: nn.Module) -> bool:
-    """True when the model holds LoRA layers (asked of fm9g.models.lora)."""
-    return next(lora_modules(model), None) is not None
-
-
-def _lora_settings(model: nn.Module) -> dict[str, Any]:
-    """The model's LoRA r / alpha / dropout / target_modules (as JSON-able values)."""
-    lc = get_lora_config(model)
-    return lc.to_dict() if lc is not None else {}
-
-
-def _norm(value: Any) -> Any:
-    """Numbers compare as floats, lists as lists (a checkpoint's values went through JSON-able types)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _base_identity(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
-    """Identity of a LoRA run's frozen base: the ``pretrained_model`` path and a SHA-256 over the
-    names, shapes and first 4096 values (as fp32) of four of its frozen tensors (None on meta)."""
-    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    path = str(Path(config.resolve_path(config.pretrained_model)).resolve()) if config.pretrained_model else None
-    if not frozen or any(p.device.type == "meta" for _, p in frozen):
-        return {"path": path, "fingerprint": None}
-    picks = sorted({0, len(frozen) // 3, 2 * len(frozen) // 3, len(frozen) - 1})
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for i in picks:
-            name, p = frozen[i]
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            t = p.detach()
-            if hasattr(t, "full_tensor"):  # a DTensor shard (FSDP2): every rank gathers the same tensor
-                t = t.full_tensor()
-            h.update(t.reshape(-1)[:4096].float().cpu().numpy().tobytes())
-    return {"path": path, "fingerprint": h.hexdigest()}
 
 
 # ------------------------------------------------------------------------------ the trainer
@@ -180,11 +118,11 @@ class Trainer:
         if model is None:
             dev = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             model = build_model(config, device=dev if dev.startswith("cuda") else None)
-        if config.lora is not None and not _has_lora(model):
+        if config.lora is not None and not has_lora(model):
             apply_lora(model, config.lora)
-        self.is_lora = _has_lora(model)
+        self.is_lora = has_lora(model)
         self.model = model
-        self._base_identity = _base_identity(model, config) if self.is_lora else None  # before any wrapping
+        self._base_identity = base_identity(model, config) if self.is_lora else None  # before any wrapping
         self.engine = engine or build_engine(config, model, lora_only=self.is_lora)
         self.tokenizer = tokenizer
         self._loader = loader
@@ -243,21 +181,8 @@ class Trainer:
             f"  {c.train_iters} iterations of {c.grad_accum} x {self.batch_size} x {self.max_length} tokens; "
             f"lr {c.lr:g} {c.lr_scheduler} (warmup {c.warmup_steps:g}, drop {c.drop_steps:g}); "
             f"starting after step {self.step}; checkpoints: {c.run_dir or 'off'}\n"
-            f"  start: {self.resume_summary or self._fresh_start_text()}"
+            f"  start: {self.resume_summary or fresh_start_text(self)}"
         )
-
-    def _fresh_start_text(self) -> str:
-        """The header's account of a run that resumed nothing: where the weights come from."""
-        c = self.config
-        if not self._model_from_config:
-            weights = "the weights of the model passed to the Trainer"
-        elif c.pretrained_model:
-            weights = f"weights from pretrained_model {c.pretrained_model}"
-        else:
-            weights = "randomly initialised weights (no pretrained_model)"
-        if self.is_lora:
-            weights = f"LoRA (freshly initialised) on {weights}"
-        return f"{weights}; fresh optimizer; data from the start; step 0"
 
     def train_step(self, batches: list[dict[str, Any]]) -> StepOutput:
         """The Trainer's half of iteration ``self.step + 1`` over ``batches`` (grad_accum micro-batches).
@@ -308,7 +233,7 @@ class Trainer:
         cfg = self.config
         if cfg.resume_ckpt is not None and not self._resumed:
             self.resume(cfg.resume_ckpt)
-        self._check_start()
+        check_start(self)
         if self._data_iter is None:
             self._data_iter = iter(self.loader)
         self.logger = logger = self._open_logger()
@@ -337,17 +262,7 @@ class Trainer:
                 self._settle(out, batches)
                 now = time.perf_counter()
                 times, t_prev = (now - t_prev, now - t0), now
-                if out.skipped:
-                    self._report_skip(out)
-                else:
-                    result.losses.append(out.loss)
-                    pending = (self.step, self._metrics_row(out, batches, *times), self._task_losses(out, batches))
-                    if cfg.inspect_iters and self.step % cfg.inspect_iters == 0:
-                        pending = self._write_log(pending)
-                        logger.print(inspect_model(self.model))
-                    if self._save_due():
-                        pending = self._write_log(pending)
-                        self._maybe_save()
+                pending = self._after_step(out, batches, times, result.losses)
                 if not prefetched:  # fetched now only if the loop goes on (the loader state is saved at the end)
                     upcoming = self._next_batches() if self._goes_on() else None
                 batches = upcoming
@@ -363,6 +278,24 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _after_step(self, out: StepOutput, batches: list[dict[str, Any]], times: tuple[float, float],
+                    losses: list[float]) -> tuple[int, dict[str, Any], dict[str, float]] | None:
+        """After a settled step: report a skip, or keep its loss in `losses` and return its deferred
+        log line (written at once when the model inspection or a checkpoint follows this step)."""
+        if out.skipped:
+            self._report_skip(out)
+            return None
+        losses.append(out.loss)
+        pending = (self.step, self._metrics_row(out, batches, *times), self._task_losses(out, batches))
+        if self.config.inspect_iters and self.step % self.config.inspect_iters == 0:
+            pending = self._write_log(pending)
+            assert self.logger is not None
+            self.logger.print(inspect_model(self.model))
+        if self._save_due():
+            pending = self._write_log(pending)
+            self._maybe_save()
+        return pending
+
     def _data_ran_out(self) -> TrainingError:
         """The error of a run whose data ended before ``train_iters`` with ``stop_when_end`` false."""
         cfg = self.config
@@ -394,74 +327,6 @@ class Trainer:
         if value == "original":
             return run_dir.parent.parent / "tensorboard" / f"{cfg.exp_group}{cfg.model_unique}"
         return run_dir / auto if value == "auto" else Path(cfg.output_path(value))
-
-    def _check_start(self) -> None:
-        """Checks before the first step, each a :class:`ConfigError` that says what to do: LoRA on a
-        random base, a tokenizer larger than the model's vocabulary, and a run folder that holds
-        another run (see :meth:`_check_run_folder`)."""
-        cfg = self.config
-        if self.is_lora and self._model_from_config and not cfg.pretrained_model and not cfg.lora_random_base:
-            raise ConfigError(
-                "LoRA is on but pretrained_model is not set, so LoRA would train on a randomly initialised base: "
-                "set pretrained_model to the base weights (a .pt, a checkpoint folder or an HF directory), or set "
-                "lora_random_base: true if that is what you want")
-        self._check_run_folder()
-        self._check_vocab()
-
-    def _check_vocab(self) -> None:
-        """The tokenizer's ids must fit the model's embedding (else an IndexError in the middle of fit)."""
-        loader = self.loader  # builds the default tokenizer and loader when none was given
-        tok = self.tokenizer if self.tokenizer is not None else getattr(loader, "tokenizer", None)
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        try:
-            n_tok = len(tok) if tok is not None else None
-        except TypeError:
-            n_tok = None
-        if n_tok is not None and vocab is not None and n_tok > vocab:
-            where = f" ({self.config.tokenizer_path})" if self.config.tokenizer_path else ""
-            raise ConfigError(
-                f"the tokenizer{where} has {n_tok} tokens but the model's vocab_size is {vocab}: token ids >= {vocab} "
-                "would fail in the middle of training; use the model's own tokenizer, or a model config with "
-                f"vocab_size >= {n_tok}")
-
-    def _check_run_folder(self) -> None:
-        """A run that starts at step 0 (no resume, or ``only_load_model``) must not write over the
-        checkpoints and train stats of another run in its folder: it stops with a message naming
-        the options, unless ``overwrite_run`` (then that run's checkpoints, train stats and
-        TensorBoard events are deleted first). A real resume continues its run and is not checked."""
-        cfg, run_dir = self.config, self.config.run_dir
-        if run_dir is None or self.step > 0 or (self._resumed and not cfg.only_load_model):
-            return  # no folder, or this Trainer continues its own run / the run it resumed
-        checkpoints = [p for _, p in list_checkpoints(run_dir)]
-        stats = self._log_folder(cfg.stats_dir, "train_stats")
-        stat_files = sorted(stats.glob("*.jsonl")) if stats is not None and stats.is_dir() else []
-        if not checkpoints and not stat_files:
-            return
-        if cfg.overwrite_run:
-            if self.engine.is_main:
-                tb = self._log_folder(cfg.tensorboard, "tensorboard")
-                events = sorted(tb.glob("events.out.tfevents.*")) if tb is not None and tb.is_dir() else []
-                for p in checkpoints:
-                    shutil.rmtree(p)
-                for f in stat_files + events:
-                    f.unlink()
-                print(f"overwrite_run: deleted {len(checkpoints)} checkpoint(s), {len(stat_files)} train_stats file(s) "
-                      f"and {len(events)} TensorBoard file(s) of the earlier run in {run_dir}", file=self.log_stream)
-            self.engine.barrier()
-            return
-        found = (f"checkpoints {[p.name for p in checkpoints]}" if checkpoints else "no checkpoint") + (
-            f" and train stats ({stats})" if stat_files else "")
-        if self._resumed:
-            start = (f"only_load_model is true, so this is a NEW run starting at step 0 from the weights of "
-                     f"checkpoint {cfg.resume_ckpt}; its checkpoints would overwrite the run in {run_dir} ({found}). ")
-            fix = ("To continue that run set only_load_model: false (restores optimizer, data position and step); "
-                   "to start a new run from those weights choose another model_unique (or save) folder; ")
-        else:
-            start = f"{run_dir} already holds a run ({found}) and this run starts at step 0 without resuming it. "
-            fix = ("To continue it set resume_ckpt: \"latest\"; " if checkpoints else "") + (
-                "to start a separate run choose another model_unique (or save) folder; ")
-        raise ConfigError(start + fix + "or set overwrite_run: true to delete the earlier run's checkpoints and "
-                          "train stats first")
 
     def _next_batches(self) -> list[dict[str, Any]] | None:
         """The next ``grad_accum`` micro-batches, staged on the engine's device (pinned,
@@ -559,7 +424,7 @@ class Trainer:
             "seed": self.config.seed,
         }
         if self.is_lora:
-            state["lora"] = _lora_settings(self.model)
+            state["lora"] = lora_settings(self.model)
             state["pretrained"] = dict(self._base_identity or {})
         return state
 
@@ -633,127 +498,7 @@ class Trainer:
                 or loader state (``resume_no_optimizer`` / ``load_dataloader_ckpt=false``
                 continue without them).
         """
-        cfg = self.config
-        path = resolve_checkpoint(cfg.run_dir, spec)
-        ck = load_checkpoint(path, rank=self.engine.rank, weights_only_model=cfg.only_load_model)
-        mc = getattr(self.model, "config", None)
-        if ck.model_config and mc is not None and hasattr(mc, "to_dict"):
-            check_same_shape(mc, ck.model_config, f"checkpoint {path}")
-        ck_lora = bool(ck.trainer_state.get("is_lora", False))
-        if ck_lora != self.is_lora:
-            raise CheckpointError(
-                f"checkpoint {path} was written by a {'LoRA' if ck_lora else 'full'} run but this run is "
-                f"{'LoRA' if self.is_lora else 'full'} training; "
-                + ("set the same lora settings (lora_r, lora_alpha, lora_layer)" if ck_lora else "remove lora from the config, or start a new run (model_unique)")
-            )
-        sharded = (Path(path) / SHARDED_DIR).is_dir()  # checkpoint_format "sharded": model + optimizer in dcp/
-        if sharded and not hasattr(self.engine, "load_sharded"):
-            raise CheckpointError(f"checkpoint {path} is sharded (dcp/): resume it under torchrun (2 or more processes)")
-        notes = self._check_lora_resume(ck) if self.is_lora else []
-        loader = None if cfg.only_load_model else self._check_resumable(ck, sharded)
-        try:
-            if sharded:
-                self.engine.load_sharded(Path(path) / SHARDED_DIR, model_only=cfg.only_load_model)
-            else:
-                self.engine.load_model_state_dict(ck.model_state, lora_only=self.is_lora)
-        except ValueError as err:
-            raise CheckpointError(f"checkpoint {path}: {err}") from None
-        self._resumed = True
-        self._resumed_from = path
-        if cfg.only_load_model:  # a new run (new lineage) from these weights
-            self.resume_summary = (f"loaded the weights of {path} (only_load_model): a new run from step 0 with "
-                                   "a fresh optimizer, data position and RNG")
-            return path
-        restored, missing = self._restore_run_state(ck, loader, sharded)
-        self._history = read_lineage(path).chain
-        self.last_checkpoint = path
-        self.resume_summary = (f"resumed from {path}: restored {', '.join(['weights'] + restored)}"
-                               + (f"; NOT restored: {'; '.join(missing)}" if missing else "; exact resume")
-                               + "".join(f"; {n}" for n in notes))
-        return path
-
-    def _restore_run_state(self, ck: Checkpoint, loader: Any, sharded: bool) -> tuple[list[str], list[str]]:
-        """Optimizer, data position (into `loader`, None: skipped), counters and RNG from `ck`;
-        returns what was restored and what was not, for the run header."""
-        restored, missing = [], []
-        if self.config.resume_no_optimizer:
-            missing.append("optimizer (resume_no_optimizer: fresh AdamW moments)")
-        elif sharded:  # loaded with the model from dcp/ (re-sharded to this world size)
-            restored.append("optimizer")
-        else:
-            self.engine.load_optimizer_state_dict(ck.optimizer_state)
-            restored.append("optimizer")
-        if loader is not None:
-            loader.load_state_dict(ck.loader_state)
-            self._data_iter = None
-            restored.append("data position")
-        else:
-            missing.append("data position (load_dataloader_ckpt=false: the data starts from the beginning)")
-        ts = ck.trainer_state
-        self.step = int(ts.get("step", ck.step))
-        self.tokens = int(ts.get("tokens", 0))
-        self.task_tokens = dict(ts.get("task_tokens", {}))
-        self.skipped.update(ts.get("skipped", {}))
-        restored.append(f"step {self.step} and token counters")
-        if "rng" in ts:
-            set_rng_state(ts["rng"])
-            restored.append("RNG")
-        else:
-            missing.append("RNG (not in the checkpoint)")
-        return restored, missing
-
-    def _check_resumable(self, ck: Checkpoint, sharded: bool) -> Any:
-        """Refuse a partial resume the config does not allow, or one on another number of processes
-        that cannot be exact (docs/distributed.md); returns the loader to restore (or None)."""
-        cfg = self.config
-        saved_world, world = int((ck.optimizer_state or {}).get("world_size", 1)), self.engine.world_size
-        if saved_world != world and not (sharded and not cfg.load_dataloader_ckpt):
-            raise CheckpointError(
-                f"checkpoint {ck.path} was written by {saved_world} process(es) but this run has {world}: "
-                "the optimizer and data-loader states are per rank, so an exact resume needs the same number of "
-                "processes. Resume with the same world size, or set only_load_model=true (weights only; fresh "
-                "optimizer, data order and step 0)"
-                + (", or load_dataloader_ckpt=false (this sharded checkpoint re-shards the model and optimizer; "
-                   "the data order starts fresh)" if sharded else "") + " - see docs/distributed.md")
-        if not cfg.resume_no_optimizer and not ck.optimizer_state:
-            raise CheckpointError(
-                f"checkpoint {ck.path} holds no optimizer state ({ck.path.name}/"
-                f"{optimizer_file(ck.step, self.engine.rank)} is missing or empty), so the resume "
-                "would not be exact; set resume_no_optimizer=true to continue with a fresh optimizer")
-        if not cfg.load_dataloader_ckpt:
-            return None
-        loader = self.loader
-        if ck.loader_state is None:
-            raise CheckpointError(
-                f"checkpoint {ck.path} holds no data loader state (dataset_ckpt/loader_state.pt is missing or "
-                "empty), so the data would start from the beginning; set load_dataloader_ckpt=false to accept that")
-        if not hasattr(loader, "load_state_dict"):
-            raise CheckpointError(
-                f"this run's loader ({type(loader).__name__}) has no load_state_dict(), so the data position of "
-                f"checkpoint {ck.path} cannot be restored; set load_dataloader_ckpt=false to start the data "
-                "from the beginning")
-        return loader
-
-    def _check_lora_resume(self, ck: Checkpoint) -> list[str]:
-        """LoRA settings and pretrained base must be the checkpoint's; returns notes for the log."""
-        saved, mine = ck.trainer_state.get("lora"), _lora_settings(self.model)
-        notes = []
-        if saved is None:
-            notes.append("the checkpoint does not record its LoRA settings or base (older version): not checked")
-        else:
-            diff = [f"{k}: {saved.get(k)!r} in the checkpoint vs {mine[k]!r} here" for k in ("r", "alpha", "target_modules")
-                    if _norm(saved.get(k)) != _norm(mine[k])]
-            if diff:
-                raise CheckpointError(
-                    f"checkpoint {ck.path} was trained with other LoRA settings ({'; '.join(diff)}); set lora_r, "
-                    "lora_alpha and lora_layer to the checkpoint's, or start a new run (model_unique)")
-        base, here = ck.trainer_state.get("pretrained") or {}, self._base_identity or {}
-        if base.get("fingerprint") and here.get("fingerprint") and base["fingerprint"] != here["fingerprint"]:
-            raise CheckpointError(
-                f"checkpoint {ck.path} holds LoRA tensors trained on another base model (pretrained_model "
-                f"{base.get('path')!r} then, {here.get('path')!r} now: their weights differ); set pretrained_model "
-                "to the base the LoRA was trained on")
-        return notes
+        return resume_checkpoint(self, spec)
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``[(step, folder), ...]`` of this run's complete checkpoints."""
