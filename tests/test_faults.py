@@ -64,7 +64,8 @@ def _train_child(root: Path, run: str, kill_at: int, report: int, loader_cls) ->
             os.write(report, f"killed {kind}\n".encode())
             os._exit(KILLED)
 
-    real_write, real_replace, real_step = ck._write_file, os.replace, Trainer.train_step
+    real_write, real_replace = ck._write_file, os.replace
+    real_launch, real_settle = Trainer._launch, Trainer._settle  # the two halves of a step in fit()
 
     def write(path, fn, binary=True):
         event("write", torn=path)
@@ -74,13 +75,17 @@ def _train_child(root: Path, run: str, kill_at: int, report: int, loader_cls) ->
         event("rename")
         real_replace(src, dst)
 
-    def step(self, batches):
+    def launch(self, batches):
         event("step")
-        out = real_step(self, batches)
+        return real_launch(self, batches)
+
+    def settle(self, out, batches):
+        out = real_settle(self, out, batches)
         os.write(report, f"loss {self.step} {out.loss!r}\n".encode())
         return out
 
-    ck._write_file, fio.os.replace, Trainer.train_step = write, replace, step   # this child only
+    ck._write_file, fio.os.replace = write, replace   # this child only
+    Trainer._launch, Trainer._settle = launch, settle
     cfg = _config(root, run)
     resume = bool(ck.list_checkpoints(cfg.run_dir))
     with open(os.devnull, "w") as quiet:
