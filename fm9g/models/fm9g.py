@@ -2,7 +2,7 @@
 
     RMSNorm → rotary embedding → attention (packed, GQA) → gated FFN → block → model → chunked loss
 
-Module and parameter names are the original bmtrain names (SPEC §1.2), so original `.pt`
+Module and parameter names are the original bmtrain names (docs/model.md), so original `.pt`
 checkpoints load with `load_state_dict(strict=True)`:
 
     input_embedding.weight                                             [V, d]
@@ -326,7 +326,7 @@ class FM9GOutput:
 
 
 class FM9GModel(nn.Module):
-    """The FM9G decoder (SPEC §1.2) with bmtrain parameter names.
+    """The FM9G decoder (docs/model.md) with bmtrain parameter names.
 
     Args:
         config: the hyper-parameters. Parameters are created in torch's default dtype on the
@@ -353,7 +353,7 @@ class FM9GModel(nn.Module):
     # -------------------------------------------------------------- setup
     @torch.no_grad()
     def init_weights(self) -> None:
-        """SPEC init: every Linear weight and bias ~ N(0, σ) with σ = init_std/√scale_width if
+        """The original init: every Linear weight and bias ~ N(0, σ) with σ = init_std/√scale_width if
         `scale` else init_std; embeddings (input and untied lm_head) ~ N(0, init_std); norms = 1."""
         cfg = self.config
         linear_std = cfg.init_std / math.sqrt(cfg.scale_width) if cfg.scale else cfg.init_std
