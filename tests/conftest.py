@@ -126,3 +126,26 @@ def _process_state_is_restored():
         torch.set_num_threads(before[0]); torch.set_default_dtype(before[1]); os.chdir(before[2])
         torch.set_grad_enabled(before[3])
         pytest.fail("the test changed process-wide state and did not restore it: " + "; ".join(changed))
+
+
+@pytest.fixture
+def compat_python() -> str:
+    """A python with another transformers release (4.44, the original stack's): $FM9G_COMPAT_PYTHON,
+    or the `.venv-compat` that scripts/setup.sh makes; the test is skipped, saying so, without one."""
+    if os.environ.get("FM9G_COMPAT_PYTHON"):
+        return os.environ["FM9G_COMPAT_PYTHON"]
+    default = Path(__file__).resolve().parents[1] / ".venv-compat" / "bin" / "python"
+    if not default.exists():
+        pytest.skip("no second transformers environment: run scripts/setup.sh (makes .venv-compat) "
+                    "or set FM9G_COMPAT_PYTHON")
+    return str(default)
+
+
+@pytest.fixture
+def one_thread():
+    """Small fp32 comparisons on one thread; the thread count is restored afterwards so later tests
+    (and the subprocesses they start) see the process as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,16 +15,7 @@ from fm9g.models.attention import (
     resolve_attention,
 )
 
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These small fp32 comparisons run on one thread; the thread count is restored afterwards so
-    later tests (and the subprocesses they start) see the process as it was."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int]) -> torch.Tensor:

@@ -461,19 +461,9 @@ def test_docs_quick_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "tiny_hf" / "config.json").exists() and (tmp_path / "back" / "tiny.pt").exists()
 
 
-def _compat_python() -> str | None:
-    """A python with another transformers release: $FM9G_COMPAT_PYTHON, or the `.venv-compat`
-    (transformers 4.44) that scripts/setup.sh makes."""
-    if os.environ.get("FM9G_COMPAT_PYTHON"):
-        return os.environ["FM9G_COMPAT_PYTHON"]
-    default = Path(__file__).resolve().parents[1] / ".venv-compat" / "bin" / "python"
-    return str(default) if default.exists() else None
 
 
-@pytest.mark.skipif(_compat_python() is None,
-                    reason="no second transformers environment: run scripts/setup.sh (makes .venv-compat) "
-                           "or set FM9G_COMPAT_PYTHON")
-def test_exports_in_other_transformers_version(tmp_path):
+def test_exports_in_other_transformers_version(tmp_path, compat_python):
     """Both export formats load and match FM9GModel in another transformers release (e.g. 4.44)."""
     import subprocess
     import sys
@@ -500,7 +490,7 @@ def test_exports_in_other_transformers_version(tmp_path):
         "        assert d <= 1e-4, (kind, fmt, d)\n"
         "print('ok', transformers.__version__)\n"
     )
-    out = subprocess.run([_compat_python(), "-c", code, str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run([compat_python, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok"), out.stdout
 

@@ -249,18 +249,9 @@ def test_a_size_limit_during_a_conversion_is_named_and_leaves_the_output(tmp_pat
 # ------------------------------------------------------------------------------------------------
 
 
-def _compat_python() -> str | None:
-    """A python with transformers 4.44 (see tests/test_convert.py): $FM9G_COMPAT_PYTHON or .venv-compat."""
-    if os.environ.get("FM9G_COMPAT_PYTHON"):
-        return os.environ["FM9G_COMPAT_PYTHON"]
-    default = ROOT / ".venv-compat" / "bin" / "python"
-    return str(default) if default.exists() else None
 
 
-@pytest.mark.skipif(_compat_python() is None,
-                    reason="no second transformers environment: run scripts/setup.sh (makes .venv-compat) "
-                           "or set FM9G_COMPAT_PYTHON")
-def test_export_tokenizer_from_a_transformers_5_reference_loads_in_4_44(tmp_path):
+def test_export_tokenizer_from_a_transformers_5_reference_loads_in_4_44(tmp_path, compat_python):
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(ROOT / "examples"))
@@ -290,7 +281,7 @@ def test_export_tokenizer_from_a_transformers_5_reference_loads_in_4_44(tmp_path
         "print(transformers.__version__)\n"
         "print(json.dumps(got))\n"
     )
-    run = subprocess.run([_compat_python(), "-c", code, str(out), str(toy), json.dumps(TEXT[:4])],
+    run = subprocess.run([compat_python, "-c", code, str(out), str(toy), json.dumps(TEXT[:4])],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     version, got = run.stdout.strip().splitlines()[-2:]

@@ -13,14 +13,7 @@ from fm9g.models.fm9g import FM9GModel, chunked_cross_entropy
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These small fp32 comparisons run on one thread; the thread count is restored afterwards so
-    later tests (and the subprocesses they start) see the process as it was."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:

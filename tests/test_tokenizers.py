@@ -93,18 +93,9 @@ def test_remote_code_runs_only_when_trusted(smollm2_tokenizer_dir, tmp_path):
     assert needs_remote_code(smollm2_tokenizer_dir) == []
 
 
-def _compat_python() -> str | None:
-    """A python with transformers 4.44 (see tests/test_convert.py): $FM9G_COMPAT_PYTHON or .venv-compat."""
-    if os.environ.get("FM9G_COMPAT_PYTHON"):
-        return os.environ["FM9G_COMPAT_PYTHON"]
-    default = Path(__file__).resolve().parents[1] / ".venv-compat" / "bin" / "python"
-    return str(default) if default.exists() else None
 
 
-@pytest.mark.skipif(_compat_python() is None,
-                    reason="no second transformers environment: run scripts/setup.sh (makes .venv-compat) "
-                           "or set FM9G_COMPAT_PYTHON")
-def test_saved_tokenizers_load_in_transformers_4_44_and_5(smollm2_tokenizer, spm_dir, tmp_path):
+def test_saved_tokenizers_load_in_transformers_4_44_and_5(smollm2_tokenizer, spm_dir, tmp_path, compat_python):
     chat = [{"role": "user", "content": "中国的首都是哪里？"}]
     want = {}
     for name, tok in (("smollm2", smollm2_tokenizer), ("spm", load_tokenizer(spm_dir / "tokenizer"))):
@@ -135,7 +126,7 @@ def test_saved_tokenizers_load_in_transformers_4_44_and_5(smollm2_tokenizer, spm
         "print(transformers.__version__)\n"
         "print(json.dumps(got))\n"
     )
-    out = subprocess.run([_compat_python(), "-c", code, str(tmp_path), json.dumps(TEXTS), json.dumps(chat)],
+    out = subprocess.run([compat_python, "-c", code, str(tmp_path), json.dumps(TEXTS), json.dumps(chat)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     version, got = out.stdout.strip().splitlines()[-2:]
