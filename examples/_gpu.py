@@ -224,6 +224,28 @@ def resume_check(straight: list[float], resumed: list[float]) -> dict[str, Any]:
             "straight": [round(x, 5) for x in straight], "resumed": [round(x, 5) for x in resumed]}
 
 
+def train_and_resume(common: dict[str, Any], checkpoints: Path, mid: int, timer: "Timer",
+                     summary: dict[str, Any]) -> tuple[Any, Any]:
+    """Train run "straight" with TrainConfig(**common), then, as after a crash at step `mid`, a new
+    run folder "resumed" that continues from straight's checkpoint `mid`; record both in `summary`.
+
+    Returns:
+        (straight, resumed) TrainResults.
+    """
+    from fm9g import TrainConfig, Trainer
+
+    with timer("train"):
+        straight = Trainer(TrainConfig(**common, model_unique="straight")).fit()
+    with timer("resume"):
+        resumed = Trainer(TrainConfig(**common, model_unique="resumed",
+                                      resume_ckpt=str(checkpoints / "straight" / str(mid)))).fit()
+    summary.update(steps=straight.step, first_loss=straight.losses[0], last_loss=straight.losses[-1],
+                   resume=dict(resume_check(straight.losses[mid:], resumed.losses), from_step=mid))
+    log(f"loss {straight.losses[0]:.3f} -> {straight.losses[-1]:.3f} over {straight.step} steps; resumed from step "
+        f"{mid}: exact {summary['resume']['exact']}, max relative difference {summary['resume']['max_rel_diff']:.2e}")
+    return straight, resumed
+
+
 class Timer:
     """Wall-clock seconds of named phases: ``with timer("train"): ...``; ``timer.seconds``."""
 

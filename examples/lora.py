@@ -54,7 +54,7 @@ def cpu_smoke(work: Path) -> None:
 
 
 def gpu_run(args) -> None:
-    from _gpu import SMOLLM2_CACHE, Timer, answer_facts, finish, log, on_main_first, prepare_facts, rank, resume_check
+    from _gpu import SMOLLM2_CACHE, Timer, answer_facts, finish, log, on_main_first, prepare_facts, rank, train_and_resume
     from _toy import FACTS
 
     from fm9g import hf_to_bmt
@@ -76,16 +76,8 @@ def gpu_run(args) -> None:
         lr=2e-3, lr_scheduler="cosine", warmup_iters=3, train_iters=steps, batch_size=4, max_length=128,
         save=str(work / "checkpoints"), save_iters=steps // 2, log_iters=max(1, steps // 10), inspect_iters=0,
         use_checkpoint=False, compile=False, progress_bar=False)  # compiling costs more than 60 short steps
-    with timer("train"):
-        straight = Trainer(TrainConfig(**common, model_unique="straight")).fit()
-    mid = steps // 2
-    with timer("resume"):  # a LoRA run resumes on top of the same pretrained_model
-        resumed = Trainer(TrainConfig(**common, model_unique="resumed",
-                                      resume_ckpt=str(work / "checkpoints" / "straight" / str(mid)))).fit()
-    summary.update(steps=straight.step, first_loss=straight.losses[0], last_loss=straight.losses[-1],
-                   resume=dict(resume_check(straight.losses[mid:], resumed.losses), from_step=mid))
-    log(f"loss {straight.losses[0]:.3f} -> {straight.losses[-1]:.3f} over {straight.step} steps; resumed from step "
-        f"{mid}: exact {summary['resume']['exact']}, max relative difference {summary['resume']['max_rel_diff']:.2e}")
+    # as after a crash at step steps // 2: a new run folder continues from that checkpoint
+    straight, resumed = train_and_resume(common, work / "checkpoints", steps // 2, timer, summary)
     if rank() == 0:
         with timer("export"):  # base + merged LoRA (alpha / r read from the run's train_config.json)
             out = bmt_to_hf(base, work / "hf", lora=resumed.last_checkpoint, reference_dir=hf_dir, format="native",

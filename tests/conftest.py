@@ -149,3 +149,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["orjson", "stdlib"])
+def json_backend(request, monkeypatch):
+    """Run a test with build_index's orjson fast path and with the standard-library fallback."""
+    from fm9g.data import indexed
+
+    if request.param == "stdlib":
+        monkeypatch.setattr(indexed, "_orjson", None)
+    elif indexed._orjson is None:
+        pytest.skip("orjson not installed")
+    return request.param

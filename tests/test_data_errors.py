@@ -7,20 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.data import index_format, indexed
+from fm9g.data import index_format
 from fm9g.data.indexed import IndexedDataset, IndexedDatasetError, InvalidLineError, build_index
 from fm9g.data.mixture import MixtureConfigError, MixtureLoader, load_dataset_config
 from fm9g.data.tokenizers import VocabTxtTokenizer
 
-
-@pytest.fixture(params=["orjson", "stdlib"])
-def json_backend(request, monkeypatch):
-    """Build with the orjson fast path and with the standard-library fallback."""
-    if request.param == "stdlib":
-        monkeypatch.setattr(indexed, "_orjson", None)
-    elif indexed._orjson is None:
-        pytest.skip("orjson not installed")
-    return request.param
 
 
 def _build_error(src: Path, out: Path) -> str:

@@ -40,15 +40,6 @@ def write_jsonl(path: Path, records: list, *, trailing_newline: bool = True) -> 
     return lines
 
 
-@pytest.fixture(params=["orjson", "stdlib"])
-def json_backend(request, monkeypatch):
-    """Run a test with the orjson fast path and with the standard-library fallback."""
-    if request.param == "stdlib":
-        monkeypatch.setattr(indexed, "_orjson", None)
-    elif indexed._orjson is None:
-        pytest.skip("orjson not installed")
-    return request.param
-
 
 @pytest.mark.parametrize("workers,block", [(1, 1 << 20), (1, 97), (2, 211)])
 def test_round_trip_every_line(tmp_path, json_backend, workers, block):

@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
