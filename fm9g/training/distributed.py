@@ -167,7 +167,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         except (RuntimeError, ValueError) as err:  # DistStoreError / timeouts are RuntimeErrors
             raise DistributedError(
                 f"rank {rank}: cannot join the process group at MASTER_ADDR:MASTER_PORT = {addr}:{port} ({err}); "
-                "check that every node runs the same command with the same --rdzv-endpoint / MASTER_ADDR, and "
+                "check that every node runs the same command with the same --master_addr / --master_port, and "
                 f"that WORLD_SIZE={os.environ.get('WORLD_SIZE')} processes are started in all"
             ) from err
     return dist.get_rank(), dist.get_world_size(), device
