@@ -93,10 +93,11 @@ def _resume_in_new_process(tmp_path, cfg, *sets):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_exact_resume_in_a_new_process(tmp_path, lora):
+@pytest.mark.parametrize("lora, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adamw_bf16")],
+                         ids=["full", "lora", "full-adamw_bf16"])
+def test_exact_resume_in_a_new_process(tmp_path, lora, optimizer):
     N, k = 6, 3
-    extra = {}
+    extra = {"optimizer": optimizer}
     if lora:
         # LoRA on top of pretrained weights, with dropout so the RNG state matters
         from fm9g.models.config import FM9GConfig
@@ -104,7 +105,7 @@ def test_exact_resume_in_a_new_process(tmp_path, lora):
 
         torch.manual_seed(123)
         torch.save(FM9GModel(FM9GConfig.from_name("tiny")).state_dict(), tmp_path / "base.pt")
-        extra = dict(pretrained_model=str(tmp_path / "base.pt"),
+        extra.update(pretrained_model=str(tmp_path / "base.pt"),
                      lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["project_q", "project_v", "w_out"]})
     straight = _cfg(tmp_path, model_unique="straight", **extra)
     res_a = Trainer(straight, loader=ToyLoader()).fit()

@@ -410,6 +410,12 @@ def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: b
     Raises:
         RuntimeError: ``engine="bmtrain"`` without bmtrain installed (naming the install command).
     """
+    if config.optimizer != "adamw" and (config.engine != "torch" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ValueError(
+            f"optimizer={config.optimizer!r} runs under the one-process torch engine only; with "
+            f"engine={config.engine!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE', '1')} use optimizer=\"adamw\" "
+            "(bmtrain: offload=true moves its state to the CPU; FSDP2 shards it across the ranks)"
+        )
     if config.engine == "bmtrain":
         from fm9g.training.bmtrain_engine import BMTrainEngine  # fails at once without bmtrain, naming the install command
 
@@ -426,7 +432,7 @@ def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: b
         model, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
         clip_grad=config.clip_grad, device=config.device, precision=config.precision,
         lr_scale_width=lr_scale_width(model), use_checkpoint=config.use_checkpoint, compile=config.compile,
-        lora_only=lora_only, peak_flops=config.peak_flops,
+        lora_only=lora_only, peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed,
     )
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fm9g.training.checkpoint import load_state_dict_checked
+from fm9g.training.optimizers import AdamWBF16
 from fm9g.training.engine import (
     _PEAKS,
     check_optimizer_state,
@@ -44,14 +45,15 @@ def _resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def _set_dtypes(model: nn.Module, precision: str) -> None:
+def _set_dtypes(model: nn.Module, precision: str, optimizer: str = "adamw") -> None:
     """fp32 for every trainable parameter; under bf16 the frozen ones (a LoRA run's base) in bf16,
-    under fp32 everything fp32 (buffers too, as ``model.float()``)."""
+    under fp32 everything fp32 (buffers too, as ``model.float()``). With ``adamw_bf16`` under bf16
+    the trained parameters are bf16 too (that optimizer keeps no fp32 copy)."""
     if precision == "fp32":
         model.float()
         return
     for p in model.parameters():
-        want = torch.float32 if (p.requires_grad or precision == "fp32") else torch.bfloat16
+        want = torch.float32 if (p.requires_grad and optimizer == "adamw") else torch.bfloat16
         if p.is_floating_point() and p.dtype != want:
             p.data = p.data.to(want)
 
@@ -74,6 +76,11 @@ class TorchEngine:
             ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository).
         lora_only: only LoRA tensors are trained/saved.
         peak_flops: dense bf16 FLOP/s of the device for MFU (None: from the GPU name).
+        optimizer: ``"adamw"`` (fp32 master weights and moments, fused AdamW) or ``"adamw_bf16"``
+            (:class:`~fm9g.training.optimizers.AdamWBF16`: under bf16 the trained weights, their
+            gradients and the moments are bf16, 8 bytes per parameter instead of 16; under fp32
+            the same numerics on fp32 tensors).
+        seed: seeds ``adamw_bf16``'s rounding noise.
     """
 
     name = "torch"
@@ -96,12 +103,18 @@ class TorchEngine:
         compile: bool | str = False,
         lora_only: bool = False,
         peak_flops: float | None = None,
+        optimizer: str = "adamw",
+        seed: int = 0,
     ) -> None:
         self.device = _resolve_device(device)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
-        _set_dtypes(model, precision)  # before the move: a 7B base goes to the GPU in bf16, never in fp32
+        if optimizer not in ("adamw", "adamw_bf16"):
+            raise ValueError(f"optimizer={optimizer!r}: expected 'adamw' or 'adamw_bf16'")
+        self.optimizer_name = optimizer
+        self._seed = seed
+        _set_dtypes(model, precision, optimizer)  # before the move: a 7B goes to the GPU in bf16, never in fp32
         self.model = model.to(self.device)
         self.clip_grad = clip_grad
         self.lora_only = lora_only
@@ -124,6 +137,10 @@ class TorchEngine:
         self.params = [p for g in self.groups for p in g["params"]]
         opt_groups = [{"params": g["params"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]} for g in self.groups]
         kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        if getattr(self, "optimizer_name", "adamw") == "adamw_bf16":
+            self.optimizer = AdamWBF16(opt_groups, seed=self._seed, **kw)
+            self._skip_on_device = True  # it reads grad_scale / found_inf as the fused kernel does
+            return
         try:  # fused AdamW: one kernel per step on CUDA, and about 2x the single-tensor speed on CPU
             if not fused:
                 raise ValueError("not fused")

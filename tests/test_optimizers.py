@@ -1,0 +1,165 @@
+"""`optimizer="adamw_bf16"`: the update against torch's AdamW, unbiased stochastic rounding, the
+sync-free skip and clip, state loading, config errors, and (on CUDA) bf16 storage."""
+import pytest
+import torch
+
+from fm9g._io import ConfigError
+from fm9g.training.config import TrainConfig
+from fm9g.training.optimizers import AdamWBF16, round_stochastic
+
+BF16_STEP = 2.0 ** -7  # bf16 keeps 8 significant bits: neighbours are |x| * 2^-7 apart at most
+
+
+def _pair(shape=(300, 70), seed=0, **kw):
+    torch.manual_seed(seed)
+    w0 = torch.randn(shape).bfloat16().float()  # start from bf16 values, as a bf16 model would
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opts = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    opts.update(kw)
+    return a, b, torch.optim.AdamW([a], **opts), AdamWBF16([b], chunk_elements=4096, **opts)
+
+
+def test_one_update_is_torch_adamw_rounded_to_a_bf16_neighbour():
+    a, b, oa, ob = _pair()
+    g = torch.randn_like(a) * 0.01
+    a.grad, b.grad = g.clone(), g.clone()
+    oa.step()
+    ob.step()
+    exact = a.detach()
+    lo = exact.bfloat16().float()  # the two bf16 neighbours of the fp32 result
+    step = torch.where(lo == 0, torch.full_like(lo, 2.0 ** -133), lo.abs() * BF16_STEP)
+    assert torch.equal(b.detach().bfloat16().float(), b.detach()), "weights stay exactly bf16"
+    assert ((b.detach() - exact).abs() <= step * 1.01 + 1e-30).all()
+    # the moments are the fp32 moments rounded to nearest bf16
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert ob.state[b][key].dtype == torch.bfloat16
+        assert torch.equal(ob.state[b][key], oa.state[a][key].bfloat16())
+
+
+def test_rounding_is_unbiased_where_round_to_nearest_would_lose_every_update():
+    x = torch.full((200_000,), 1.0 + 2.0 ** -10)  # a quarter of the way from 1 to the next bf16 value
+    r = round_stochastic(x, torch.Generator().manual_seed(0)).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    assert r.mean().item() == pytest.approx(x[0].item(), abs=3e-5)
+    assert x.bfloat16().float().unique().tolist() == [1.0]  # nearest: the offset is gone
+    inf = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    out = round_stochastic(inf, torch.Generator().manual_seed(0)).float()
+    assert out[0] == float("inf") and out[1] == -float("inf") and out[2].isnan()
+
+    # 50 steps of lr 1e-4 on weights of 1.0: each update is 1/80 of a bf16 step
+    w = torch.nn.Parameter(torch.ones(100_000))
+    ref = torch.nn.Parameter(torch.ones(100_000))
+    o, r_opt = AdamWBF16([w], lr=1e-4, weight_decay=0.0), torch.optim.AdamW([ref], lr=1e-4, weight_decay=0.0)
+    for _ in range(50):
+        w.grad, ref.grad = torch.ones_like(w), torch.ones_like(ref)
+        o.step()
+        r_opt.step()
+    assert w.detach().mean().item() == pytest.approx(ref.detach().mean().item(), abs=2e-5)
+    assert ref.detach().mean().item() == pytest.approx(1 - 50e-4, abs=1e-6)
+
+
+def test_many_steps_with_changing_clip_factors_track_torch_adamw():
+    a, b, oa, ob = _pair(shape=(64, 64), seed=1)
+    for i in range(40):
+        g = torch.randn_like(a) * (0.5 + i % 3)
+        coef = torch.tensor(1.0 + (i % 4))  # the engine's clip coefficient: gradients are divided by it
+        a.grad, b.grad = g / coef, g.clone()
+        ob.grad_scale = coef
+        oa.step()
+        ob.step()
+    ob.grad_scale = None
+    # each step rounds to a bf16 neighbour at random: the weights random-walk around torch's by
+    # about sqrt(steps) x half a bf16 step, and no further (no drift)
+    diff = a.detach() - b.detach()
+    assert diff.norm() / a.detach().norm() < 2e-2
+    assert diff.mean().abs() < 1e-3 * a.detach().abs().mean()
+    assert ob.state[b]["step"].item() == 40
+
+
+def test_found_inf_leaves_weights_moments_and_step_untouched():
+    _, b, _, ob = _pair()
+    b.grad = torch.randn_like(b)
+    ob.step()
+    before = (b.detach().clone(), ob.state[b]["exp_avg"].clone(), ob.state[b]["exp_avg_sq"].clone())
+    b.grad = torch.randn_like(b)
+    ob.found_inf = torch.tensor(1.0)
+    ob.step()
+    ob.found_inf = torch.tensor(0.0)
+    assert torch.equal(b.detach(), before[0])
+    assert torch.equal(ob.state[b]["exp_avg"], before[1]) and torch.equal(ob.state[b]["exp_avg_sq"], before[2])
+    assert ob.state[b]["step"].item() == 1
+    ob.step()
+    assert ob.state[b]["step"].item() == 2 and not torch.equal(b.detach(), before[0])
+
+
+def test_the_noise_depends_on_the_seed_and_the_state_dict_restores_it():
+    a1, b1, _, o1 = _pair(seed=3)
+    _, b2, _, o2 = _pair(seed=3)
+    o2.seed = 1
+    for p, o in ((b1, o1), (b2, o2)):
+        p.grad = torch.full_like(p, 0.01)
+        o.step()
+    assert not torch.equal(b1.detach(), b2.detach())
+    # a copy loaded from o1's state draws the same noise at the next step as o1 itself
+    _, b3, _, o3 = _pair(seed=3)
+    b3.data.copy_(b1.detach())
+    o3.load_state_dict(o1.state_dict())
+    assert o3.param_groups[0]["rounding_calls"] == 1
+    for p, o in ((b1, o1), (b3, o3)):
+        p.grad = torch.full_like(p, 0.02)
+        o.step()
+    assert torch.equal(b1.detach(), b3.detach())
+
+
+def test_a_torch_adamw_state_loads_with_bf16_moments():
+    a, b, oa, ob = _pair()
+    a.grad = torch.randn_like(a)
+    oa.step()
+    ob.load_state_dict(oa.state_dict())
+    st = ob.state[b]
+    assert st["exp_avg"].dtype == torch.bfloat16 and st["step"].item() == 1
+    b.grad = torch.randn_like(b)
+    ob.step()
+    assert st["step"].item() == 2
+
+
+def test_config_names_the_optimizer_choices_and_conflicts():
+    with pytest.raises(ConfigError, match="optimizer.*adamw_bf16"):
+        TrainConfig(model="tiny", optimizer="sgd")
+    with pytest.raises(ConfigError, match="offload"):
+        TrainConfig(model="tiny", optimizer="adamw_bf16", offload=True, engine="bmtrain")
+    from fm9g.training.engine import build_engine
+
+    with pytest.raises(ValueError, match="one-process torch engine"):
+        build_engine(TrainConfig(model="tiny", optimizer="adamw_bf16", engine="bmtrain", save=None), None)
+
+
+def test_trainer_on_cpu_keeps_weights_on_the_bf16_grid_and_learns(tmp_path):
+    from fm9g.training.trainer import Trainer
+    from test_trainer import ToyLoader, _cfg
+
+    cfg = _cfg(tmp_path, optimizer="adamw_bf16", train_iters=25, lr=1e-2, warmup_iters=0,
+               lr_scheduler="constant", save=None)
+    t = Trainer(cfg, loader=ToyLoader(fixed=True))
+    assert isinstance(t.engine.optimizer, AdamWBF16)
+    res = t.fit()
+    assert res.losses[-1] < 0.6 * res.losses[0]
+    for p in t.model.parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach().bfloat16().float(), p.detach().float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run `pytest -m gpu` on a GPU machine")
+def test_gpu_holds_weights_gradients_and_moments_in_bf16(tmp_path):
+    from fm9g.training.trainer import Trainer
+    from test_trainer import ToyLoader, _cfg
+
+    cfg = _cfg(tmp_path, optimizer="adamw_bf16", train_iters=30, lr=1e-2, warmup_iters=0,
+               lr_scheduler="constant", device="cuda", save=None)
+    t = Trainer(cfg, loader=ToyLoader(fixed=True))
+    assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16}
+    res = t.fit()
+    assert res.losses[-1] < 0.5 * res.losses[0]
+    states = list(t.engine.optimizer.state.values())
+    assert states and all(s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg"].is_cuda for s in states)
