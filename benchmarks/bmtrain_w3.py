@@ -14,6 +14,11 @@ GPU memory (allocated and reserved), host peak RSS, step times.
 
     python benchmarks/bmtrain_w3.py --steps 4            # full fine-tune, then LoRA
     python benchmarks/bmtrain_w3.py --steps 4 --runs full
+    python benchmarks/bmtrain_w3.py --steps 4 --runs full,full-bf16,lora,lora-torch   # both engines side by side
+
+``full-bf16`` is the path without offload: the torch engine with ``optimizer="adamw_bf16"`` keeps
+bf16 weights, gradients and moments on the GPU (8 bytes per parameter, 61 GB for the 7B).
+``lora-torch`` is the LoRA run of the same settings under the torch engine.
 
 Needs bmtrain (``bash scripts/install_bmtrain.sh``) and a GPU with >= 80 GB and ~120 GB of host memory.
 """
@@ -36,6 +41,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 PEAK = 989e12
+RUNS = {  # --runs names
+    "full": "full FT, bmtrain + AdamOffloadOptimizer (fp32 master weights and moments in host memory)",
+    "lora": "LoRA r16, bmtrain",
+    "full-bf16": "full FT, torch engine + optimizer adamw_bf16 (bf16 weights, gradients, moments on the GPU)",
+    "lora-torch": "LoRA r16, torch engine",
+}
 SEQ, ROWS = 4096, 16
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "target_modules": ["project_q", "project_k", "project_v", "w_0", "w_1", "w_out"]}
@@ -65,7 +76,7 @@ def build_data(work: Path, tokens_needed: int) -> tuple[Path, Path]:
 
 
 def run_one(kind: str, steps: int, cap_gb: float, work: Path) -> dict:
-    """One run in this process: ``kind`` = "full" (offload) or "lora"."""
+    """One run in this process: ``kind`` is one of RUNS."""
     import torch
 
     from fm9g.training.config import TrainConfig
@@ -75,12 +86,14 @@ def run_one(kind: str, steps: int, cap_gb: float, work: Path) -> dict:
     if cap_gb * 1e9 < total:
         torch.cuda.set_per_process_memory_fraction(cap_gb * 1e9 / total)
     tok, mix = build_data(work, tokens_needed=int(SEQ * ROWS * (steps + 2) * 1.2))
+    torch_engine = kind in ("full-bf16", "lora-torch")
     cfg = TrainConfig(
-        model="fm9g-7b", tokenizer_path=str(tok), data=str(mix), engine="bmtrain", offload=(kind == "full"),
+        model="fm9g-7b", tokenizer_path=str(tok), data=str(mix), engine="torch" if torch_engine else "bmtrain",
+        offload=(kind == "full"), optimizer="adamw_bf16" if kind == "full-bf16" else "adamw",
         precision="bf16", use_checkpoint=True, batch_size=1, grad_accum=ROWS, max_length=SEQ, train_iters=steps,
         lr=1e-5, warmup_iters=1, lr_scheduler="cosine", save=str(work / "ckpt"), save_iters=0, save_final=False,
         tensorboard=None, stats_dir=None, progress_bar=False, inspect_iters=0, log_iters=1, seed=1,
-        lora=LORA if kind == "lora" else None, lora_random_base=True,  # a speed run: no pretrained base needed
+        lora=LORA if kind.startswith("lora") else None, lora_random_base=True,  # a speed run: no pretrained base needed
     )
     t0 = time.perf_counter()
     trainer = Trainer(cfg, log_stream=sys.stderr)
@@ -106,7 +119,7 @@ def run_one(kind: str, steps: int, cap_gb: float, work: Path) -> dict:
     tps = statistics.median(n / s for s, n in steady)
     fpt = trainer.flops_per_token
     return {
-        "run": f"W3 fm9g-7b {'full FT, offload' if kind == 'full' else 'LoRA r16'} (bmtrain)",
+        "run": f"W3 fm9g-7b {RUNS[kind]}", "kind": kind,
         "gpu": torch.cuda.get_device_name(0), "cap_gb": cap_gb, "rows_x_tokens": f"{ROWS}x{SEQ}",
         "steps": len(times), "tokens_per_s": round(tps, 1), "mfu": round(tps * fpt / PEAK, 4),
         "step_s": [round(s, 2) for s in times], "losses": [round(x, 4) for x in res.losses],
@@ -123,9 +136,9 @@ def run_one(kind: str, steps: int, cap_gb: float, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
-    ap.add_argument("--runs", default="full,lora", help="comma list of: full, lora")
+    ap.add_argument("--runs", default="full,lora", help="comma list of: " + ", ".join(RUNS))
     ap.add_argument("--cap-gb", type=float, default=80.0, help="GPU memory cap in GB (1e9 bytes)")
-    ap.add_argument("--one", choices=["full", "lora"], help=argparse.SUPPRESS)  # a run in this process
+    ap.add_argument("--one", choices=list(RUNS), help=argparse.SUPPRESS)  # a run in this process
     args = ap.parse_args()
     if args.one:
         with tempfile.TemporaryDirectory(prefix="w3-") as d:

@@ -32,6 +32,8 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
     workers=N     MixtureLoader worker processes (default 2)
+    opt=NAME      optimizer (adamw | adamw_bf16); the HF baseline keeps fp32 AdamW, so an
+                  adamw_bf16 ratio is not like for like
 
 Prints the markdown table; with ``$OUT`` set (or ``--out``) also writes ``run.json`` and the logs
 of every child process there.
@@ -152,7 +154,7 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
         save_iters=0, save_final=False, log_iters=1, stats_dir="auto", tensorboard=tensorboard,
         progress_bar=False, inspect_iters=0, device=device, precision="bf16" if not tiny else "fp32",
         compile=compile_, use_checkpoint="ckpt" in flags, attn_impl=flags.get("attn") or None,
-        num_workers=int(flags.get("workers", 2 if not tiny else 1)), seed=0,
+        num_workers=int(flags.get("workers", 2 if not tiny else 1)), seed=0, optimizer=flags.get("opt") or "adamw",
     )
     model = None
     if lora:

@@ -175,6 +175,8 @@ class Trainer:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         eng = self.engine
         where = f"{eng.name} engine on {eng.device}, precision {eng.precision}"
+        if c.optimizer != "adamw":
+            where += f", optimizer {c.optimizer}"
         return (
             f"fm9g train: {total / 1e6:,.2f}M parameters, {trainable / 1e6:,.2f}M trainable"
             f"{' (LoRA)' if self.is_lora else ''}; {where}\n"
