@@ -61,7 +61,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     from fm9g.training import optimizers
 
     if variant == "bf16_nearest":  # the ablation: every update rounded to the nearest bf16 value
-        optimizers.round_stochastic = lambda x, generator: x.to(torch.bfloat16)
+        optimizers.round_stochastic = lambda x, key: x.to(torch.bfloat16)
     work = Path(args.work)
     gpu = args.gpu
     dim, layers, rows, length = (768, 12, 16, 1024) if gpu else (256, 4, 8, 256)

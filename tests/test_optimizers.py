@@ -38,12 +38,12 @@ def test_one_update_is_torch_adamw_rounded_to_a_bf16_neighbour():
 
 def test_rounding_is_unbiased_where_round_to_nearest_would_lose_every_update():
     x = torch.full((200_000,), 1.0 + 2.0 ** -10)  # a quarter of the way from 1 to the next bf16 value
-    r = round_stochastic(x, torch.Generator().manual_seed(0)).float()
+    r = round_stochastic(x, torch.tensor(0)).float()
     assert set(r.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
     assert r.mean().item() == pytest.approx(x[0].item(), abs=3e-5)
     assert x.bfloat16().float().unique().tolist() == [1.0]  # nearest: the offset is gone
     inf = torch.tensor([float("inf"), -float("inf"), float("nan")])
-    out = round_stochastic(inf, torch.Generator().manual_seed(0)).float()
+    out = round_stochastic(inf, torch.tensor(0)).float()
     assert out[0] == float("inf") and out[1] == -float("inf") and out[2].isnan()
 
     # 50 steps of lr 1e-4 on weights of 1.0: each update is 1/80 of a bf16 step
@@ -163,3 +163,25 @@ def test_gpu_holds_weights_gradients_and_moments_in_bf16(tmp_path):
     assert res.losses[-1] < 0.5 * res.losses[0]
     states = list(t.engine.optimizer.state.values())
     assert states and all(s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg"].is_cuda for s in states)
+
+
+def test_the_compiled_update_matches_the_eager_one():
+    """The kernel torch.compile builds on CUDA, built here for the CPU: the same weights and moments."""
+    pytest.importorskip("torch._inductor")
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    a, b, _, _ = _pair(seed=5)
+    ob = AdamWBF16([b], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, chunk_elements=4096, compile=True)
+    oa = AdamWBF16([a], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, chunk_elements=4096, compile=False)
+    for i in range(3):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.grad_scale = ob.grad_scale = torch.tensor(1.0 + i)
+        oa.step()
+        ob.step()
+    diff = (a.detach() - b.detach()).abs()
+    # fp32 rounding of the fused kernel may move a value across a rounding threshold: rare, one bf16 step
+    assert (diff > 0).float().mean() < 1e-3
+    assert torch.equal(oa.state[a]["exp_avg"].float().sign(), ob.state[b]["exp_avg"].float().sign())

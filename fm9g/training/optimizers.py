@@ -17,9 +17,11 @@ The update itself is computed in fp32 registers exactly as ``torch.optim.AdamW``
   a long run at a small learning rate would stop learning; with stochastic rounding it lands on
   average.
 
-The rounding noise is a pure function of ``(seed, call, parameter index, chunk)``: a resumed run
-draws the same noise as the straight one, so resume stays exact without saving an RNG state (the
-call counter travels in the param groups of the state dict).
+The rounding noise is a hash of the element's position and ``(seed, call, parameter index,
+chunk)``: a resumed run draws the same noise as the straight one, so resume stays exact without
+saving an RNG state (the call counter travels in the param groups of the state dict), and on CUDA
+the whole update of a chunk, noise included, compiles into one kernel (``torch.compile``; it reads
+each bf16 weight, gradient and moment once and writes them once, 14 bytes per parameter).
 
 Like the fused ``torch.optim.AdamW`` it reads ``grad_scale`` (each gradient is divided by it: the
 clip coefficient) and ``found_inf`` (when > 0 nothing changes, step counts included) as device
@@ -39,26 +41,57 @@ import torch
 __all__ = ["AdamWBF16", "round_stochastic"]
 
 _LOW16 = -65536  # 0xFFFF0000 as int32: keeps sign, exponent and the 7 mantissa bits bf16 holds
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # an odd 27-bit multiplier of a well-mixing 32-bit integer hash
 _SEED_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
-def _noise_seed(seed: int, call: int, index: int, chunk: int) -> int:
-    """A 63-bit seed from the four counters (splitmix64-style mixing: nearby inputs, unrelated seeds)."""
+def _noise_key(seed: int, call: int, index: int, chunk: int) -> int:
+    """A 32-bit key from the four counters (splitmix64-style mixing: nearby inputs, unrelated keys)."""
     h = (seed * _SEED_MIX[0] + call * _SEED_MIX[1] + index * _SEED_MIX[2] + chunk) & (2**64 - 1)
     h ^= h >> 31
     h = (h * _SEED_MIX[1]) & (2**64 - 1)
     h ^= h >> 29
-    return h & (2**63 - 1)
+    return h & _MASK32
 
 
-def round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _noise16(n: int, key: torch.Tensor) -> torch.Tensor:
+    """16 pseudo-random bits per position 0..n-1 (int32), a function of the position and ``key``
+    (a 0-d int64 tensor). Every product stays below 2**63: no overflow on any device."""
+    x = (torch.arange(n, device=key.device, dtype=torch.int64) * 0x9E3779B1 + key) & _MASK32
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * _HASH_MUL) & _MASK32
+    x = (x >> 16) ^ x
+    return (x & 0xFFFF).to(torch.int32)
+
+
+def round_stochastic(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """fp32 ``x`` rounded to bf16, up or down with probabilities proportional to the distance
-    (``E[round(x)] = x``). Non-finite values are rounded to nearest (the noise could carry a NaN's
-    mantissa into its sign)."""
-    bits = x.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = ((bits + noise) & _LOW16).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
-    return torch.where(torch.isfinite(x), rounded, x.to(torch.bfloat16))
+    (``E[round(x)] = x``); ``key`` (a 0-d int64 tensor) selects the noise. Non-finite values are
+    rounded to nearest (the noise could carry a NaN's mantissa into its sign)."""
+    bits = x.reshape(-1).view(torch.int32)
+    rounded = ((bits + _noise16(bits.numel(), key)) & _LOW16).view(torch.float32).reshape(x.shape)
+    return torch.where(torch.isfinite(x), rounded.to(torch.bfloat16), x.to(torch.bfloat16))  # exact: low bits 0
+
+
+def _update_chunk(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                  bc1: torch.Tensor, bc2_sqrt: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor,
+                  key: torch.Tensor, beta1: float, beta2: float, eps: float, wd: float) -> None:
+    """One chunk's AdamW update, in place: computed in fp32 (as ``torch.optim.AdamW``), stored as
+    bf16 values (weights rounded stochastically, moments to nearest); nothing changes where
+    ``keep`` is False. Every argument that changes from step to step is a tensor, so the compiled
+    kernel is reused."""
+    g32 = g.float() / scale
+    m32 = torch.lerp(m.float(), g32, 1 - beta1)
+    v32 = v.float() * beta2 + g32 * g32 * (1 - beta2)
+    denom = v32.sqrt() / bc2_sqrt + eps
+    w32 = w.float() * (1 - lr * wd) - (lr / bc1) * (m32 / denom)
+    w_new = torch.where(keep, round_stochastic(w32, key), w.to(torch.bfloat16))
+    m_new = torch.where(keep, m32.to(torch.bfloat16), m.to(torch.bfloat16))
+    v_new = torch.where(keep, v32.to(torch.bfloat16), v.to(torch.bfloat16))
+    w.copy_(w_new)
+    m.copy_(m_new)
+    v.copy_(v_new)
 
 
 class AdamWBF16(torch.optim.Optimizer):
@@ -70,11 +103,13 @@ class AdamWBF16(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (weight decay decoupled).
         seed: seeds the rounding noise (the run's seed makes a run reproducible).
         chunk_elements: tensors larger than this are updated in pieces of this many elements.
+        compile: ``torch.compile`` the update of a chunk into one kernel: ``"auto"`` on CUDA only
+            (on CPU the eager update is used; the results agree to fp32 rounding).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, seed: int = 0,
-                 chunk_elements: int = 1 << 24) -> None:
+                 chunk_elements: int = 1 << 24, compile: bool | str = "auto") -> None:
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
             raise ValueError(f"AdamWBF16: lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
         if not all(0 <= b < 1 for b in betas):
@@ -84,8 +119,18 @@ class AdamWBF16(torch.optim.Optimizer):
             group.setdefault("rounding_calls", 0)
         self.seed = int(seed)
         self.chunk_elements = int(chunk_elements)
+        self.compile = compile
+        self._compiled: Any = None
         self.grad_scale: torch.Tensor | None = None  # set per step by the engine (clip coefficient)
         self.found_inf: torch.Tensor | None = None  # set per step by the engine (> 0: skip the step)
+
+    def _kernel(self, device: torch.device) -> Any:
+        use = self.compile if self.compile != "auto" else device.type == "cuda"
+        if not use:
+            return _update_chunk
+        if self._compiled is None:
+            self._compiled = torch.compile(_update_chunk, dynamic=True, fullgraph=True)
+        return self._compiled
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
@@ -117,13 +162,17 @@ class AdamWBF16(torch.optim.Optimizer):
     def _update_one(self, p: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any],
                     call: int, index: int) -> None:
         beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        skip = None if self.found_inf is None else (self.found_inf.to(p.device) > 0)
+        dev = p.device
+        if self.found_inf is None:
+            keep = torch.ones((), dtype=torch.bool, device=dev)
+        else:
+            keep = self.found_inf.to(dev) <= 0
         step = state["step"]
-        step.add_(1.0 if skip is None else (~skip).float())
+        step.add_(keep.float())
         bc1 = 1 - torch.pow(beta1, step)
         bc2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
-        scale = None if self.grad_scale is None else self.grad_scale.to(p.device)
+        scale = torch.ones((), device=dev) if self.grad_scale is None else self.grad_scale.to(dev).float()
+        lr = torch.tensor(float(group["lr"]), device=dev)
         tensors = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
         if all(t.is_contiguous() for t in tensors):
             flat = [t.view(-1) for t in tensors]
@@ -131,26 +180,10 @@ class AdamWBF16(torch.optim.Optimizer):
             chunks = [[t[start:start + size] for t in flat] for start in range(0, n, size)]
         else:  # a strided parameter or gradient: in one piece
             chunks = [list(tensors)]
-        generator = torch.Generator(device=p.device)
+        kernel = self._kernel(dev)
         for c, (w, g, m, v) in enumerate(chunks):
-            g32 = g.float()
-            if scale is not None:
-                g32 = g32 / scale
-            # the first op of each line makes a new fp32 tensor: w, m, v themselves change only below
-            m32 = (m.float() * beta1).add_(g32, alpha=1 - beta1)
-            v32 = (v.float() * beta2).addcmul_(g32, g32, value=1 - beta2)
-            denom = (v32.sqrt() / bc2_sqrt).add_(eps)
-            w32 = (w.float() * (1 - lr * wd)).addcdiv_(m32 / bc1, denom, value=-lr)
-            generator.manual_seed(_noise_seed(self.seed, call, index, c))
-            w_new = round_stochastic(w32, generator)
-            m_new, v_new = m32.to(torch.bfloat16), v32.to(torch.bfloat16)
-            if skip is not None:
-                w_new = torch.where(skip, w.to(torch.bfloat16), w_new)
-                m_new = torch.where(skip, m.to(torch.bfloat16), m_new)
-                v_new = torch.where(skip, v.to(torch.bfloat16), v_new)
-            w.copy_(w_new)
-            m.copy_(m_new)
-            v.copy_(v_new)
+            key = torch.tensor(_noise_key(self.seed, call, index, c), dtype=torch.int64, device=dev)
+            kernel(w, g, m, v, lr, bc1, bc2_sqrt, scale, keep, key, beta1, beta2, group["eps"], group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state (also one saved by ``torch.optim.AdamW``: its fp32 moments become bf16)."""
