@@ -94,6 +94,13 @@ def _update_chunk(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     v.copy_(v_new)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for it (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW with bf16 weights, bf16 moments and stochastically rounded updates.
 
@@ -146,8 +153,10 @@ class AdamWBF16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []  # (parameter, its group's position, noise keys of its chunks)
+        keys: list[int] = []
         index = 0
-        for group in self.param_groups:
+        for g_idx, group in enumerate(self.param_groups):
             call = group["rounding_calls"]
             group["rounding_calls"] = call + 1
             for p in group["params"]:
@@ -156,11 +165,25 @@ class AdamWBF16(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamWBF16 does not support sparse gradients")
-                self._update_one(p, self._init_state(p), group, call, index)
+                n_chunks = -(-p.numel() // self.chunk_elements) if self._flat(p) else 1
+                work.append((p, g_idx, len(keys), n_chunks))
+                keys += [_noise_key(self.seed, call, index, c) for c in range(n_chunks)]
+        if not work:
+            return loss
+        # the step's keys and learning rates reach the device in one non-blocking copy each: no host sync
+        dev = work[0][0].device
+        keys_dev = _to_device(torch.tensor(keys, dtype=torch.int64), dev)
+        lrs_dev = _to_device(torch.tensor([float(g["lr"]) for g in self.param_groups]), dev)
+        for p, g_idx, first, n_chunks in work:
+            self._update_one(p, self.param_groups[g_idx], lrs_dev[g_idx], keys_dev[first:first + n_chunks])
         return loss
 
-    def _update_one(self, p: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any],
-                    call: int, index: int) -> None:
+    @staticmethod
+    def _flat(p: torch.Tensor) -> bool:
+        return p.is_contiguous() and p.grad.is_contiguous()
+
+    def _update_one(self, p: torch.Tensor, group: dict[str, Any], lr: torch.Tensor, keys: torch.Tensor) -> None:
+        state = self._init_state(p)
         beta1, beta2 = group["betas"]
         dev = p.device
         if self.found_inf is None:
@@ -172,9 +195,8 @@ class AdamWBF16(torch.optim.Optimizer):
         bc1 = 1 - torch.pow(beta1, step)
         bc2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
         scale = torch.ones((), device=dev) if self.grad_scale is None else self.grad_scale.to(dev).float()
-        lr = torch.tensor(float(group["lr"]), device=dev)
         tensors = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
-        if all(t.is_contiguous() for t in tensors):
+        if self._flat(p):  # the moments are always contiguous
             flat = [t.view(-1) for t in tensors]
             n, size = flat[0].numel(), self.chunk_elements
             chunks = [[t[start:start + size] for t in flat] for start in range(0, n, size)]
@@ -182,8 +204,8 @@ class AdamWBF16(torch.optim.Optimizer):
             chunks = [list(tensors)]
         kernel = self._kernel(dev)
         for c, (w, g, m, v) in enumerate(chunks):
-            key = torch.tensor(_noise_key(self.seed, call, index, c), dtype=torch.int64, device=dev)
-            kernel(w, g, m, v, lr, bc1, bc2_sqrt, scale, keep, key, beta1, beta2, group["eps"], group["weight_decay"])
+            kernel(w, g, m, v, lr, bc1, bc2_sqrt, scale, keep, keys[c], beta1, beta2,
+                   group["eps"], group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state (also one saved by ``torch.optim.AdamW``: its fp32 moments become bf16)."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fm9g.training.checkpoint import load_state_dict_checked
+from fm9g.training.config import OPTIMIZERS
 from fm9g.training.optimizers import AdamWBF16
 from fm9g.training.engine import (
     _PEAKS,
@@ -84,6 +85,7 @@ class TorchEngine:
     """
 
     name = "torch"
+    optimizer_name = "adamw"  # FSDPEngine keeps this; TorchEngine sets it from its argument
     rank = 0
     world_size = 1
 
@@ -110,8 +112,8 @@ class TorchEngine:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
-        if optimizer not in ("adamw", "adamw_bf16"):
-            raise ValueError(f"optimizer={optimizer!r}: expected 'adamw' or 'adamw_bf16'")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         self.optimizer_name = optimizer
         self._seed = seed
         _set_dtypes(model, precision, optimizer)  # before the move: a 7B goes to the GPU in bf16, never in fp32
@@ -137,7 +139,7 @@ class TorchEngine:
         self.params = [p for g in self.groups for p in g["params"]]
         opt_groups = [{"params": g["params"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]} for g in self.groups]
         kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        if getattr(self, "optimizer_name", "adamw") == "adamw_bf16":
+        if self.optimizer_name == "adamw_bf16":
             self.optimizer = AdamWBF16(opt_groups, seed=self._seed, **kw)
             self._skip_on_device = True  # it reads grad_scale / found_inf as the fused kernel does
             return
