@@ -5,7 +5,7 @@ import torch
 
 from fm9g._io import ConfigError
 from fm9g.training.config import TrainConfig
-from fm9g.training.optimizers import AdamWBF16, round_stochastic
+from fm9g.training.optimizers import AdamWBF16, AdamWMaster, round_stochastic
 
 BF16_STEP = 2.0 ** -7  # bf16 keeps 8 significant bits: neighbours are |x| * 2^-7 apart at most
 
@@ -185,3 +185,92 @@ def test_the_compiled_update_matches_the_eager_one():
     # fp32 rounding of the fused kernel may move a value across a rounding threshold: rare, one bf16 step
     assert (diff > 0).float().mean() < 1e-3
     assert torch.equal(oa.state[a]["exp_avg"].float().sign(), ob.state[b]["exp_avg"].float().sign())
+
+
+def test_a_group_is_one_flat_buffer_updated_in_chunks_not_per_tensor(monkeypatch):
+    """40 tensors: the update runs once per chunk of the group's flat buffer (the per-tensor kernels
+    of the first version spent most of a 1.5B model's step launching), and matches the per-tensor
+    optimizers' numerics."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(20)])  # 40 tensors, 5440 elements
+    ref = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(20)])
+    ref.load_state_dict(model.state_dict())
+    opt = AdamWBF16(model.parameters(), lr=1e-3, chunk_elements=2048)
+    bucket = opt._buckets[0][0]
+    assert all(p.data.untyped_storage().data_ptr() == bucket.weights.untyped_storage().data_ptr()
+               for p in model.parameters())
+    calls = []
+    real = opt._kernel(torch.device("cpu"))
+    monkeypatch.setattr(opt, "_kernel", lambda dev: lambda *a: (calls.append(a[0].numel()), real(*a)))
+    oa = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, oa)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert calls == [2048, 2048, 1344] * 3
+    # backward accumulated into the views; zero_grad zeroes in place and keeps them
+    assert all(p.grad is not None and p.grad.data_ptr() >= bucket.grads.data_ptr() for p in model.parameters())
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is not None for p in model.parameters()) and bucket.grads.abs().sum() == 0
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert (a.detach() - b.detach()).abs().max() < 2e-2 * a.detach().abs().max()
+
+
+def test_replaced_weights_and_gradients_are_adopted_and_none_counts_as_zero():
+    a, b, _, ob = _pair(shape=(10, 10))
+    c = torch.nn.Parameter(torch.ones(5))
+    ob2 = AdamWBF16([b, c], lr=1e-2, weight_decay=0.0)
+    b.data = torch.full((10, 10), 2.0)  # replaced: the step copies it into the buffer and re-points
+    b.grad = torch.ones(10, 10)
+    c.grad = None
+    ob2.step()
+    bucket = ob2._buckets[0][0]
+    assert b.data.data_ptr() == bucket.weights.data_ptr()
+    assert (b.detach() < 2.0).all() and torch.equal(c.detach(), torch.ones(5))  # zero gradient, no decay
+    assert ob2.state[c]["step"].item() == 1 and torch.equal(ob2.state[c]["exp_avg"].float(), torch.zeros(5))
+
+
+def test_a_state_with_the_wrong_parameter_count_is_refused():
+    _, b, _, ob = _pair()
+    other = AdamWBF16([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match=r"groups of \[2\] parameters, this optimizer \[1\]"):
+        ob.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_master_weights_follow_torch_adamw_and_the_compute_weights_round_them(compute):
+    """``adamw_master``: the fp32 masters are torch's AdamW on the same gradients (clip factors and
+    a skipped step included); the model's weights are the masters rounded to ``compute``."""
+    torch.manual_seed(2)
+    w0 = torch.randn(50, 40)
+    a = torch.nn.Parameter(w0.clone())
+    b = torch.nn.Parameter(w0.clone())
+    opts = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    oa, ob = torch.optim.AdamW([a], **opts), AdamWMaster([b], compute_dtype=compute, chunk_elements=512, **opts)
+    assert b.dtype == compute
+    for i in range(12):
+        g = torch.randn(50, 40)
+        coef = torch.tensor(1.0 + i % 3)
+        ob.grad_scale, ob.found_inf = coef, torch.tensor(float(i == 5))
+        b.grad = g.to(compute)
+        ob.step()
+        if i != 5:  # torch's AdamW sees the same (rounded) gradient, divided by the same factor
+            a.grad = g.to(compute).float() / coef
+            oa.step()
+    master = ob.master_state([("w", b)])["w"]
+    assert master.dtype == torch.float32
+    torch.testing.assert_close(master, a.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(b.detach(), master.to(compute))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert ob.state[b][key].dtype == torch.float32
+        torch.testing.assert_close(ob.state[b][key], oa.state[a][key], rtol=1e-5, atol=1e-9)
+    assert ob.state[b]["step"].item() == 11
+    # a torch AdamW state and fp32 weights load at full precision (the masters, not the rounded weights)
+    oc = AdamWMaster([torch.nn.Parameter(torch.zeros(50, 40))], compute_dtype=compute, **opts)
+    c = oc.param_groups[0]["params"][0]
+    oc.load_state_dict(oa.state_dict())
+    oc.load_master([("w", c)], {"w": a.detach()})
+    assert torch.equal(oc.master_state([("w", c)])["w"], a.detach())
+    assert torch.equal(oc.state[c]["exp_avg_sq"], oa.state[a]["exp_avg_sq"]) and oc.state[c]["step"].item() == 11

@@ -93,11 +93,14 @@ def _resume_in_new_process(tmp_path, cfg, *sets):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("lora, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adamw_bf16")],
-                         ids=["full", "lora", "full-adamw_bf16"])
+@pytest.mark.parametrize("lora, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adamw_bf16"),
+                                             (False, "adamw_master")],
+                         ids=["full", "lora", "full-adamw_bf16", "full-adamw_master"])
 def test_exact_resume_in_a_new_process(tmp_path, lora, optimizer):
     N, k = 6, 3
     extra = {"optimizer": optimizer}
+    if optimizer == "adamw_master":  # bf16 compute weights with fp32 masters (bf16 autocast on the CPU)
+        extra["precision"] = "bf16"
     if lora:
         # LoRA on top of pretrained weights, with dropout so the RNG state matters
         from fm9g.models.config import FM9GConfig
@@ -125,6 +128,9 @@ def test_exact_resume_in_a_new_process(tmp_path, lora, optimizer):
         assert all(".lora.lora_" in key for key in a), "LoRA checkpoints hold only LoRA tensors"
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    if optimizer == "adamw_master":  # the checkpoint holds the fp32 masters, not the bf16 compute weights
+        w = a["encoder.layers.0.self_att.self_attention.project_q.weight"]
+        assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
     oa = torch.load(Path(straight.run_dir) / str(N) / f"fm9g_live_checkpoint-{N}.rank-0.opt", weights_only=True)
     ob = torch.load(Path(part.run_dir) / str(N) / f"fm9g_live_checkpoint-{N}.rank-0.opt", weights_only=True)
     for i, st in oa["state"].items():

@@ -44,7 +44,7 @@ SHARDINGS = ("full", "hybrid")  # FSDP2 over all ranks / within a node, replicat
 CHECKPOINT_FORMATS = ("full", "sharded")  # one gathered .pt / torch.distributed.checkpoint shards
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 PRECISIONS = ("auto", "bf16", "fp32")
-OPTIMIZERS = ("adamw", "adamw_bf16")
+OPTIMIZERS = ("adamw", "adamw_master", "adamw_bf16")
 
 
 @dataclass(kw_only=True)
@@ -109,9 +109,12 @@ class TrainConfig:
     engine: the optimizer state and Adam step on the CPU; the torch engine keeps it on the device), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
-    parameter; ``"adamw_bf16"``: weights, gradients and moments in bf16 with stochastically rounded
-    updates, 8 bytes per parameter, for a full fine-tune that would not fit otherwise; one-process
-    torch engine; see docs/training.md), lr, weight_decay, clip_grad, adam_betas, adam_eps.
+    parameter; ``"adamw_master"``: the same AdamW on fp32 master weights and moments held by the
+    optimizer, the model training bf16 compute weights and gradients in flat buffers (no casts per
+    step; gradients accumulate in bf16); ``"adamw_bf16"``: weights, gradients and moments in bf16
+    with stochastically rounded updates, 8 bytes per parameter, for a full fine-tune that would not
+    fit otherwise; the last two: one-process torch engine; see docs/training.md), lr,
+    weight_decay, clip_grad, adam_betas, adam_eps.
 
     Training-time switches applied to the model when it is built: use_checkpoint (activation
     checkpointing) and attn_impl (attention backend). None (the default) takes the value of the
@@ -299,8 +302,8 @@ class TrainConfig:
         _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        if self.optimizer == "adamw_bf16" and self.offload:
-            raise ConfigError("optimizer=\"adamw_bf16\" keeps its state on the GPU; it does not combine with "
+        if self.optimizer != "adamw" and self.offload:
+            raise ConfigError(f"optimizer={self.optimizer!r} keeps its state on the GPU; it does not combine with "
                               "offload=true (use optimizer=\"adamw\" with engine=\"bmtrain\" to offload)")
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError(f"compile must be true, false or \"auto\", got {self.compile!r}")

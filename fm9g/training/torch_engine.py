@@ -21,7 +21,7 @@ from torch import nn
 
 from fm9g.training.checkpoint import load_state_dict_checked
 from fm9g.training.config import OPTIMIZERS
-from fm9g.training.optimizers import AdamWBF16
+from fm9g.training.optimizers import AdamWBF16, AdamWMaster
 from fm9g.training.engine import (
     _PEAKS,
     check_optimizer_state,
@@ -49,14 +49,27 @@ def _resolve_device(spec: str) -> torch.device:
 def _set_dtypes(model: nn.Module, precision: str, optimizer: str = "adamw") -> None:
     """fp32 for every trainable parameter; under bf16 the frozen ones (a LoRA run's base) in bf16,
     under fp32 everything fp32 (buffers too, as ``model.float()``). With ``adamw_bf16`` under bf16
-    the trained parameters are bf16 too (that optimizer keeps no fp32 copy)."""
+    the trained parameters are bf16 too (that optimizer keeps no fp32 copy); ``adamw_master`` takes
+    them in fp32 and makes them bf16 itself, keeping the fp32 values as its masters."""
     if precision == "fp32":
         model.float()
         return
     for p in model.parameters():
-        want = torch.float32 if (p.requires_grad and optimizer == "adamw") else torch.bfloat16
+        want = torch.float32 if (p.requires_grad and optimizer != "adamw_bf16") else torch.bfloat16
         if p.is_floating_point() and p.dtype != want:
             p.data = p.data.to(want)
+
+
+def _total_norm(grads: list[torch.Tensor], *, foreach: bool) -> torch.Tensor:
+    """The L2 norm of all ``grads`` together, accumulated in fp32 also for bf16 gradients (whose
+    own norm would come back rounded to bf16's 8 bits: a grad_norm of 62.0, 64.0, 63.5)."""
+    if not grads or all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0, foreach=foreach)
+    if foreach:
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    else:
+        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
 class TorchEngine:
@@ -77,7 +90,9 @@ class TorchEngine:
             ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository).
         lora_only: only LoRA tensors are trained/saved.
         peak_flops: dense bf16 FLOP/s of the device for MFU (None: from the GPU name).
-        optimizer: ``"adamw"`` (fp32 master weights and moments, fused AdamW) or ``"adamw_bf16"``
+        optimizer: ``"adamw"`` (fp32 master weights and moments, fused AdamW), ``"adamw_master"``
+            (:class:`~fm9g.training.optimizers.AdamWMaster`: the same numerics, the model training
+            bf16 compute weights and gradients while the optimizer holds the fp32 masters) or ``"adamw_bf16"``
             (:class:`~fm9g.training.optimizers.AdamWBF16`: under bf16 the trained weights, their
             gradients and the moments are bf16, 8 bytes per parameter instead of 16; under fp32
             the same numerics on fp32 tensors).
@@ -142,6 +157,11 @@ class TorchEngine:
         if self.optimizer_name == "adamw_bf16":
             self.optimizer = AdamWBF16(opt_groups, seed=self._seed, **kw)
             self._skip_on_device = True  # it reads grad_scale / found_inf as the fused kernel does
+            return
+        if self.optimizer_name == "adamw_master":
+            compute = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.optimizer = AdamWMaster(opt_groups, compute_dtype=compute, **kw)
+            self._skip_on_device = True
             return
         try:  # fused AdamW: one kernel per step on CUDA, and about 2x the single-tensor speed on CPU
             if not fused:
@@ -252,7 +272,7 @@ class TorchEngine:
         sums = self._sum_across_ranks(sums)
         grads = [p.grad for p in self.params if p.grad is not None]
         cuda = self.device.type == "cuda"
-        norm = self._global_norm(torch.nn.utils.get_total_norm(grads, 2.0, foreach=cuda))  # pre-clip global L2
+        norm = self._global_norm(_total_norm(grads, foreach=cuda))  # pre-clip global L2
         norm = norm.float().reshape(())
         finite = torch.isfinite(sums[0]) & torch.isfinite(norm)
         clip_coef = None
@@ -292,6 +312,8 @@ class TorchEngine:
             sd = lora_state_dict(self.model)
         else:
             sd = self.model.state_dict()
+        if isinstance(self.optimizer, AdamWMaster):  # the fp32 masters, not the bf16 compute weights
+            sd.update({k: v for k, v in self.optimizer.master_state(self.model.named_parameters()).items() if k in sd})
         return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor], *, lora_only: bool = False) -> None:
@@ -299,8 +321,10 @@ class TorchEngine:
             from fm9g.models.lora import load_lora_state_dict
 
             load_lora_state_dict(self.model, state)
-            return
-        load_state_dict_checked(self.model, state)
+        else:
+            load_state_dict_checked(self.model, state)
+        if isinstance(self.optimizer, AdamWMaster):  # the masters at full precision
+            self.optimizer.load_master(self.model.named_parameters(), state)
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
