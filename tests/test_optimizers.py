@@ -165,6 +165,24 @@ def test_gpu_holds_weights_gradients_and_moments_in_bf16(tmp_path):
     assert states and all(s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg"].is_cuda for s in states)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run `pytest -m gpu` on a GPU machine")
+def test_gpu_master_weights_train_bf16_compute_weights_and_save_fp32(tmp_path):
+    from fm9g.training.trainer import Trainer
+    from test_trainer import ToyLoader, _cfg
+
+    cfg = _cfg(tmp_path, optimizer="adamw_master", train_iters=30, lr=1e-2, warmup_iters=0,
+               lr_scheduler="constant", device="cuda", save=None)
+    t = Trainer(cfg, loader=ToyLoader(fixed=True))
+    assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16}
+    res = t.fit()
+    assert res.losses[-1] < 0.5 * res.losses[0]
+    sd = t.engine.model_state_dict()
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float32}
+    for name, p in t.model.named_parameters():
+        assert torch.equal(sd[name].to(torch.bfloat16), p.detach().cpu()), name
+
+
 def test_the_compiled_update_matches_the_eager_one():
     """The kernel torch.compile builds on CUDA, built here for the CPU: the same weights and moments."""
     pytest.importorskip("torch._inductor")
