@@ -10,6 +10,7 @@ MixtureLoader, a byte-level BPE trained on it) and prints its loss curve:
   that shows why the rounding is stochastic; not a user option).
 
     python benchmarks/optimizer_precision.py --steps 300                  # CPU: a 5M model, ~25 min
+    python benchmarks/optimizer_precision.py --steps 300 --seeds 1 2 3 --variants adamw adamw_bf16
     python benchmarks/optimizer_precision.py --gpu --steps 600            # one GPU: a 110M model
 
 On a CPU this machine's bf16 matmuls are ~50x slower than fp32, so there the model computes in
@@ -72,7 +73,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         device="cuda" if gpu else "cpu", precision="bf16" if gpu else "fp32",
         optimizer="adamw" if variant == "adamw" else "adamw_bf16", compile=gpu,
         lr=args.lr, lr_scheduler="warmupstabledrop", warmup_iters=0.05, drop_iters=0.2, weight_decay=0.1,
-        train_iters=args.steps, batch_size=rows, max_length=length, seed=1234, save=None, tensorboard=None,
+        train_iters=args.steps, batch_size=rows, max_length=length, seed=args.seed, save=None, tensorboard=None,
         stats_dir=None, log_iters=max(1, args.steps // 10), inspect_iters=0, progress_bar=False, num_workers=1,
     )
     t0 = time.perf_counter()
@@ -82,7 +83,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     n = len(res.losses)
     tenths = [sum(res.losses[i * n // 10:(i + 1) * n // 10]) / max(1, (i + 1) * n // 10 - i * n // 10)
               for i in range(10)]
-    return {"variant": variant, "device": "cuda" if gpu else "cpu", "params_m": round(params / 1e6, 2),
+    return {"variant": variant, "seed": args.seed, "device": "cuda" if gpu else "cpu", "params_m": round(params / 1e6, 2),
             "lr": args.lr, "steps": n, "tokens": res.tokens,
         "seconds": round(time.perf_counter() - t0, 1), "tenths": tenths, "losses": res.losses}
 
@@ -91,6 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1234],
+                    help="one run per seed and variant (the seed sets the initial weights, the data order and the rounding noise)")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--work", default="/tmp/fm9g-optimizer-precision")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -98,13 +101,14 @@ def main() -> None:
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     args = ap.parse_args()
     if args.one:
+        args.seed = args.seeds[0]
         print("RESULT " + json.dumps(run_variant(args.one, args)), flush=True)
         return
     prepare(Path(args.work))
     results = []
-    for v in args.variants:
+    for seed, v in [(seed, v) for seed in args.seeds for v in args.variants]:
         cmd = [sys.executable, __file__, "--one", v, "--steps", str(args.steps), "--lr", str(args.lr),
-               "--work", args.work] + (["--gpu"] if args.gpu else [])
+               "--work", args.work, "--seeds", str(seed)] + (["--gpu"] if args.gpu else [])
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             sys.exit(f"variant {v} failed:\n{out.stderr[-4000:]}")
@@ -114,12 +118,12 @@ def main() -> None:
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
-    ref = next((r for r in results if r["variant"] == "adamw"), None)
-    print("\n| variant | " + " | ".join(f"tenth {i + 1}" for i in range(10)) + " | last tenth vs adamw |")
-    print("|---|" + "---|" * 11)
+    print("\n| seed | variant | " + " | ".join(f"tenth {i + 1}" for i in range(10)) + " | last tenth vs adamw |")
+    print("|---|---|" + "---|" * 11)
     for r in results:
+        ref = next((x for x in results if x["variant"] == "adamw" and x.get("seed") == r.get("seed")), None)
         gap = "" if ref is None else f"{(r['tenths'][-1] - ref['tenths'][-1]) / ref['tenths'][-1]:+.2%}"
-        print(f"| {r['variant']} | " + " | ".join(f"{x:.3f}" for x in r["tenths"]) + f" | {gap} |")
+        print(f"| {r.get('seed')} | {r['variant']} | " + " | ".join(f"{x:.3f}" for x in r["tenths"]) + f" | {gap} |")
 
 
 if __name__ == "__main__":

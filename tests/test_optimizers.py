@@ -292,3 +292,29 @@ def test_master_weights_follow_torch_adamw_and_the_compute_weights_round_them(co
     oc.load_master([("w", c)], {"w": a.detach()})
     assert torch.equal(oc.master_state([("w", c)])["w"], a.detach())
     assert torch.equal(oc.state[c]["exp_avg_sq"], oa.state[a]["exp_avg_sq"]) and oc.state[c]["step"].item() == 11
+
+
+def test_adamw_and_adamw_master_states_resume_into_each_other():
+    """A checkpoint of the default optimizer continues under ``adamw_master`` and back, with the
+    same trajectory as staying on one (fp32 compute weights: the masters are the weights)."""
+    torch.manual_seed(4)
+    w0, grads = torch.randn(30, 20), [torch.randn(30, 20) for _ in range(6)]
+    opts = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def run(kinds):
+        p = torch.nn.Parameter(w0.clone())
+        state = None
+        for kind, gs in zip(kinds, (grads[:3], grads[3:])):
+            o = torch.optim.AdamW([p], **opts) if kind == "adamw" else AdamWMaster([p], compute_dtype=torch.float32, **opts)
+            p = o.param_groups[0]["params"][0]
+            if state is not None:
+                o.load_state_dict(state)
+            for g in gs:
+                p.grad = g.clone()
+                o.step()
+            state = o.state_dict()
+        return p.detach()
+
+    ref = run(["adamw", "adamw"])
+    torch.testing.assert_close(run(["adamw", "master"]), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(["master", "adamw"]), ref, rtol=1e-5, atol=1e-6)

@@ -316,6 +316,14 @@ class AdamWBF16(torch.optim.Optimizer):
         w, g, m, v = (t[part] for t in (bucket.weights, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq))
         kernel(w, g, m, v, lr, bucket.step, scale, keep, key, *hyper)
 
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``, each parameter with a step count of its own (a
+        copy of its bucket's: one shared tensor would be counted once per parameter by the
+        multi-tensor AdamW that may load it)."""
+        sd = super().state_dict()
+        sd["state"] = {k: {**v, "step": v["step"].clone()} if "step" in v else dict(v) for k, v in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by this optimizer or by ``torch.optim.AdamW`` (its fp32 moments
         become bf16), copying it into the flat buffers (nothing is allocated on the device)."""
