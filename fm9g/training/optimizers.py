@@ -35,6 +35,7 @@ memory saving is lost.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable
 
 import torch
@@ -130,7 +131,8 @@ class _FlatBucket:
     """The parameters of one group that share a device and dtype, stored in one flat buffer.
 
     Each parameter's ``.data`` and ``.grad`` are views into ``weights`` / ``grads``, and its
-    moments views into ``exp_avg`` / ``exp_avg_sq`` (bf16): the update runs over the whole bucket
+    moments views into ``exp_avg`` / ``exp_avg_sq`` (bf16; fp32 with ``master``, which adds the
+    fp32 ``master`` weights): the update runs over the whole bucket
     in a few large kernels instead of several small ones per parameter. Backward accumulates into
     the gradient views in place; ``zero_grad`` zeroes the buffer and keeps them.
     """
@@ -140,7 +142,7 @@ class _FlatBucket:
         first = params[0]
         self.params = params
         self.numels = [p.numel() for p in params]
-        self.offsets = [sum(self.numels[:i]) for i in range(len(params))]
+        self.offsets = [0, *itertools.accumulate(self.numels)][:-1]
         total = sum(self.numels)
         kw = dict(device=first.device)
         dtype = compute_dtype or first.dtype
@@ -268,8 +270,8 @@ class AdamWBF16(torch.optim.Optimizer):
         """Zero the flat gradient buffers in place (the gradients stay views into them, never None)."""
         for buckets in self._buckets:
             for b in buckets:
+                b.sync()  # first: a gradient assigned since the last step is re-attached, then zeroed
                 b.grads.zero_()
-                b.sync()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
