@@ -148,8 +148,6 @@ class _FlatBucket:
         dtype = compute_dtype or first.dtype
         self.weights = torch.empty(total, dtype=dtype, **kw)
         self.grads = torch.zeros(total, dtype=dtype, **kw)
-        self.exp_avg = torch.zeros(total, dtype=moment_dtype, **kw)
-        self.exp_avg_sq = torch.zeros(total, dtype=moment_dtype, **kw)
         self.step = torch.zeros((), dtype=torch.float32, **kw)
         # fp32 master weights (AdamWMaster): a separate buffer unless the compute weights are fp32
         self.master: torch.Tensor | None = None
@@ -158,6 +156,9 @@ class _FlatBucket:
         for i in range(len(params)):  # one at a time: a parameter's old storage is freed as the next is copied
             self._adopt_weight(i)
             self._adopt_grad(i)
+        # the moments last, once the parameters' old storage is gone (a lower peak while building)
+        self.exp_avg = torch.zeros(total, dtype=moment_dtype, **kw)
+        self.exp_avg_sq = torch.zeros(total, dtype=moment_dtype, **kw)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
