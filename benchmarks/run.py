@@ -32,8 +32,8 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
     workers=N     MixtureLoader worker processes (default 2)
-    opt=NAME      optimizer (adamw | adamw_master | adamw_bf16); adamw_master has fp32 AdamW's
-                  numerics (like for like with the HF baseline), adamw_bf16 does not
+    opt=NAME      optimizer (adamw | adamw_master | adamw_bf16); adamw_master keeps the HF baseline's
+                  fp32 optimizer state but a bf16 residual stream; adamw_bf16 keeps bf16 state
 
 Prints the markdown table; with ``$OUT`` set (or ``--out``) also writes ``run.json`` and the logs
 of every child process there.

@@ -111,7 +111,7 @@ class TrainConfig:
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
     parameter; ``"adamw_master"``: the same AdamW on fp32 master weights and moments held by the
     optimizer, the model training bf16 compute weights and gradients in flat buffers (no casts per
-    step; gradients accumulate in bf16); ``"adamw_bf16"``: weights, gradients and moments in bf16
+    step; the forward's activations and gradient accumulation are bf16); ``"adamw_bf16"``: weights, gradients and moments in bf16
     with stochastically rounded updates, 8 bytes per parameter, for a full fine-tune that would not
     fit otherwise; the last two: one-process torch engine; see docs/training.md), lr,
     weight_decay, clip_grad, adam_betas, adam_eps.

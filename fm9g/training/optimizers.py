@@ -375,7 +375,8 @@ class AdamWMaster(AdamWBF16):
     few large kernels (``torch.compile`` on CUDA). Against fp32 parameters under bf16 autocast
     (``"adamw"``) nothing is cast per forward and gradients are never held in fp32; the state is
     the same 16 bytes per parameter (4 master + 8 moments + 2 weight + 2 gradient). Gradients
-    accumulate over micro-batches in bf16.
+    accumulate over micro-batches in bf16, and the forward computing with bf16 parameters keeps
+    the embedding output and residual stream in bf16 (autocast over fp32 parameters keeps them fp32).
 
     The model's own parameters hold the rounded weights: save :meth:`master_state` (the engine's
     ``model_state_dict`` does) and restore with :meth:`load_master` to keep fp32 precision. The
