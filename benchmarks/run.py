@@ -32,6 +32,8 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
     workers=N     MixtureLoader worker processes (default 2)
+    profile       torch.profiler over 3 steps after the warm-up: the kernel table in the child's
+                  log, the top 20 kernels (ms per step) in run.json
     opt=NAME      optimizer (adamw | adamw_master | adamw_bf16); adamw_master keeps the HF baseline's
                   fp32 optimizer state but a bf16 residual stream; adamw_bf16 keeps bf16 state
 
@@ -172,6 +174,9 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.model.loss_chunk_tokens = int(flags["chunk"])
     if "compile_full" in flags:
         trainer.model.compile()
+    kernels: list[dict[str, Any]] = []
+    if "profile" in flags:
+        _profile_steps(trainer, warmup, device, kernels, n=min(3, cfg.train_iters - warmup))
     build_s = time.perf_counter() - t_build
     t_fit = time.perf_counter()
     result = trainer.fit()
@@ -190,7 +195,42 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
                 step_s=round(dt, 4), row=row, doc_len=doc_len, grad_accum=accum, steps=len(timed),
                 attn=attn, loss=round(result.losses[-1], 3) if result.losses else None,
                 skipped=result.skipped, build_s=round(build_s, 1), fit_s=round(fit_s, 1),
-                iter_times=[round(r["iter_time"], 4) for r in rows])
+                iter_times=[round(r["iter_time"], 4) for r in rows], **({"kernels": kernels} if kernels else {}))
+
+
+def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, Any]], n: int = 3) -> None:
+    """Profile ``n`` optimizer steps after the warm-up with torch.profiler, inside ``fit``: the
+    kernel table (per step, sorted by device time) goes to the child's log and the top 20 rows into
+    ``out`` (the run's ``kernels``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = trainer.engine
+    inner = engine.train_step
+    calls = {"n": 0}
+    cuda = device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=acts)
+
+    def step(batches, lr):
+        calls["n"] += 1
+        if calls["n"] == warmup + 1:
+            prof.__enter__()
+        res = inner(batches, lr)
+        if calls["n"] == warmup + n:
+            if cuda:
+                torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            key = "self_device_time_total" if cuda else "self_cpu_time_total"
+            avgs = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+            try:
+                print(prof.key_averages().table(sort_by=key, row_limit=40), flush=True)
+            except (KeyError, AttributeError, ValueError):  # an older torch names the key differently
+                print(prof.key_averages().table(row_limit=40), flush=True)
+            out.extend({"name": e.key[:120], "ms_per_step": round(getattr(e, key, 0) / 1e3 / n, 3),
+                        "calls_per_step": round(e.count / n, 1)} for e in avgs[:20])
+        return res
+
+    engine.train_step = step
 
 
 def _child_main(spec_json: str) -> int:
