@@ -35,3 +35,14 @@ def test_synthetic_documents_tokenize_to_exact_lengths(tmp_path):
     ids = tok.encode(json.loads(lines[0])["output"])
     assert len(ids) == 39 and min(ids) >= 3 and max(ids) < 300
     assert Path(data[0]["path"]).is_dir()
+
+
+def test_run_py_profile_flag_reports_the_top_kernels(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "W1", "--tiny", "--variants", "profile",
+                        "--out", str(tmp_path)], cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "run.json").read_text())["fm9g"]
+    assert "error" not in row, row
+    names = [k["name"] for k in row["kernels"]]
+    assert 0 < len(names) <= 20 and any("mm" in n for n in names), names
+    assert all(k["ms_per_step"] >= 0 for k in row["kernels"])
