@@ -548,6 +548,29 @@ def test_a_dead_worker_is_a_clear_error(tmp_path):
         loader.close()
 
 
+def test_a_pool_already_marked_broken_is_the_same_clear_error(tmp_path):
+    """The race CI hit: when the pool knows its worker died before the next read is submitted,
+    ``submit`` itself raises BrokenProcessPool; that too must be the clear error."""
+    import time
+
+    cfg, vocab = _tiny_mix(tmp_path)
+    loader = MixtureLoader.from_config(cfg, VocabTxtTokenizer(vocab), 32, 2, num_workers=1)
+    try:
+        it = iter(loader)
+        next(it)
+        for p in loader._executor._processes.values():
+            p.kill()
+        deadline = time.monotonic() + 20
+        while not loader._executor._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loader._executor._broken, "the pool did not notice the dead worker"
+        with pytest.raises(RuntimeError, match=r"worker process ended unexpectedly.*num_workers=0"):
+            for _ in range(100):
+                next(it)
+    finally:
+        loader.close()
+
+
 def _remote_code_tokenizer(tok_dir: Path, root: Path) -> tuple[Path, Path]:
     """A copy of a real tokenizer directory whose auto_map names Python code that writes a marker."""
     folder = root / "remote_tok"

@@ -159,11 +159,11 @@ class LineSource:
         """``(line id, windows)`` of shard index ``k`` of dataset ``d`` in ``epoch``."""
         c = k // self.chunk
         n_chunks = -(-self.shard_lens[d] // self.chunk)
-        for cc in range(c, min(c + self.ahead, n_chunks)):
-            if (epoch, cc) not in self.pending[d]:
-                self._submit(d, epoch, cc)
-        item = self.pending[d][(epoch, c)]
-        try:
+        try:  # a dead worker surfaces in submit (pool already marked broken) or in result
+            for cc in range(c, min(c + self.ahead, n_chunks)):
+                if (epoch, cc) not in self.pending[d]:
+                    self._submit(d, epoch, cc)
+            item = self.pending[d][(epoch, c)]
             result = item.result() if isinstance(item, Future) else item
         except BrokenProcessPool as err:
             raise RuntimeError(
