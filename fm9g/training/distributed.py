@@ -12,6 +12,7 @@ One-process training does not use this module (it imports torch.distributed only
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -170,7 +171,18 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
                 "check that every node runs the same command with the same --master_addr / --master_port, and "
                 f"that WORLD_SIZE={os.environ.get('WORLD_SIZE')} processes are started in all"
             ) from err
+        atexit.register(_destroy_at_exit)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group this module created before the interpreter shuts down: a process
+    that exits with a live gloo group can abort in its destructor ("terminate called without an
+    active exception", exit -6), which torchrun reports as a failed run after a finished one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def config_hash(config_dict: dict[str, Any]) -> str:
@@ -184,7 +196,8 @@ def check_same_config(config_dict: dict[str, Any], *, what: str = "train config"
     Every rank hashes ``config_dict`` (e.g. ``TrainConfig.to_dict()``) and all hashes are gathered.
 
     Raises:
-        DistributedError: naming the ranks whose config differs from rank 0's and the keys that differ.
+        DistributedError: naming the ranks whose config differs from rank 0's and the keys that
+            differ, on every rank, after the process group has been destroyed.
     """
     import torch.distributed as dist
 
@@ -197,6 +210,10 @@ def check_same_config(config_dict: dict[str, Any], *, what: str = "train config"
     items = [None] * dist.get_world_size()
     dist.all_gather_object(items, json.loads(json.dumps(config_dict, default=str)))
     keys = sorted(k for k in set(items[0]) | set(items[bad[0]]) if items[0].get(k) != items[bad[0]].get(k))
+    # every rank raises: shut the process group down together first. A process that exits with a
+    # live gloo group can abort in its destructor ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
     raise DistributedError(
         f"the {what} differs between ranks: ranks {bad} differ from rank 0 (first differing keys: {keys[:8]}); "
         "start every rank with the same config file and --set overrides"
