@@ -196,8 +196,7 @@ def check_same_config(config_dict: dict[str, Any], *, what: str = "train config"
     Every rank hashes ``config_dict`` (e.g. ``TrainConfig.to_dict()``) and all hashes are gathered.
 
     Raises:
-        DistributedError: naming the ranks whose config differs from rank 0's and the keys that
-            differ, on every rank, after the process group has been destroyed.
+        DistributedError: naming the ranks whose config differs from rank 0's and the keys that differ.
     """
     import torch.distributed as dist
 
@@ -210,10 +209,6 @@ def check_same_config(config_dict: dict[str, Any], *, what: str = "train config"
     items = [None] * dist.get_world_size()
     dist.all_gather_object(items, json.loads(json.dumps(config_dict, default=str)))
     keys = sorted(k for k in set(items[0]) | set(items[bad[0]]) if items[0].get(k) != items[bad[0]].get(k))
-    # every rank raises: shut the process group down together first. A process that exits with a
-    # live gloo group can abort in its destructor ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
     raise DistributedError(
         f"the {what} differs between ranks: ranks {bad} differ from rank 0 (first differing keys: {keys[:8]}); "
         "start every rank with the same config file and --set overrides"

@@ -17,8 +17,9 @@ The update itself is computed in fp32 registers exactly as ``torch.optim.AdamW``
   a long run at a small learning rate would stop learning; with stochastic rounding it lands on
   average.
 
-The rounding noise is a hash of the element's position and ``(seed, call, bucket, chunk)``: a resumed run draws the same noise as the straight one, so resume stays exact without
-saving an RNG state (the call counter travels in the param groups of the state dict), and on CUDA
+The rounding noise is a hash of the element's position and ``(seed, call, bucket, chunk)``: a
+resumed run draws the same noise as the straight one, so resume stays exact without saving an RNG
+state (the call counter travels in the param groups of the state dict), and on CUDA
 the whole update of a chunk, noise included, compiles into one kernel (``torch.compile``; it reads
 each bf16 weight, gradient and moment once and writes them once, 14 bytes per parameter).
 

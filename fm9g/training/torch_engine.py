@@ -313,7 +313,8 @@ class TorchEngine:
         else:
             sd = self.model.state_dict()
         if isinstance(self.optimizer, AdamWMaster):  # the fp32 masters, not the bf16 compute weights
-            sd.update({k: v for k, v in self.optimizer.master_state(self.model.named_parameters(remove_duplicate=False)).items() if k in sd})
+            masters = self.optimizer.master_state(self.model.named_parameters(remove_duplicate=False))
+            sd.update({k: v for k, v in masters.items() if k in sd})
         return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor], *, lora_only: bool = False) -> None:
