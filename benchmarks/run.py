@@ -31,6 +31,9 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     ckpt          activation checkpointing on
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
+    ahead=0       every step waits for the one before (the Trainer queues one step ahead by default on CUDA)
+    fuse=0        q/k/v and gate/up as separate GEMMs (one fused GEMM each by default on CUDA)
+    keep_logits=0 the loss's backward recomputes the logits (kept from the forward by default when they fit 1 GiB)
     workers=N     MixtureLoader worker processes (default 2)
     profile       torch.profiler over 3 steps after the warm-up: the kernel table in the child's
                   log, the top 20 kernels (ms per step) in run.json
@@ -172,6 +175,14 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     if "chunk" in flags and hasattr(trainer.model, "loss_chunk_tokens"):
         trainer.model.loss_chunk_tokens = int(flags["chunk"])
+    if flags.get("ahead") == "0":
+        trainer.engine.launch_ahead = False
+    if flags.get("fuse") == "0" and hasattr(trainer.model, "set_fused_projections"):
+        trainer.model.set_fused_projections(False)
+    if flags.get("keep_logits") == "0":
+        import fm9g.models.fm9g as fm9g_model
+
+        fm9g_model.LOSS_KEEP_LOGITS_BYTES = 0
     if "compile_full" in flags:
         trainer.model.compile()
     kernels: list[dict[str, Any]] = []
@@ -202,6 +213,7 @@ def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, A
     """Profile ``n`` optimizer steps after the warm-up with torch.profiler, inside ``fit``: the
     kernel table (per step, sorted by device time) goes to the child's log and the top 20 rows into
     ``out`` (the run's ``kernels``)."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     engine = trainer.engine

@@ -662,3 +662,67 @@ def test_step_figures_are_deferred_and_read_once():
     assert torch.equal(w, eng.model.emb.weight)
     for k, v in eng.optimizer.state[eng.model.emb.weight].items():
         assert torch.equal(v, state[k]), k
+
+
+def _poison_call(model, bad_calls):
+    """Make the forward calls numbered in ``bad_calls`` (1-based) return a NaN loss."""
+    calls = {"n": 0}
+
+    def hook(module, args, out):
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            out.token_loss = out.token_loss * float("nan")
+        return out
+
+    model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_master"])
+def test_launch_ahead_trains_exactly_as_waiting_for_each_step(tmp_path, optimizer):
+    """Queueing the next step before this one's figures are read (CUDA runs do) changes nothing:
+    the same losses, skips and final weights, also when the step it was queued behind is skipped
+    (its learning rate is then the skipped iteration's, picked on the device), around checkpoints."""
+    results = []
+    for ahead in (False, True):
+        cfg = _cfg(tmp_path / f"ahead{ahead}", train_iters=9, save_iters=4, warmup_iters=3, optimizer=optimizer)
+        t = Trainer(cfg, loader=ToyLoader())
+        _poison_call(t.model, {3, 7})
+        t.engine._device_lr, t.engine.launch_ahead = True, ahead  # CPU runs wait by default
+        queued = []
+        inner = t.engine.train_step
+
+        def train_step(batches, lr, **kw):
+            queued.append(kw.get("after") is not None)
+            return inner(batches, lr, **kw)
+
+        t.engine.train_step = train_step
+        res = t.fit()
+        results.append((res, queued, {k: v.clone() for k, v in t.engine.model_state_dict().items()}, cfg.run_dir))
+    (wait, q_wait, w_wait, dir_wait), (go, q_go, w_go, dir_go) = results
+    assert not any(q_wait) and sum(q_go) >= 4, (q_wait, q_go)
+    assert go.losses == wait.losses and go.skipped == wait.skipped == {"nonfinite": 2, "oom": 0}
+    assert go.step == wait.step == 9
+    assert all(torch.equal(w_go[k], w_wait[k]) for k in w_wait)
+    for step in (4, 8):  # nothing was queued across a checkpoint: both hold the same weights
+        a, b = _final_state(dir_wait, step), _final_state(dir_go, step)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_master"])
+def test_gpu_launch_ahead_is_on_and_exact(tmp_path, optimizer):
+    """On CUDA the Trainer queues each step behind the one before by default; the losses, skips
+    and weights are bit-identical to waiting for every step."""
+    results = []
+    for ahead in (True, False):
+        cfg = _cfg(tmp_path / f"ahead{ahead}", train_iters=9, save_iters=4, warmup_iters=3, optimizer=optimizer,
+                   device="cuda", compile=False)
+        t = Trainer(cfg, loader=ToyLoader())
+        _poison_call(t.model, {3, 7})
+        assert t.engine.launch_ahead
+        t.engine.launch_ahead = ahead
+        res = t.fit()
+        results.append((res, {k: v.clone() for k, v in t.engine.model_state_dict().items()}))
+    (go, w_go), (wait, w_wait) = results
+    assert go.losses == wait.losses and go.skipped == wait.skipped == {"nonfinite": 2, "oom": 0}
+    assert all(torch.equal(w_go[k], w_wait[k]) for k in w_wait)

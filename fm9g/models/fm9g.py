@@ -41,6 +41,9 @@ IGNORE_INDEX = -100
 # elementwise work is fused, 2**27 (1827 tokens, 256 MiB of bf16 logits): fewer, larger matmuls.
 LOSS_CHUNK_ELEMENTS = 2**25
 LOSS_CHUNK_ELEMENTS_CUDA = 2**27
+# The logits the backward may find kept from the forward instead of recomputing them (CUDA only):
+# 4096 tokens x V 73448 in bf16 are 0.56 GiB; a 32k row (4.5 GiB) recomputes.
+LOSS_KEEP_LOGITS_BYTES = 2**30
 
 
 # ------------------------------------------------------------------------------------ RMSNorm
@@ -90,6 +93,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
+# ------------------------------------------------------------------------- fused projections
+def _fusable(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> bool:
+    """Several projections of the same input are computed as one GEMM on CUDA when they are plain
+    ``nn.Linear`` layers (a LoRA-wrapped one keeps its own path). One wide GEMM runs closer to the
+    GPU's peak than three narrow ones: 0.50 against 0.64 ms for W1's q/k/v forward + backward on
+    an H200 (benchmarks/kernel_probe.py)."""
+    return x.is_cuda and all(type(m) is nn.Linear for m in linears)
+
+
+def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in linears)`` as one GEMM over the concatenated weights (and biases).
+
+    The concatenation is one copy of the weights per forward (under autocast it is the cast to
+    bf16 that runs anyway); gradients flow back to each layer's own weight and bias.
+    """
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+
+
 # ---------------------------------------------------------------------------------- attention
 @dataclass(kw_only=True)
 class AttentionContext:
@@ -112,12 +135,18 @@ class Attention(nn.Module):
         self.project_k = nn.Linear(d, kv_dim, bias=config.qkv_bias)
         self.project_v = nn.Linear(d, kv_dim, bias=config.qkv_bias)
         self.attention_out = nn.Linear(q_dim, d, bias=False)
+        self.fuse_projections = True  # q/k/v as one GEMM where fused_linear applies (FM9GModel.set_fused_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.project_q(x).view(B, T, self.num_heads, self.dim_head)  # (B, T, h, dh)
-        k = self.project_k(x).view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
-        v = self.project_v(x).view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
+        projections = (self.project_q, self.project_k, self.project_v)
+        if self.fuse_projections and _fusable(x, projections):
+            q, k, v = fused_linear(x, projections)
+        else:
+            q, k, v = (m(x) for m in projections)
+        q = q.view(B, T, self.num_heads, self.dim_head)  # (B, T, h, dh)
+        k = k.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
+        v = v.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Backends see the flattened token stream: (N, heads, dh), documents given by cu_seqlens.
         out = ctx.fn(
@@ -165,9 +194,15 @@ class FeedForward(nn.Module):
         self.act = _ACTIVATIONS[config.activate_fn]
         self.w_in = GatedInput(config.dim_model, config.dim_ff)
         self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
+        self.fuse_projections = True  # gate/up as one GEMM where fused_linear applies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        return self.w_out(self.act(self.w_in.w_0(x)) * self.w_in.w_1(x))  # inner (B, T, ff)
+        projections = (self.w_in.w_0, self.w_in.w_1)
+        if self.fuse_projections and _fusable(x, projections):
+            gate, up = fused_linear(x, projections)
+        else:
+            gate, up = self.w_in.w_0(x), self.w_in.w_1(x)
+        return self.w_out(self.act(gate) * up)  # inner (B, T, ff)
 
 
 class FFNBlock(nn.Module):
@@ -257,13 +292,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = h.shape[0]
         token_loss = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
+        # On CUDA the logits of a step that fits LOSS_KEEP_LOGITS_BYTES are kept for the backward
+        # (which then skips recomputing them: one GEMM of h @ Wᵀ fewer, the same bits).
+        keep = (h.is_cuda and any(ctx.needs_input_grad[:2])
+                and n * weight.shape[0] * torch.finfo(compute_dtype).bits // 8 <= LOSS_KEEP_LOGITS_BYTES)
+        kept = []
         for s in range(0, n, chunk_tokens):
             e = min(n, s + chunk_tokens)
             logits = h[s:e].to(compute_dtype) @ w.t()  # (c, V)
             token_loss[s:e], lse[s:e] = fwd(logits, labels[s:e])
+            if keep:
+                kept.append(logits)
             del logits
         ctx.save_for_backward(h, weight, labels, lse)
-        ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
+        ctx.chunk_tokens, ctx.compute_dtype, ctx.kept_logits = chunk_tokens, compute_dtype, kept
         return token_loss
 
     @staticmethod
@@ -276,10 +318,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         n = h.shape[0]
-        for s in range(0, n, chunk_tokens):
+        kept, ctx.kept_logits = ctx.kept_logits, []
+        for i, s in enumerate(range(0, n, chunk_tokens)):
             e = min(n, s + chunk_tokens)
             hc = h[s:e].to(cd)
-            dlogits = grad_fn(hc @ w.t(), lse[s:e], labels[s:e], grad_out[s:e])  # (c, V) in cd
+            logits = kept[i] if kept else hc @ w.t()
+            if kept:
+                kept[i] = None  # freed as soon as its chunk is done
+            dlogits = grad_fn(logits, lse[s:e], labels[s:e], grad_out[s:e])  # (c, V) in cd
+            del logits
             if need_h:
                 grad_h[s:e] = (dlogits @ w).to(h.dtype)  # (c, d)
             if need_w:
@@ -368,6 +415,13 @@ class FM9GModel(nn.Module):
         if self.lm_head is not None:
             self.lm_head.weight.normal_(0.0, cfg.init_std)
 
+    def set_fused_projections(self, enabled: bool) -> None:
+        """Compute q/k/v and the FFN's gate/up each as one GEMM on CUDA (default on; see
+        :func:`fused_linear`). The parameters and their names do not change."""
+        for module in self.modules():
+            if isinstance(module, (Attention, FeedForward)):
+                module.fuse_projections = bool(enabled)
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each layer's activations in backward (torch.utils.checkpoint, non-reentrant)."""
         self.gradient_checkpointing = bool(enabled)
@@ -424,14 +478,21 @@ class FM9GModel(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(T, device=device).expand(B, T)
         else:
-            cu = cu_seqlens.to(device=device, dtype=torch.int32)
-            bounds = cu.tolist()  # one host sync, to validate the layout
-            if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != N or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-                raise ValueError(
-                    f"cu_seqlens must rise from 0 to B*T={N} over the flattened tokens, got {bounds[:8]}"
-                    f"{'...' if len(bounds) > 8 else ''} (length {len(bounds)})"
-                )
-            max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+            # The layout is validated on the host: free when cu_seqlens is a host tensor, one sync
+            # when it is already on the device and max_seqlen is not given. A caller that staged
+            # it on the device and passes max_seqlen (the engines, from the packer) skips the check
+            # and the wait for the device it would cost on every forward.
+            on_host = cu_seqlens.device.type == "cpu"
+            cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
+            max_len = None
+            if on_host or max_seqlen is None:
+                bounds = cu_seqlens.tolist()
+                if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != N or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+                    raise ValueError(
+                        f"cu_seqlens must rise from 0 to B*T={N} over the flattened tokens, got {bounds[:8]}"
+                        f"{'...' if len(bounds) > 8 else ''} (length {len(bounds)})"
+                    )
+                max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
             if position_ids is None:
                 flat = torch.arange(N, device=device)
                 doc = torch.searchsorted(cu[1:].long(), flat, right=True)  # (N,) document of each token

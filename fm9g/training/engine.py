@@ -169,7 +169,12 @@ class Engine(Protocol):
     def train_step(self, micro_batches: list[dict[str, Any]], lr: float) -> StepOutput:
         """Forward + backward every micro-batch, clip, and (if finite) update with peak lr ``lr``
         (each parameter group scales it by its muP ``lr_scale``). The loss is the mean over all
-        labelled tokens of the step across all ranks; the returned figures are global."""
+        labelled tokens of the step across all ranks; the returned figures are global.
+
+        An engine whose ``launch_ahead`` attribute is True also takes ``after=`` (a StepOutput
+        not read yet) and ``lr_if_skipped=``: the step is queued behind ``after`` and trains with
+        ``lr`` if ``after`` updates the weights, else with ``lr_if_skipped``, chosen on the
+        device (the Trainer then queues one step ahead; see :meth:`Trainer.fit`)."""
         ...
 
     def zero_grad(self) -> None:
@@ -383,7 +388,9 @@ def deferred_step_output(figures: torch.Tensor, n_tasks: int, *, counts: tuple[i
                     grad_norm=norm if math.isfinite(loss) else None, skipped=None if finite else "nonfinite",
                     task_loss_sum=task_loss, task_label_tokens=task_lab, task_tokens=task_tok)
 
-    return StepOutput.deferred(read)
+    out = StepOutput.deferred(read)
+    out.device_finite = figures[4] > 0  # read by a step queued behind this one (launch ahead), never synced
+    return out
 
 
 def check_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:

@@ -99,6 +99,7 @@ class FSDPEngine(TorchEngine):
     """
 
     name = "torch"
+    _supports_launch_ahead = False  # each step waits for the one before (not measured across ranks)
 
     def __init__(self, config: Any, model: nn.Module | None = None, *, lora_only: bool = False) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

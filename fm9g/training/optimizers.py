@@ -301,7 +301,12 @@ class AdamWBF16(torch.optim.Optimizer):
         # the step's keys and learning rates reach the device in one non-blocking copy each: no host sync
         dev = work[0][0].weights.device
         keys_dev = _to_device(torch.tensor(keys, dtype=torch.int64), dev)
-        lrs_dev = _to_device(torch.tensor([float(g["lr"]) for g in self.param_groups]), dev)
+        lrs = [g["lr"] for g in self.param_groups]
+        if any(isinstance(x, torch.Tensor) for x in lrs):  # a learning rate already on the device (launch ahead)
+            lrs_dev = torch.stack([x.to(dev, torch.float32) if isinstance(x, torch.Tensor)
+                                   else _to_device(torch.tensor(float(x)), dev) for x in lrs])
+        else:
+            lrs_dev = _to_device(torch.tensor([float(x) for x in lrs]), dev)
         keep = torch.ones((), dtype=torch.bool, device=dev) if self.found_inf is None else self.found_inf.to(dev) <= 0
         scale = torch.ones((), device=dev) if self.grad_scale is None else self.grad_scale.to(dev).float()
         kernel = self._kernel(dev)

@@ -21,7 +21,7 @@ from torch import nn
 
 from fm9g.training.checkpoint import load_state_dict_checked
 from fm9g.training.config import OPTIMIZERS
-from fm9g.training.optimizers import AdamWBF16, AdamWMaster
+from fm9g.training.optimizers import AdamWBF16, AdamWMaster, _to_device
 from fm9g.training.engine import (
     _PEAKS,
     check_optimizer_state,
@@ -101,6 +101,12 @@ class TorchEngine:
 
     name = "torch"
     optimizer_name = "adamw"  # FSDPEngine keeps this; TorchEngine sets it from its argument
+    # Whether train_step takes ``after=`` / ``lr_if_skipped=`` (the Trainer queues the next step
+    # before reading this one's figures). Set in __init__: CUDA with an optimizer that reads its
+    # learning rate from the device. Set it False to have every step wait for the one before.
+    launch_ahead = False
+    _device_lr = False  # the learning rate goes to the device as a tensor every step
+    _supports_launch_ahead = True  # FSDPEngine: False
     rank = 0
     world_size = 1
 
@@ -143,6 +149,10 @@ class TorchEngine:
         if compile:
             self._compile_layers()
         self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width)
+        # The learning rate lives on the device for every step of such a run, queued ahead or not,
+        # so both paths compute with the same fp32 value.
+        self._device_lr = self.device.type == "cuda" and self._skip_on_device
+        self.launch_ahead = self._device_lr and self._supports_launch_ahead
 
     # ------------------------------------------------------------------ helpers
     def _setup_optimizer(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
@@ -240,13 +250,32 @@ class TorchEngine:
         self.optimizer.step()
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, micro_batches: list[dict[str, Any]], lr: float) -> StepOutput:
+    def _step_lr(self, lr: float, after: StepOutput | None, lr_if_skipped: float | None) -> float | torch.Tensor:
+        """The peak learning rate of this step: a float, or an fp32 device tensor on a CUDA run
+        (``lr`` if the queued step ``after`` updates the weights, else ``lr_if_skipped``)."""
+        if after is None or lr_if_skipped is None:
+            return _to_device(torch.tensor(lr, dtype=torch.float32), self.device) if self._device_lr else lr
+        if after.ready or getattr(after, "device_finite", None) is None:  # known on the host (an OOM skip)
+            chosen = lr if not after.skipped else lr_if_skipped
+            return self._step_lr(chosen, None, None)
+        if not self._device_lr:
+            raise RuntimeError("this engine reads the learning rate on the host; it cannot queue a step ahead")
+        pair = _to_device(torch.tensor([lr, lr_if_skipped], dtype=torch.float32), self.device)
+        return torch.where(after.device_finite, pair[0], pair[1])
+
+    def train_step(self, micro_batches: list[dict[str, Any]], lr: float, *, after: StepOutput | None = None,
+                   lr_if_skipped: float | None = None) -> StepOutput:
         """One optimizer step over ``micro_batches`` (packed batch dicts, see fm9g.data.packing).
 
         Each batch needs ``input_ids`` and ``labels`` [B, T]; optional ``position_ids`` [B, T],
         ``cu_seqlens`` [n+1], ``task_ids`` [B, T] (with ``task_names``), ``max_seqlen``,
         ``num_tokens``, ``num_label_tokens``. The returned figures are deferred (read on first use).
+
+        ``after`` / ``lr_if_skipped`` (only when :attr:`launch_ahead`): this step is queued behind
+        the step ``after``, whose figures are not read yet; it trains with ``lr`` if ``after``
+        updates the weights and with ``lr_if_skipped`` if ``after`` is skipped, chosen on the device.
         """
+        step_lr = self._step_lr(lr, after, lr_if_skipped)
         counts = self._step_counts(micro_batches)
         if isinstance(counts, torch.Tensor):
             denom: float | torch.Tensor = counts[0].clamp(min=1).float()
@@ -279,8 +308,10 @@ class TorchEngine:
         if self.clip_grad and self.clip_grad > 0:  # grads are divided by this (1 when within the bound)
             clip_coef = torch.where(norm > self.clip_grad, (norm + 1e-6) / self.clip_grad, torch.ones_like(norm))
         for g in self.optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+            g["lr"] = step_lr * g["lr_scale"]
         self._update(grads, clip_coef, finite)
+        for g in self.optimizer.param_groups:  # a float again in state dicts (the kernels hold the tensor)
+            g["lr"] = lr * g["lr_scale"]
         self.zero_grad()
         count_vec = counts if isinstance(counts, torch.Tensor) else torch.zeros(2, device=self.device,
                                                                                 dtype=torch.float64)

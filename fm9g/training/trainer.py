@@ -198,9 +198,15 @@ class Trainer:
         """
         return self._settle(self._launch(batches), batches)
 
-    def _launch(self, batches: list[dict[str, Any]]) -> StepOutput:
-        """Queue iteration ``self.step + 1`` on the engine (its figures may still be on the device)."""
+    def _launch(self, batches: list[dict[str, Any]], after: StepOutput | None = None) -> StepOutput:
+        """Queue iteration ``self.step + 1`` on the engine (its figures may still be on the device);
+        with ``after`` (a step queued but not settled) the iteration after it: ``self.step + 2``
+        if ``after`` updates the weights, else ``self.step + 1`` (the engine picks the learning
+        rate on the device)."""
         try:
+            if after is not None:
+                return self.engine.train_step(batches, self.lr_at(self.step + 2), after=after,
+                                              lr_if_skipped=self.lr_at(self.step + 1))
             return self.engine.train_step(batches, self.lr_at(self.step + 1))
         except torch.cuda.OutOfMemoryError:
             if not self.config.ignore_cuda_oom:
@@ -244,30 +250,39 @@ class Trainer:
         if self.step == 0 and cfg.inspect_iters:
             logger.print(inspect_model(self.model))
         # Per iteration: launch the step; write the PREVIOUS step's log line while the device runs
-        # it; fetch and stage the next batches; then read this step's figures (the one wait for the
-        # device per step) and decide: skipped (the iteration does not advance), log, save.
+        # it; fetch and stage the next batches; where the engine can (launch_ahead) queue the next
+        # step behind this one already, so the device never waits for the host; then read this
+        # step's figures (the one wait for the device per step) and decide: skipped (the iteration
+        # does not advance), log, save.
         pending: tuple[int, dict[str, Any], dict[str, float]] | None = None
+        ahead: tuple[StepOutput, list[dict[str, Any]], float] | None = None  # queued, not settled
         t_prev = time.perf_counter()
         try:
             batches = self._next_batches() if self._goes_on() else None
             while self._goes_on():
-                if batches is None:
-                    pending = self._write_log(pending)
-                    result.stop_reason = "data_exhausted"
-                    logger.print(f"data ran out after iteration {self.step} of train_iters={cfg.train_iters}; stopping")
-                    break
-                t0 = time.perf_counter()
-                out = self._launch(batches)
+                if ahead is not None:
+                    (out, batches, t0), ahead = ahead, None
+                else:
+                    if batches is None:
+                        pending = self._write_log(pending)
+                        result.stop_reason = "data_exhausted"
+                        logger.print(f"data ran out after iteration {self.step} of train_iters={cfg.train_iters}; stopping")
+                        break
+                    t0 = time.perf_counter()
+                    out = self._launch(batches)
                 pending = self._write_log(pending)
                 prefetched = self._may_prefetch()
                 upcoming = self._next_batches() if prefetched else None
+                if upcoming is not None and self._may_launch_ahead():
+                    ahead, upcoming = (self._launch(upcoming, after=out), upcoming, time.perf_counter()), None
                 self._settle(out, batches)
                 now = time.perf_counter()
                 times, t_prev = (now - t_prev, now - t0), now
                 pending = self._after_step(out, batches, times, result.losses)
-                if not prefetched:  # fetched now only if the loop goes on (the loader state is saved at the end)
-                    upcoming = self._next_batches() if self._goes_on() else None
-                batches = upcoming
+                if ahead is None:
+                    if not prefetched:  # fetched now only if the loop goes on (the loader state is saved at the end)
+                        upcoming = self._next_batches() if self._goes_on() else None
+                    batches = upcoming
             pending = self._write_log(pending)
             self._maybe_save(final=True)
         finally:
@@ -354,6 +369,19 @@ class Trainer:
         if k >= cfg.train_iters:
             return False
         return not (cfg.run_dir is not None and cfg.save_iters and k % cfg.save_iters == 0)
+
+    def _may_launch_ahead(self) -> bool:
+        """Whether the next step may be queued before this one's figures are read (called after
+        :meth:`_may_prefetch` allowed the next batches): the engine can choose the learning rate on
+        the device, and nothing after this step reads the weights (no model inspection) or could
+        stop the run (a skip here cannot reach ``max_bad_steps``). Checkpoints and the last
+        iteration are already excluded by the prefetch rule."""
+        cfg = self.config
+        if not getattr(self.engine, "launch_ahead", False):
+            return False
+        if cfg.inspect_iters and (self.step + 1) % cfg.inspect_iters == 0:
+            return False
+        return self.bad_in_row + 1 < cfg.max_bad_steps
 
     def _save_due(self) -> bool:
         """A checkpoint is due after this step (every ``save_iters``)."""
