@@ -32,7 +32,6 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
     ahead=0       every step waits for the one before (the Trainer queues one step ahead by default on CUDA)
-    fuse=0        q/k/v and gate/up as separate GEMMs (one fused GEMM each by default on CUDA)
     keep_logits=0 the loss's backward recomputes the logits (kept from the forward by default when they fit 1 GiB)
     workers=N     MixtureLoader worker processes (default 2)
     profile       torch.profiler over 3 steps after the warm-up: the kernel table in the child's
@@ -177,8 +176,6 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.model.loss_chunk_tokens = int(flags["chunk"])
     if flags.get("ahead") == "0":
         trainer.engine.launch_ahead = False
-    if flags.get("fuse") == "0" and hasattr(trainer.model, "set_fused_projections"):
-        trainer.model.set_fused_projections(False)
     if flags.get("keep_logits") == "0":
         import fm9g.models.fm9g as fm9g_model
 

@@ -93,26 +93,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
-# ------------------------------------------------------------------------- fused projections
-def _fusable(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> bool:
-    """Several projections of the same input are computed as one GEMM on CUDA when they are plain
-    ``nn.Linear`` layers (a LoRA-wrapped one keeps its own path). One wide GEMM runs closer to the
-    GPU's peak than three narrow ones: 0.50 against 0.64 ms for W1's q/k/v forward + backward on
-    an H200 (benchmarks/kernel_probe.py)."""
-    return x.is_cuda and all(type(m) is nn.Linear for m in linears)
-
-
-def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
-    """``tuple(m(x) for m in linears)`` as one GEMM over the concatenated weights (and biases).
-
-    The concatenation is one copy of the weights per forward (under autocast it is the cast to
-    bf16 that runs anyway); gradients flow back to each layer's own weight and bias.
-    """
-    weight = torch.cat([m.weight for m in linears])
-    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-    return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
-
-
 # ---------------------------------------------------------------------------------- attention
 @dataclass(kw_only=True)
 class AttentionContext:
@@ -135,18 +115,12 @@ class Attention(nn.Module):
         self.project_k = nn.Linear(d, kv_dim, bias=config.qkv_bias)
         self.project_v = nn.Linear(d, kv_dim, bias=config.qkv_bias)
         self.attention_out = nn.Linear(q_dim, d, bias=False)
-        self.fuse_projections = True  # q/k/v as one GEMM where fused_linear applies (FM9GModel.set_fused_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        projections = (self.project_q, self.project_k, self.project_v)
-        if self.fuse_projections and _fusable(x, projections):
-            q, k, v = fused_linear(x, projections)
-        else:
-            q, k, v = (m(x) for m in projections)
-        q = q.view(B, T, self.num_heads, self.dim_head)  # (B, T, h, dh)
-        k = k.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
-        v = v.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
+        q = self.project_q(x).view(B, T, self.num_heads, self.dim_head)  # (B, T, h, dh)
+        k = self.project_k(x).view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
+        v = self.project_v(x).view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Backends see the flattened token stream: (N, heads, dh), documents given by cu_seqlens.
         out = ctx.fn(
@@ -194,15 +168,9 @@ class FeedForward(nn.Module):
         self.act = _ACTIVATIONS[config.activate_fn]
         self.w_in = GatedInput(config.dim_model, config.dim_ff)
         self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
-        self.fuse_projections = True  # gate/up as one GEMM where fused_linear applies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        projections = (self.w_in.w_0, self.w_in.w_1)
-        if self.fuse_projections and _fusable(x, projections):
-            gate, up = fused_linear(x, projections)
-        else:
-            gate, up = self.w_in.w_0(x), self.w_in.w_1(x)
-        return self.w_out(self.act(gate) * up)  # inner (B, T, ff)
+        return self.w_out(self.act(self.w_in.w_0(x)) * self.w_in.w_1(x))  # inner (B, T, ff)
 
 
 class FFNBlock(nn.Module):
@@ -261,25 +229,41 @@ def _ce_chunk_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor
     return ((probs - onehot.to(probs.dtype)) * g[:, None]).to(logits.dtype)
 
 
+def _ce_chunk_grad_(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor) -> None:
+    """:func:`_ce_chunk_grad` written over the logits themselves (kept logits become d loss / d logits)."""
+    logits.copy_(_ce_chunk_grad(logits, lse, labels, grad))
+
+
 _FUSED_CE: dict[str, Any] = {}
 
 
-def _ce_kernels(device: torch.device) -> tuple[Any, Any]:
-    """The per-chunk elementwise work, fused by torch.compile on CUDA (one pass over the logits
-    instead of five); plain eager code elsewhere (CPU tests, fp64 gradcheck)."""
+def _ce_kernels(device: torch.device) -> tuple[Any, Any, Any]:
+    """The per-chunk elementwise work (forward, gradient, gradient in place), fused by
+    torch.compile on CUDA (one pass over the logits instead of five); plain eager code elsewhere
+    (CPU tests, fp64 gradcheck)."""
     if device.type != "cuda":
-        return _ce_chunk_forward, _ce_chunk_grad
+        return _ce_chunk_forward, _ce_chunk_grad, _ce_chunk_grad_
     if not _FUSED_CE:
         _FUSED_CE["fwd"] = torch.compile(_ce_chunk_forward, dynamic=False)
         _FUSED_CE["grad"] = torch.compile(_ce_chunk_grad, dynamic=False)
-    return _FUSED_CE["fwd"], _FUSED_CE["grad"]
+        _FUSED_CE["grad_"] = torch.compile(_ce_chunk_grad_, dynamic=False)
+    return _FUSED_CE["fwd"], _FUSED_CE["grad"], _FUSED_CE["grad_"]
+
+
+def _keeps_logits(h: torch.Tensor, n_logits: int, dtype: torch.dtype) -> bool:
+    """Whether the loss keeps all logits of the step for its backward: on CUDA, when they fit
+    LOSS_KEEP_LOGITS_BYTES."""
+    return h.is_cuda and n_logits * torch.finfo(dtype).bits // 8 <= LOSS_KEEP_LOGITS_BYTES
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-token CE of (h @ Wᵀ) computed chunk by chunk, forward and backward.
 
-    Only one chunk of logits (c × V, compute dtype) is alive at a time; the backward recomputes
-    each chunk's logits from the saved hidden states and per-token log-sum-exp.
+    Two ways to the backward. Where the step's logits fit LOSS_KEEP_LOGITS_BYTES (CUDA; 0.56 GiB
+    for 4096 tokens at V 73448 in bf16) they are kept in one (N, V) buffer, which the backward
+    turns into d loss / d logits in place; d h and d W are then one GEMM each over all tokens.
+    Otherwise only one chunk of logits (c × V, compute dtype) is alive at a time and the backward
+    recomputes each chunk's logits from the saved hidden states and per-token log-sum-exp.
     """
 
     @staticmethod
@@ -288,21 +272,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # h (N, d), weight (V, d), labels (N,) -> token_loss (N,) fp32
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 (fp64 stays fp64 for gradcheck)
-        fwd, _ = _ce_kernels(h.device)
+        fwd = _ce_kernels(h.device)[0]
         n = h.shape[0]
         token_loss = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
-        # On CUDA the logits of a step that fits LOSS_KEEP_LOGITS_BYTES are kept for the backward
-        # (which then skips recomputing them: one GEMM of h @ Wᵀ fewer, the same bits).
-        keep = (h.is_cuda and any(ctx.needs_input_grad[:2])
-                and n * weight.shape[0] * torch.finfo(compute_dtype).bits // 8 <= LOSS_KEEP_LOGITS_BYTES)
-        kept = []
+        kept = None
+        if any(ctx.needs_input_grad[:2]) and _keeps_logits(h, n * weight.shape[0], compute_dtype):
+            kept = torch.empty(n, weight.shape[0], dtype=compute_dtype, device=h.device)  # (N, V)
         for s in range(0, n, chunk_tokens):
             e = min(n, s + chunk_tokens)
-            logits = h[s:e].to(compute_dtype) @ w.t()  # (c, V)
+            hc = h[s:e].to(compute_dtype)
+            logits = torch.matmul(hc, w.t(), out=kept[s:e]) if kept is not None else hc @ w.t()  # (c, V)
             token_loss[s:e], lse[s:e] = fwd(logits, labels[s:e])
-            if keep:
-                kept.append(logits)
             del logits
         ctx.save_for_backward(h, weight, labels, lse)
         ctx.chunk_tokens, ctx.compute_dtype, ctx.kept_logits = chunk_tokens, compute_dtype, kept
@@ -313,20 +294,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         h, weight, labels, lse = ctx.saved_tensors
         cd, chunk_tokens = ctx.compute_dtype, ctx.chunk_tokens
         w = weight.to(cd)
-        _, grad_fn = _ce_kernels(h.device)
+        _, grad_fn, grad_fn_ = _ce_kernels(h.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = h.shape[0]
+        kept, ctx.kept_logits = ctx.kept_logits, None
+        if kept is not None:  # the logits of every token: d logits in place, then one GEMM each
+            for s in range(0, n, chunk_tokens):
+                e = min(n, s + chunk_tokens)
+                grad_fn_(kept[s:e], lse[s:e], labels[s:e], grad_out[s:e])
+            grad_h = (kept @ w).to(h.dtype) if need_h else None  # (N, d)
+            grad_w = (kept.t() @ h.to(cd)).to(weight.dtype) if need_w else None  # (V, d)
+            return grad_h, grad_w, None, None, None
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        n = h.shape[0]
-        kept, ctx.kept_logits = ctx.kept_logits, []
-        for i, s in enumerate(range(0, n, chunk_tokens)):
+        for s in range(0, n, chunk_tokens):
             e = min(n, s + chunk_tokens)
             hc = h[s:e].to(cd)
-            logits = kept[i] if kept else hc @ w.t()
-            if kept:
-                kept[i] = None  # freed as soon as its chunk is done
-            dlogits = grad_fn(logits, lse[s:e], labels[s:e], grad_out[s:e])  # (c, V) in cd
-            del logits
+            dlogits = grad_fn(hc @ w.t(), lse[s:e], labels[s:e], grad_out[s:e])  # (c, V) in cd
             if need_h:
                 grad_h[s:e] = (dlogits @ w).to(h.dtype)  # (c, d)
             if need_w:
@@ -414,13 +398,6 @@ class FM9GModel(nn.Module):
         self.input_embedding.weight.normal_(0.0, cfg.init_std)
         if self.lm_head is not None:
             self.lm_head.weight.normal_(0.0, cfg.init_std)
-
-    def set_fused_projections(self, enabled: bool) -> None:
-        """Compute q/k/v and the FFN's gate/up each as one GEMM on CUDA (default on; see
-        :func:`fused_linear`). The parameters and their names do not change."""
-        for module in self.modules():
-            if isinstance(module, (Attention, FeedForward)):
-                module.fuse_projections = bool(enabled)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each layer's activations in backward (torch.utils.checkpoint, non-reentrant)."""

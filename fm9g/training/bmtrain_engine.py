@@ -161,8 +161,6 @@ def wrap_model(bmt: Any, model: nn.Module, *, dtype: torch.dtype, use_checkpoint
                         f"{type(model).__name__} without a plain layer list")
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(False)  # the blocks checkpoint themselves
-    if hasattr(model, "set_fused_projections"):
-        model.set_fused_projections(False)  # one GEMM per parameter, as bmtrain's parameter gathering measured it
     blocks = []
     for i in range(len(layers)):
         layer = layers[i]
