@@ -53,20 +53,10 @@ def probe(name: str, d: int, ff: int, tokens: int, train_base: bool, r: int = 64
                 ys.append(y)
             torch.autograd.backward(ys, gy)
 
-        def fused():
-            y = F.linear(x, torch.cat(ws))
-            if lora:
-                t = F.linear(x, torch.cat([A.to(bf) for A in As]))
-                parts = y.split(widths, dim=1)
-                ys = [p + F.linear(t[:, i * r:(i + 1) * r], B.to(bf)) * 0.5 for i, (p, B) in enumerate(zip(parts, Bs))]
-            else:
-                ys = list(y.split(widths, dim=1))
-            torch.autograd.backward(ys, gy)
-
         w_fused = torch.cat(ws).detach().requires_grad_(train_base)
 
-        def fused_prebuilt():  # the weights already one tensor (frozen base as views of one buffer)
-            y = F.linear(x, w_fused)
+        def fused(weight=None):  # weight None: cat the layers' weights per call; else one tensor already
+            y = F.linear(x, torch.cat(ws) if weight is None else weight)
             if lora:
                 t = F.linear(x, torch.cat([A.to(bf) for A in As]))
                 parts = y.split(widths, dim=1)
@@ -74,6 +64,9 @@ def probe(name: str, d: int, ff: int, tokens: int, train_base: bool, r: int = 64
             else:
                 ys = list(y.split(widths, dim=1))
             torch.autograd.backward(ys, gy)
+
+        def fused_prebuilt():  # the weights already one tensor (frozen base as views of one buffer)
+            fused(w_fused)
 
         flops = 2 * tokens * d * sum(widths) * (3 if train_base else 2)
         for label, fn in (("separate", separate), ("fused_cat", fused), ("fused_prebuilt", fused_prebuilt)):
