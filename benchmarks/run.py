@@ -27,15 +27,19 @@ Workloads (``NAME[@SCALE]``):
 Variants (``--variants``, comma-separated; each ``+``-joined flags applied to every workload):
     base          the defaults a user gets (layers compiled on CUDA, attention "auto")
     eager         compile=False
-    compile_full  torch.compile the whole model (not only the layers)
+    compile_full  torch.compile the whole model (not only the layers): TrainConfig(compile="model")
     ckpt          activation checkpointing on
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
     ahead=0       every step waits for the one before (the Trainer queues one step ahead by default on CUDA)
     keep_logits=0 the loss's backward recomputes the logits (kept from the forward by default when they fit 1 GiB)
+    land=0        flat-buffer optimizers zero their gradient buffer and backward adds onto it (by default,
+                  with one micro-batch, the gradients are dropped and copied into the buffer at the step)
+    flatnorm=0    the gradient norm over the parameters' gradients (by default over the flat buffers)
     workers=N     MixtureLoader worker processes (default 2)
     profile       torch.profiler over 3 steps after the warm-up: the kernel table in the child's
-                  log, the top 20 kernels (ms per step) in run.json
+                  log, the top 20 kernels (ms per step) in run.json, the Chrome trace as
+                  trace-<run>.json in the --out folder
     opt=NAME      optimizer (adamw | adamw_master | adamw_bf16); adamw_master keeps the HF baseline's
                   fp32 optimizer state but a bf16 residual stream; adamw_bf16 keeps bf16 state
 
@@ -149,8 +153,10 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     except ImportError:
         tensorboard = None
     compile_: bool | str = "auto"
-    if "eager" in flags or "compile_full" in flags:
+    if "eager" in flags:
         compile_ = False
+    elif "compile_full" in flags:
+        compile_ = "model"
     cfg = TrainConfig(
         model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if lora else None,
         lr=1e-5 if not lora else 1e-4, lr_scheduler="constant", warmup_iters=0, train_iters=steps + warmup,
@@ -180,11 +186,14 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
         import fm9g.models.fm9g as fm9g_model
 
         fm9g_model.LOSS_KEEP_LOGITS_BYTES = 0
-    if "compile_full" in flags:
-        trainer.model.compile()
+    if flags.get("land") == "0":
+        engine = trainer.engine
+        engine.zero_grad = lambda: engine.optimizer.zero_grad(set_to_none=False)
+    if flags.get("flatnorm") == "0":
+        trainer.engine.flat_norm = False
     kernels: list[dict[str, Any]] = []
     if "profile" in flags:
-        _profile_steps(trainer, warmup, device, kernels, n=min(3, cfg.train_iters - warmup))
+        _profile_steps(trainer, warmup, device, kernels, n=min(3, cfg.train_iters - warmup), trace=work / "trace.json")
     build_s = time.perf_counter() - t_build
     t_fit = time.perf_counter()
     result = trainer.fit()
@@ -206,10 +215,11 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
                 iter_times=[round(r["iter_time"], 4) for r in rows], **({"kernels": kernels} if kernels else {}))
 
 
-def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, Any]], n: int = 3) -> None:
+def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, Any]], n: int = 3,
+                   trace: Path | None = None) -> None:
     """Profile ``n`` optimizer steps after the warm-up with torch.profiler, inside ``fit``: the
     kernel table (per step, sorted by device time) goes to the child's log and the top 20 rows into
-    ``out`` (the run's ``kernels``)."""
+    ``out`` (the run's ``kernels``); with ``trace``, the Chrome trace of those steps is written there."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -220,15 +230,17 @@ def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, A
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=acts)
 
-    def step(batches, lr):
+    def step(batches, lr, **kw):  # kw: the launch-ahead arguments (after=, lr_if_skipped=)
         calls["n"] += 1
         if calls["n"] == warmup + 1:
             prof.__enter__()
-        res = inner(batches, lr)
+        res = inner(batches, lr, **kw)
         if calls["n"] == warmup + n:
             if cuda:
                 torch.cuda.synchronize()
             prof.__exit__(None, None, None)
+            if trace is not None:
+                prof.export_chrome_trace(str(trace))
             key = "self_device_time_total" if cuda else "self_cpu_time_total"
             avgs = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
             try:
@@ -354,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             res, tail = _run_child([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                                    log_root / f"{tag}.log", args.timeout)
             r = res[-1] if res else dict(kind="fm9g", workload=w, variant=v, error="no result: " + tail[-300:])
+            trace = work_root / tag / "trace.json"
+            if out_dir is not None and trace.exists():  # the profile flag's Chrome trace
+                out_dir.mkdir(parents=True, exist_ok=True)
+                trace.replace(out_dir / f"trace-{tag}.json")
             fm9g_results.append(r)
             print(json.dumps({k: v_ for k, v_ in r.items() if k != "iter_times"}), flush=True)
         if not args.no_hf and not scale and name not in hf_results:

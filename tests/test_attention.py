@@ -103,7 +103,7 @@ def test_unavailable_backends_say_why() -> None:
         resolve_attention("torch_varlen", "cpu", torch.bfloat16)
     import importlib.util
 
-    expected = "pip install" if importlib.util.find_spec("flash_attn") is None else "CUDA only"
+    expected = "pip install" if importlib.util.find_spec("flash_attn_2_cuda") is None else "CUDA only"
     with pytest.raises(AttentionUnavailableError, match=expected):
         resolve_attention("flash_attn", "cpu", torch.bfloat16)
     with pytest.raises(AttentionUnavailableError, match="unknown attention backend 'xformers'"):

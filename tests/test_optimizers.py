@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fm9g._io import ConfigError
+from fm9g.models.config import FM9GConfig
+from fm9g.models.fm9g import FM9GModel
 from fm9g.training.config import TrainConfig
 from fm9g.training.optimizers import AdamWBF16, AdamWMaster, round_stochastic
 
@@ -219,10 +221,12 @@ def test_a_group_is_one_flat_buffer_updated_in_chunks_not_per_tensor(monkeypatch
             m(x).square().mean().backward()
             o.step()
     assert calls == [2048, 2048, 1344] * 3
-    # backward accumulated into the views; zero_grad zeroes in place and keeps them
+    # backward's gradients landed in the views; zero_grad drops them, or zeroes in place and keeps them
     assert all(p.grad is not None and p.grad.data_ptr() >= bucket.grads.data_ptr() for p in model.parameters())
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=False)
     assert all(p.grad is not None for p in model.parameters()) and bucket.grads.abs().sum() == 0
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
     for a, b in zip(ref.parameters(), model.parameters()):
         assert (a.detach() - b.detach()).abs().max() < 2e-2 * a.detach().abs().max()
 
@@ -309,3 +313,56 @@ def test_adamw_and_adamw_master_states_resume_into_each_other():
     ref = run(["adamw", "adamw"])
     torch.testing.assert_close(run(["adamw", "master"]), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run(["master", "adamw"]), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [AdamWBF16, AdamWMaster])
+def test_dropped_gradients_train_exactly_as_zeroed_buffers(cls):
+    """zero_grad() drops the gradients; backward's new ones are tensors of their own until
+    flat_grads() (or the step) copies them into the flat buffer in one multi-tensor copy. With two
+    micro-batches and a parameter backward never reaches, the weights match bit for bit the
+    zero-in-place path, and the gradient norm over the flat buffers is the per-tensor one."""
+    def run(set_to_none):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        unused = torch.nn.Parameter(torch.ones(3))
+        opt = cls([*model.parameters(), unused], lr=1e-2, weight_decay=0.0)
+        bucket = opt._buckets[0][0]
+        inside = lambda t: bucket.grads.data_ptr() <= t.data_ptr() < bucket.grads.data_ptr() + bucket.grads.nbytes
+        norms = []
+        for step in range(4):
+            opt.zero_grad(set_to_none=set_to_none)
+            assert all((p.grad is None) == set_to_none for p in model.parameters())
+            for k in range(2):
+                x = torch.randn(5, 8, generator=torch.Generator().manual_seed(10 * step + k))
+                model(x.to(model[0].weight.dtype)).float().square().mean().backward()
+            assert all(inside(p.grad) != set_to_none for p in model.parameters())
+            per_tensor = torch.linalg.vector_norm(torch.stack(
+                [p.grad.float().norm() for p in model.parameters()]))
+            flat = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in opt.flat_grads()]))
+            assert all(inside(p.grad) for p in model.parameters())  # copied in by flat_grads
+            norms.append((per_tensor.item(), flat.item()))
+            assert unused.grad is not None and unused.grad.abs().sum() == 0  # zeroed by flat_grads
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], norms
+
+    dropped, n_dropped = run(True)
+    zeroed, n_zeroed = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(dropped, zeroed))
+    assert n_dropped == n_zeroed
+    assert all(abs(a - b) <= 1e-6 * a for a, b in n_dropped)
+
+
+def test_the_engine_drops_flat_gradients_for_one_backward_and_zeroes_them_for_several():
+    """TorchEngine.zero_grad: after a one-micro-batch step a flat-buffer optimizer's gradients are
+    dropped (copied in at the next step), after an accumulating step zeroed in place (no second
+    set of gradients alive during backward)."""
+    from fm9g.training.torch_engine import TorchEngine
+
+    torch.manual_seed(0)
+    engine = TorchEngine(FM9GModel(FM9GConfig.from_name("tiny")), lr=1e-3, device="cpu", optimizer="adamw_master")
+    ids = torch.randint(0, 99, (1, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    engine.train_step([batch], 1e-3)
+    assert all(p.grad is None for p in engine.params)
+    engine.train_step([batch, batch], 1e-3)
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in engine.params)

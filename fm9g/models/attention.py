@@ -248,7 +248,8 @@ def _check_torch_varlen(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _check_flash_attn(device: torch.device, dtype: torch.dtype) -> str | None:
-    if importlib.util.find_spec("flash_attn") is None:
+    # flash-attn 2's compiled kernels (flash-attn-4 installs a `flash_attn` package without them)
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn_2_cuda") is None:
         return "flash-attn is not installed; install it with `pip install 'fm9g[gpu]'` (or `pip install flash-attn`)"
     if device.type != "cuda":
         return f"flash-attn runs on CUDA only (tensors are on {device.type}); use attn_impl='sdpa'"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fm9g._io import ConfigError, atomic_write_text, parse_bool, read_json
+from fm9g.models.attention import ATTENTION_BACKENDS
 
 __all__ = ["FM9GConfig", "ConfigError", "PRESETS", "DTYPES", "PRECISIONS", "dtype_name"]
 
@@ -93,7 +94,7 @@ ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
 # fields read with fm9g._io.parse_bool ("false" is false) and fields that must be finite numbers
 BOOL_FIELDS: tuple[str, ...] = ("ffn_gated", "tie_lm_head", "qkv_bias", "qk_norm", "scale", "use_checkpoint")
 FLOAT_FIELDS: tuple[str, ...] = ("eps", "base", "scale_emb", "scale_depth", "init_std", "dropout_p")
-ATTN_IMPLS: tuple[str, ...] = ("auto", "sdpa", "flex", "torch_varlen", "flash_attn")
+ATTN_IMPLS: tuple[str, ...] = ("auto", *ATTENTION_BACKENDS)
 
 
 @dataclass(kw_only=True)

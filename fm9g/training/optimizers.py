@@ -134,8 +134,14 @@ class _FlatBucket:
     Each parameter's ``.data`` and ``.grad`` are views into ``weights`` / ``grads``, and its
     moments views into ``exp_avg`` / ``exp_avg_sq`` (bf16; fp32 with ``master``, which adds the
     fp32 ``master`` weights): the update runs over the whole bucket
-    in a few large kernels instead of several small ones per parameter. Backward accumulates into
-    the gradient views in place; ``zero_grad`` zeroes the buffer and keeps them.
+    in a few large kernels instead of several small ones per parameter.
+
+    Gradients reach the buffer in one of two ways. Zeroed in place (``zero_grad(set_to_none=False)``),
+    the views stay ``.grad`` and backward adds onto them: nothing extra is ever allocated (the way
+    for several micro-batches). Dropped (``zero_grad()``, ``.grad`` = None), autograd hands each
+    parameter a gradient tensor of its own and :meth:`sync` copies them all into the buffer in one
+    multi-tensor copy before the norm and the update: one copy per gradient where zero-then-add
+    costs a fill and an add, for one extra set of gradients alive at the end of backward.
     """
 
     def __init__(self, params: list[torch.Tensor], *, compute_dtype: torch.dtype | None = None,
@@ -150,6 +156,7 @@ class _FlatBucket:
         self.weights = torch.empty(total, dtype=dtype, **kw)
         self.grads = torch.zeros(total, dtype=dtype, **kw)
         self.step = torch.zeros((), dtype=torch.float32, **kw)
+        self._grad_views: list[torch.Tensor] | None = None
         # fp32 master weights (AdamWMaster): a separate buffer unless the compute weights are fp32
         self.master: torch.Tensor | None = None
         if master:
@@ -182,17 +189,38 @@ class _FlatBucket:
             v.copy_(p.grad.reshape(p.shape))
         p.grad = v
 
+    def release_grads(self) -> None:
+        """Drop the gradients (``.grad`` = None); :meth:`sync` copies the next ones into the buffer."""
+        for p in self.params:
+            p.grad = None
+
     def sync(self) -> None:
         """Re-attach what was replaced since the last step (host-side checks, no kernel unless
-        something changed): a ``p.data = ...`` or ``p.grad = ...`` assignment is copied into the
-        buffers; a gradient set to None counts as zero."""
+        something changed): a ``p.data = ...`` assignment is copied into the weights; gradients
+        that are tensors of their own (dropped by ``zero_grad``, or assigned) are copied into the
+        buffer in one multi-tensor copy, and a gradient that is None counts as zero."""
+        if self._grad_views is None:  # the views, made once (sync runs every step, over every parameter)
+            self._grad_views = [self.view(self.grads, i) for i in range(len(self.params))]
         wsize = self.weights.element_size()
         w0, g0 = self.weights.data_ptr(), self.grads.data_ptr()
-        for i, (p, off) in enumerate(zip(self.params, self.offsets)):
+        copy_to, copy_from, zero = [], [], []
+        for i, (p, off, v) in enumerate(zip(self.params, self.offsets, self._grad_views)):
             if p.data.data_ptr() != w0 + off * wsize or p.data.dtype != self.weights.dtype:
                 self._adopt_weight(i)
-            if p.grad is None or p.grad.data_ptr() != g0 + off * wsize:
-                self._adopt_grad(i)
+            g = p.grad
+            if g is not None and g.data_ptr() == g0 + off * wsize:
+                continue
+            if g is None:
+                zero.append(v)
+            else:
+                copy_to.append(v)
+                copy_from.append(g if g.shape == v.shape else g.reshape(v.shape))
+            p.grad = v
+        with torch.no_grad():
+            if copy_to:
+                torch._foreach_copy_(copy_to, copy_from)
+            if zero:
+                torch._foreach_zero_(zero)
 
 
 class AdamWBF16(torch.optim.Optimizer):
@@ -200,10 +228,12 @@ class AdamWBF16(torch.optim.Optimizer):
 
     The parameters of each group are moved into one flat buffer per device and dtype when the
     optimizer is built (their ``.data`` and ``.grad`` become views into it), so a step is a few
-    large kernels whatever the number of tensors. Consequences: every parameter has a gradient
-    (zeros until backward writes one; ``zero_grad`` zeroes in place and never sets None), and a
-    parameter whose gradient is None at a step is updated with a zero gradient (its moments
-    decay, weight decay applies) where ``torch.optim.AdamW`` would skip it.
+    large kernels whatever the number of tensors. Consequences: ``zero_grad()`` drops the gradients
+    (backward's new ones are copied into the buffer at the step, one multi-tensor copy) and
+    ``zero_grad(set_to_none=False)`` zeroes the buffer for backward to add onto (no second set of
+    gradients in memory: the choice for several micro-batches); a parameter whose gradient is None
+    at a step is updated with a zero gradient (its moments decay, weight decay applies) where
+    ``torch.optim.AdamW`` would skip it.
 
     Args:
         params: parameters or parameter groups (as any torch optimizer; groups may set ``lr``,
@@ -269,11 +299,26 @@ class AdamWBF16(torch.optim.Optimizer):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradient buffers in place (the gradients stay views into them, never None)."""
+        """Drop the gradients (``set_to_none``, the default: backward's next ones are copied into the
+        flat buffers at the step) or zero the buffers in place, the gradients staying views into them."""
         for buckets in self._buckets:
             for b in buckets:
+                if set_to_none:
+                    b.release_grads()
+                    continue
                 b.sync()  # first: a gradient assigned since the last step is re-attached, then zeroed
                 b.grads.zero_()
+
+    @torch.no_grad()
+    def flat_grads(self) -> list[torch.Tensor]:
+        """The gradient buffers, one per bucket, every parameter's gradient in place (a gradient
+        backward did not reach is zeroed first): what the gradient norm reads in one kernel each."""
+        out = []
+        for buckets in self._buckets:
+            for b in buckets:
+                b.sync()
+                out.append(b.grads)
+        return out
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -87,7 +87,8 @@ class TorchEngine:
         lr_scale_width: muP width ratio (1 = no muP learning-rate groups).
         use_checkpoint: activation checkpointing on/off (None leaves the model's setting).
         compile: ``torch.compile`` each transformer layer (``model.encoder.layers``) in place;
-            ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository).
+            ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository);
+            ``"model"``: the whole model as one graph (a longer first step; fewer Python calls per step).
         lora_only: only LoRA tensors are trained/saved.
         peak_flops: dense bf16 FLOP/s of the device for MFU (None: from the GPU name).
         optimizer: ``"adamw"`` (fp32 master weights and moments, fused AdamW), ``"adamw_master"``
@@ -101,6 +102,8 @@ class TorchEngine:
 
     name = "torch"
     optimizer_name = "adamw"  # FSDPEngine keeps this; TorchEngine sets it from its argument
+    flat_norm = True  # the gradient norm over the optimizer's flat buffers when it has them
+    _micro_batches = 1  # of the last step: how zero_grad() clears a flat-buffer optimizer
     # Whether train_step takes ``after=`` / ``lr_if_skipped=`` (the Trainer queues the next step
     # before reading this one's figures). Set in __init__: CUDA with an optimizer that reads its
     # learning rate from the device. Set it False to have every step wait for the one before.
@@ -123,7 +126,7 @@ class TorchEngine:
         precision: str = "auto",
         lr_scale_width: float = 1.0,
         use_checkpoint: bool | None = None,
-        compile: bool | str = False,
+        compile: bool | str = False,  # True | False | "auto" | "model"
         lora_only: bool = False,
         peak_flops: float | None = None,
         optimizer: str = "adamw",
@@ -146,7 +149,9 @@ class TorchEngine:
             model.set_activation_checkpointing(bool(use_checkpoint))
         if compile == "auto":
             compile = self.device.type == "cuda"
-        if compile:
+        if compile == "model":
+            self.model.compile()
+        elif compile:
             self._compile_layers()
         self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width)
         # The learning rate lives on the device for every step of such a run, queued ahead or not,
@@ -276,6 +281,7 @@ class TorchEngine:
         updates the weights and with ``lr_if_skipped`` if ``after`` is skipped, chosen on the device.
         """
         step_lr = self._step_lr(lr, after, lr_if_skipped)
+        self._micro_batches = len(micro_batches)
         counts = self._step_counts(micro_batches)
         if isinstance(counts, torch.Tensor):
             denom: float | torch.Tensor = counts[0].clamp(min=1).float()
@@ -301,7 +307,11 @@ class TorchEngine:
         sums = self._sum_across_ranks(sums)
         grads = [p.grad for p in self.params if p.grad is not None]
         cuda = self.device.type == "cuda"
-        norm = self._global_norm(_total_norm(grads, foreach=cuda))  # pre-clip global L2
+        if self.flat_norm and hasattr(self.optimizer, "flat_grads"):
+            # flat-buffer optimizers: one reduction per whole buffer, not a multi-tensor pass over 200+
+            norm = self._global_norm(_total_norm(self.optimizer.flat_grads(), foreach=False))
+        else:
+            norm = self._global_norm(_total_norm(grads, foreach=cuda))  # pre-clip global L2
         norm = norm.float().reshape(())
         finite = torch.isfinite(sums[0]) & torch.isfinite(norm)
         clip_coef = None
@@ -320,7 +330,12 @@ class TorchEngine:
         return deferred_step_output(figures, n_tasks, counts=None if isinstance(counts, torch.Tensor) else counts)
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        # A flat-buffer optimizer (adamw_bf16 / adamw_master) zeroes its buffer in place when a step
+        # accumulates several micro-batches (backward adds onto it; no second set of gradients in
+        # memory); after a one-backward step it drops them and copies the next ones in at the step
+        # (one copy instead of a fill and an add).
+        flat = hasattr(self.optimizer, "flat_grads")
+        self.optimizer.zero_grad(set_to_none=not (flat and self._micro_batches > 1))
 
     # ------------------------------------------------------------------ one process: trivial collectives
     @property
