@@ -27,9 +27,7 @@ Workloads (``NAME[@SCALE]``):
 Variants (``--variants``, comma-separated; each ``+``-joined flags applied to every workload):
     base          the defaults a user gets (layers compiled on CUDA, attention "auto")
     eager         compile=False
-    compile_full  torch.compile the whole model (not only the layers)
-    cpp_wrapper   the compiled layers launch their kernels from generated C++:
-                  TrainConfig(compile_options={"cpp_wrapper": True})
+    compile_full  torch.compile the whole model (not only the layers): TrainConfig(compile="model")
     ckpt          activation checkpointing on
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
@@ -155,16 +153,17 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     except ImportError:
         tensorboard = None
     compile_: bool | str = "auto"
-    if "eager" in flags or "compile_full" in flags:
+    if "eager" in flags:
         compile_ = False
+    elif "compile_full" in flags:
+        compile_ = "model"
     cfg = TrainConfig(
         model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if lora else None,
         lr=1e-5 if not lora else 1e-4, lr_scheduler="constant", warmup_iters=0, train_iters=steps + warmup,
         batch_size=1, max_length=row, grad_accum=accum, save=str(work / "runs"), model_unique="bench",
         save_iters=0, save_final=False, log_iters=1, stats_dir="auto", tensorboard=tensorboard,
         progress_bar=False, inspect_iters=0, device=device, precision="bf16" if not tiny else "fp32",
-        compile=compile_, compile_options={"cpp_wrapper": True} if "cpp_wrapper" in flags else None,
-        use_checkpoint="ckpt" in flags, attn_impl=flags.get("attn") or None,
+        compile=compile_, use_checkpoint="ckpt" in flags, attn_impl=flags.get("attn") or None,
         num_workers=int(flags.get("workers", 2 if not tiny else 1)), seed=0, optimizer=flags.get("opt") or "adamw",
     )
     model = None
@@ -192,8 +191,6 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
         engine.zero_grad = lambda: engine.optimizer.zero_grad(set_to_none=False)
     if flags.get("flatnorm") == "0":
         trainer.engine.flat_norm = False
-    if "compile_full" in flags:
-        trainer.model.compile()
     kernels: list[dict[str, Any]] = []
     if "profile" in flags:
         _profile_steps(trainer, warmup, device, kernels, n=min(3, cfg.train_iters - warmup), trace=work / "trace.json")

@@ -137,18 +137,10 @@ def test_example_configs_load(name):
     assert (cfg.lora is not None) == (name == "lora_7b")
 
 
-def test_compile_is_auto_true_or_false():
+def test_compile_is_auto_true_false_or_model():
     assert TrainConfig().compile == "auto"
     assert TrainConfig().override(["compile=false"]).compile is False
     assert TrainConfig().override(["compile=true"]).compile is True
-    with pytest.raises(ConfigError, match="compile must be true, false or \"auto\""):
+    assert TrainConfig().override(["compile=model"]).compile == "model"
+    with pytest.raises(ConfigError, match="compile must be true, false, \"auto\" or \"model\""):
         TrainConfig(compile="sometimes")
-
-
-def test_compile_options_are_a_json_object():
-    assert TrainConfig().compile_options is None
-    cfg = TrainConfig().override(['compile_options={"cpp_wrapper": true}'])
-    assert cfg.compile_options == {"cpp_wrapper": True}
-    assert TrainConfig.from_dict(cfg.to_dict()).compile_options == {"cpp_wrapper": True}
-    with pytest.raises(ConfigError, match="compile_options must be a JSON object"):
-        TrainConfig().override(["compile_options=cpp_wrapper"])

@@ -439,7 +439,6 @@ def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: b
         model, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
         clip_grad=config.clip_grad, device=config.device, precision=config.precision,
         lr_scale_width=lr_scale_width(model), use_checkpoint=config.use_checkpoint, compile=config.compile,
-        compile_options=config.compile_options,
         lora_only=lora_only, peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed,
     )
 

@@ -132,7 +132,7 @@ class FSDPEngine(TorchEngine):
         layers = _layers(model)
         for layer in layers:
             if compile_:
-                layer.compile(options=config.compile_options)
+                layer.compile()
             fully_shard(layer, mesh=self.mesh, mp_policy=mp, reshard_after_forward=bool(config.reshard_after_forward))
         # the root: embedding, final norm, lm_head; kept gathered after forward (backward needs it at once)
         fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False)

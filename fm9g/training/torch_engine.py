@@ -87,9 +87,8 @@ class TorchEngine:
         lr_scale_width: muP width ratio (1 = no muP learning-rate groups).
         use_checkpoint: activation checkpointing on/off (None leaves the model's setting).
         compile: ``torch.compile`` each transformer layer (``model.encoder.layers``) in place;
-            ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository).
-        compile_options: passed to ``torch.compile(options=...)`` for the layers (inductor settings,
-            e.g. ``{"cpp_wrapper": True}``: the compiled layers launch their kernels from C++).
+            ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository);
+            ``"model"``: the whole model as one graph (a longer first step; fewer Python calls per step).
         lora_only: only LoRA tensors are trained/saved.
         peak_flops: dense bf16 FLOP/s of the device for MFU (None: from the GPU name).
         optimizer: ``"adamw"`` (fp32 master weights and moments, fused AdamW), ``"adamw_master"``
@@ -127,8 +126,7 @@ class TorchEngine:
         precision: str = "auto",
         lr_scale_width: float = 1.0,
         use_checkpoint: bool | None = None,
-        compile: bool | str = False,
-        compile_options: dict[str, Any] | None = None,
+        compile: bool | str = False,  # True | False | "auto" | "model"
         lora_only: bool = False,
         peak_flops: float | None = None,
         optimizer: str = "adamw",
@@ -151,8 +149,10 @@ class TorchEngine:
             model.set_activation_checkpointing(bool(use_checkpoint))
         if compile == "auto":
             compile = self.device.type == "cuda"
-        if compile:
-            self._compile_layers(compile_options)
+        if compile == "model":
+            self.model.compile()
+        elif compile:
+            self._compile_layers()
         self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width)
         # The learning rate lives on the device for every step of such a run, queued ahead or not,
         # so both paths compute with the same fp32 value.
@@ -187,13 +187,13 @@ class TorchEngine:
         # clip + skip inside the fused kernel (no host sync); otherwise the update reads the flag
         self._skip_on_device = bool(self.optimizer.defaults.get("fused"))
 
-    def _compile_layers(self, options: dict[str, Any] | None = None) -> None:
+    def _compile_layers(self) -> None:
         layers = getattr(getattr(self.model, "encoder", None), "layers", None)
         if layers is None:
-            self.model.compile(options=options)
+            self.model.compile()
             return
         for layer in layers:
-            layer.compile(options=options)
+            layer.compile()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
