@@ -137,10 +137,9 @@ def test_example_configs_load(name):
     assert (cfg.lora is not None) == (name == "lora_7b")
 
 
-def test_compile_is_auto_true_false_or_model():
+def test_compile_is_auto_true_or_false():
     assert TrainConfig().compile == "auto"
     assert TrainConfig().override(["compile=false"]).compile is False
     assert TrainConfig().override(["compile=true"]).compile is True
-    assert TrainConfig().override(["compile=model"]).compile == "model"
-    with pytest.raises(ConfigError, match="compile must be true, false, \"auto\" or \"model\""):
+    with pytest.raises(ConfigError, match="compile must be true, false or \"auto\""):
         TrainConfig(compile="sometimes")

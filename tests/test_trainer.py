@@ -726,21 +726,3 @@ def test_gpu_launch_ahead_is_on_and_exact(tmp_path, optimizer):
     (go, w_go), (wait, w_wait) = results
     assert go.losses == wait.losses and go.skipped == wait.skipped == {"nonfinite": 2, "oom": 0}
     assert all(torch.equal(w_go[k], w_wait[k]) for k in w_wait)
-
-
-def test_compile_model_compiles_the_whole_model_and_trains_as_eager(one_thread):
-    """compile="model": one torch.compile over the whole model (not per layer); the losses of
-    three steps match the eager engine's."""
-    from fm9g.models.config import FM9GConfig
-    from fm9g.models.fm9g import FM9GModel
-
-    ids = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(3))
-    losses = {}
-    for compile_ in (False, "model"):
-        torch.manual_seed(0)
-        engine = TorchEngine(FM9GModel(FM9GConfig.from_name("tiny")), lr=1e-2, device="cpu", compile=compile_)
-        if compile_:
-            assert engine.model._compiled_call_impl is not None
-            assert all(layer._compiled_call_impl is None for layer in engine.model.encoder.layers)
-        losses[compile_] = [engine.train_step([{"input_ids": ids, "labels": ids}], lr=1e-2).loss for _ in range(3)]
-    assert losses["model"] == pytest.approx(losses[False], rel=1e-4)

@@ -87,8 +87,7 @@ class TorchEngine:
         lr_scale_width: muP width ratio (1 = no muP learning-rate groups).
         use_checkpoint: activation checkpointing on/off (None leaves the model's setting).
         compile: ``torch.compile`` each transformer layer (``model.encoder.layers``) in place;
-            ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository);
-            ``"model"``: the whole model as one graph (a longer first step; fewer Python calls per step).
+            ``"auto"``: on CUDA only (1.3-1.4x the eager step on an H100, see benchmarks/RESULTS.md in the repository).
         lora_only: only LoRA tensors are trained/saved.
         peak_flops: dense bf16 FLOP/s of the device for MFU (None: from the GPU name).
         optimizer: ``"adamw"`` (fp32 master weights and moments, fused AdamW), ``"adamw_master"``
@@ -126,7 +125,7 @@ class TorchEngine:
         precision: str = "auto",
         lr_scale_width: float = 1.0,
         use_checkpoint: bool | None = None,
-        compile: bool | str = False,  # True | False | "auto" | "model"
+        compile: bool | str = False,
         lora_only: bool = False,
         peak_flops: float | None = None,
         optimizer: str = "adamw",
@@ -149,9 +148,7 @@ class TorchEngine:
             model.set_activation_checkpointing(bool(use_checkpoint))
         if compile == "auto":
             compile = self.device.type == "cuda"
-        if compile == "model":
-            self.model.compile()
-        elif compile:
+        if compile:
             self._compile_layers()
         self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width)
         # The learning rate lives on the device for every step of such a run, queued ahead or not,
