@@ -726,3 +726,17 @@ def test_gpu_launch_ahead_is_on_and_exact(tmp_path, optimizer):
     (go, w_go), (wait, w_wait) = results
     assert go.losses == wait.losses and go.skipped == wait.skipped == {"nonfinite": 2, "oom": 0}
     assert all(torch.equal(w_go[k], w_wait[k]) for k in w_wait)
+
+
+def test_train_step_puts_a_model_in_eval_mode_back_into_training():
+    """train_step walks the modules only when the model is not training (host time per step), but a
+    model left in eval mode (e.g. after generating) trains with dropout on again."""
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+
+    torch.manual_seed(0)
+    engine = TorchEngine(FM9GModel(FM9GConfig.from_name("tiny")), lr=1e-3, device="cpu")
+    ids = torch.randint(0, 99, (1, 8), generator=torch.Generator().manual_seed(0))
+    engine.model.eval()
+    engine.train_step([{"input_ids": ids, "labels": ids}], lr=1e-3)
+    assert all(m.training for m in engine.model.modules())

@@ -156,7 +156,11 @@ class _FlatBucket:
         self.weights = torch.empty(total, dtype=dtype, **kw)
         self.grads = torch.zeros(total, dtype=dtype, **kw)
         self.step = torch.zeros((), dtype=torch.float32, **kw)
-        self._grad_views: list[torch.Tensor] | None = None
+        # made by sync() (the views and addresses it checks every step), keyed by the buffers' addresses
+        self._layout_key: tuple[int, int] | None = None
+        self._grad_views: list[torch.Tensor] = []
+        self._weight_ptrs: list[int] = []
+        self._grad_ptrs: list[int] = []
         # fp32 master weights (AdamWMaster): a separate buffer unless the compute weights are fp32
         self.master: torch.Tensor | None = None
         if master:
@@ -198,17 +202,25 @@ class _FlatBucket:
         """Re-attach what was replaced since the last step (host-side checks, no kernel unless
         something changed): a ``p.data = ...`` assignment is copied into the weights; gradients
         that are tensors of their own (dropped by ``zero_grad``, or assigned) are copied into the
-        buffer in one multi-tensor copy, and a gradient that is None counts as zero."""
-        if self._grad_views is None:  # the views, made once (sync runs every step, over every parameter)
+        buffer in one multi-tensor copy, and a gradient that is None counts as zero.
+
+        Runs every step over every parameter, so the views and their addresses are made once
+        (again only if a buffer is replaced)."""
+        key = (self.weights.data_ptr(), self.grads.data_ptr())
+        if self._layout_key != key:
+            self._layout_key = key
             self._grad_views = [self.view(self.grads, i) for i in range(len(self.params))]
-        wsize = self.weights.element_size()
-        w0, g0 = self.weights.data_ptr(), self.grads.data_ptr()
+            wsize = self.weights.element_size()
+            self._weight_ptrs = [key[0] + off * wsize for off in self.offsets]
+            self._grad_ptrs = [key[1] + off * wsize for off in self.offsets]
+        dtype = self.weights.dtype
         copy_to, copy_from, zero = [], [], []
-        for i, (p, off, v) in enumerate(zip(self.params, self.offsets, self._grad_views)):
-            if p.data.data_ptr() != w0 + off * wsize or p.data.dtype != self.weights.dtype:
+        for i, (p, wptr, gptr, v) in enumerate(zip(self.params, self._weight_ptrs, self._grad_ptrs,
+                                                   self._grad_views)):
+            if p.data_ptr() != wptr or p.dtype != dtype:
                 self._adopt_weight(i)
             g = p.grad
-            if g is not None and g.data_ptr() == g0 + off * wsize:
+            if g is not None and g.data_ptr() == gptr:
                 continue
             if g is None:
                 zero.append(v)
