@@ -101,6 +101,7 @@ class MetricsLogger:
         self.bar = None
         self.stats_dir = Path(stats_dir) if stats_dir is not None else None
         self._stats_file: Path | None = None
+        self._stats_handle: Any = None
         if not enabled:
             return
         if tensorboard_dir is not None:
@@ -149,16 +150,29 @@ class MetricsLogger:
         if self._stats_file is not None:
             row = {"time": time.time(), "iteration": step, **stats}
             row.update({f"task_loss/{k}": v for k, v in task_loss.items()})
-            if self._stats_file.exists() and self._stats_file.stat().st_size > STATS_ROLL_BYTES:
-                n = int(self._stats_file.stem) + 1 if self._stats_file.stem.isdigit() else 0
-                self._stats_file = self._stats_file.with_name(f"{n}.jsonl")
-            with open(self._stats_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, default=float) + "\n")
+            f = self._stats_out()
+            f.write(json.dumps(row, default=float) + "\n")
+            f.flush()  # a line is in the file once logged (the run may be killed at any step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}", lr=f"{stats.get('lr', 0):.2e}")
         if step % self.log_iters == 0:
             self.print(self.format_line(step, stats, task_loss))
+
+    def _stats_out(self) -> Any:
+        """The train_stats file, open for appending (kept open: one open and two stats a step cost
+        host time a device-bound run does not have), rolled to ``<n+1>.jsonl`` past STATS_ROLL_BYTES."""
+        f = self._stats_handle
+        if f is not None and f.tell() <= STATS_ROLL_BYTES:
+            return f
+        if f is not None:
+            f.close()
+            n = int(self._stats_file.stem) + 1 if self._stats_file.stem.isdigit() else 0
+            self._stats_file = self._stats_file.with_name(f"{n}.jsonl")
+        self._stats_handle = f = open(self._stats_file, "a", encoding="utf-8")
+        if f.tell() > STATS_ROLL_BYTES:  # a full file left by an earlier run
+            return self._stats_out()
+        return f
 
     @staticmethod
     def format_line(step: int, s: dict[str, Any], task_loss: dict[str, float]) -> str:
@@ -184,6 +198,9 @@ class MetricsLogger:
         return line
 
     def close(self) -> None:
+        if self._stats_handle is not None:
+            self._stats_handle.close()
+            self._stats_handle = None
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
