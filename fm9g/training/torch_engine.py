@@ -303,12 +303,14 @@ class TorchEngine:
             if n_tasks and b.get("task_ids") is not None:
                 sums[1:] += _task_sums(out.token_loss.detach(), b["labels"], b["task_ids"], n_tasks).reshape(-1)
         sums = self._sum_across_ranks(sums)
-        grads = [p.grad for p in self.params if p.grad is not None]
         cuda = self.device.type == "cuda"
         if self.flat_norm and hasattr(self.optimizer, "flat_grads"):
-            # flat-buffer optimizers: one reduction per whole buffer, not a multi-tensor pass over 200+
+            # flat-buffer optimizers (which clip inside their step): one reduction per whole buffer,
+            # not a multi-tensor pass over 200+ gradients
+            grads = []
             norm = self._global_norm(_total_norm(self.optimizer.flat_grads(), foreach=False))
         else:
+            grads = [p.grad for p in self.params if p.grad is not None]
             norm = self._global_norm(_total_norm(grads, foreach=cuda))  # pre-clip global L2
         norm = norm.float().reshape(())
         finite = torch.isfinite(sums[0]) & torch.isfinite(norm)
