@@ -46,3 +46,5 @@ def test_run_py_profile_flag_reports_the_top_kernels(tmp_path):
     names = [k["name"] for k in row["kernels"]]
     assert 0 < len(names) <= 20 and any("mm" in n for n in names), names
     assert all(k["ms_per_step"] >= 0 for k in row["kernels"])
+    trace = json.loads((tmp_path / "trace-W1-profile.json").read_text())  # the Chrome trace, kept
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
