@@ -352,17 +352,21 @@ def test_dropped_gradients_train_exactly_as_zeroed_buffers(cls):
     assert all(abs(a - b) <= 1e-6 * a for a, b in n_dropped)
 
 
-def test_the_engine_drops_flat_gradients_for_one_backward_and_zeroes_them_for_several():
-    """TorchEngine.zero_grad: after a one-micro-batch step a flat-buffer optimizer's gradients are
-    dropped (copied in at the next step), after an accumulating step zeroed in place (no second
-    set of gradients alive during backward)."""
+@pytest.mark.parametrize("optimizer", ["adamw_master", "adamw_bf16"])
+def test_the_engine_drops_flat_gradients_for_one_backward_and_zeroes_them_for_several(optimizer):
+    """TorchEngine.zero_grad: after a one-micro-batch step adamw_master's gradients are dropped
+    (copied in at the next step); after an accumulating step, and always for adamw_bf16 (the
+    memory-saving one), they are zeroed in place (no second set of gradients during backward)."""
     from fm9g.training.torch_engine import TorchEngine
 
     torch.manual_seed(0)
-    engine = TorchEngine(FM9GModel(FM9GConfig.from_name("tiny")), lr=1e-3, device="cpu", optimizer="adamw_master")
+    engine = TorchEngine(FM9GModel(FM9GConfig.from_name("tiny")), lr=1e-3, device="cpu", optimizer=optimizer)
     ids = torch.randint(0, 99, (1, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     engine.train_step([batch], 1e-3)
-    assert all(p.grad is None for p in engine.params)
+    if optimizer == "adamw_master":
+        assert all(p.grad is None for p in engine.params)
+    else:
+        assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in engine.params)
     engine.train_step([batch, batch], 1e-3)
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in engine.params)

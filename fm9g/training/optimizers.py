@@ -259,6 +259,11 @@ class AdamWBF16(torch.optim.Optimizer):
             (on CPU the eager update is used; the results agree to fp32 rounding).
     """
 
+    # The engine keeps this optimizer's gradients in the buffer between steps (zeroed in place)
+    # even after a one-backward step: it exists to fit a model in memory, and dropping them would
+    # hold a second set of gradients at the end of backward. AdamWMaster, the fast one, drops them.
+    memory_first = True
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, seed: int = 0,
                  chunk_elements: int | None = None, compile: bool | str = "auto") -> None:
@@ -448,6 +453,7 @@ class AdamWMaster(AdamWBF16):
     """
 
     _update = staticmethod(_update_chunk_master)
+    memory_first = False  # one-backward steps copy their gradients in (see AdamWBF16.memory_first)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, compute_dtype: torch.dtype = torch.bfloat16,

@@ -330,12 +330,13 @@ class TorchEngine:
         return deferred_step_output(figures, n_tasks, counts=None if isinstance(counts, torch.Tensor) else counts)
 
     def zero_grad(self) -> None:
-        # A flat-buffer optimizer (adamw_bf16 / adamw_master) zeroes its buffer in place when a step
-        # accumulates several micro-batches (backward adds onto it; no second set of gradients in
-        # memory); after a one-backward step it drops them and copies the next ones in at the step
-        # (one copy instead of a fill and an add).
-        flat = hasattr(self.optimizer, "flat_grads")
-        self.optimizer.zero_grad(set_to_none=not (flat and self._micro_batches > 1))
+        # A flat-buffer optimizer zeroes its buffer in place when a step accumulates several
+        # micro-batches, and always for adamw_bf16 (backward adds onto it: no second set of
+        # gradients in memory); adamw_master after a one-backward step drops them and copies the
+        # next ones in at the step (one copy instead of a fill and an add).
+        in_place = hasattr(self.optimizer, "flat_grads") and (
+            self._micro_batches > 1 or self.optimizer.memory_first)
+        self.optimizer.zero_grad(set_to_none=not in_place)
 
     # ------------------------------------------------------------------ one process: trivial collectives
     @property
