@@ -40,6 +40,7 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     profile       torch.profiler over 3 steps after the warm-up: the kernel table in the child's
                   log, the top 20 kernels (ms per step) in run.json, the Chrome trace as
                   trace-<run>.json in the --out folder
+    graphs[=0]    TrainConfig(cuda_graphs=True) (False with =0): the compiled layers replay as CUDA graphs
     opt=NAME      optimizer (adamw | adamw_master | adamw_bf16); adamw_master keeps the HF baseline's
                   fp32 optimizer state but a bf16 residual stream; adamw_bf16 keeps bf16 state
 
@@ -163,6 +164,7 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
         progress_bar=False, inspect_iters=0, device=device, precision="bf16" if not tiny else "fp32",
         compile=compile_, use_checkpoint="ckpt" in flags, attn_impl=flags.get("attn") or None,
         num_workers=int(flags.get("workers", 2 if not tiny else 1)), seed=0, optimizer=flags.get("opt") or "adamw",
+        **({"cuda_graphs": flags["graphs"] != "0"} if "graphs" in flags else {}),
     )
     model = None
     if lora:

@@ -122,3 +122,29 @@ def test_gpu_backends_agree_with_sdpa(dtype: torch.dtype) -> None:
     for name in available_backends("cuda", dtype):
         out = get_attention(name, "cuda", dtype)(q, k, v, cu_t, 13, scale=0.25, cache={})
         assert (out.float() - ref).abs().max().item() < tol, name
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_backends_skip_the_empty_documents_of_a_static_layout() -> None:
+    """CUDA graphs replay a padded layout (fm9g.models.fm9g.static_layout): trailing empty documents
+    and a rounded-up max_seqlen change neither the output nor the gradients of the varlen kernels."""
+    from fm9g.models.fm9g import static_layout
+
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 70, 75, 300, 512], dtype=torch.int32, device="cuda")
+    names = [n for n in ("torch_varlen", "flash_attn") if n in available_backends("cuda", torch.bfloat16)]
+    assert "torch_varlen" in names
+    for name in names:
+        fn = get_attention(name, "cuda", torch.bfloat16)
+        results = []
+        for padded in (False, True):
+            q, k, v = (torch.randn(512, h, 64, generator=g.manual_seed(i)).cuda().bfloat16().requires_grad_()
+                       for i, h in ((0, 8), (1, 4), (2, 4)))
+            c, m = static_layout(cu, 225, 512) if padded else (cu, 225)
+            assert (c.shape[0], m) == ((8, 256) if padded else (5, 225))
+            out = fn(q, k, v, c, m, scale=0.125, cache={})
+            out.float().square().sum().backward()
+            results.append((out.detach(), q.grad, k.grad, v.grad))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0, msg=name)  # the forward is exact
+        for a, b in zip(results[0][1:], results[1][1:]):  # dq adds up blocks in any order (atomics)
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2, msg=name)

@@ -417,3 +417,41 @@ def test_gpu_kept_logits_match_recomputing_them():
     assert torch.equal(loss0, loss1)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=2e-2, atol=1e-4, msg=n)
+
+
+def test_static_layout_pads_to_a_few_shapes_and_changes_nothing() -> None:
+    """The layout CUDA graphs replay: boundaries padded with empty documents to a power of two (at
+    least 8), the longest document rounded up to a power of two (capped at the row); the loss and
+    every gradient are the same as with the plain layout."""
+    import random
+
+    from fm9g.models.fm9g import static_layout
+
+    cu = torch.tensor([0, 3, 8, 14, 24], dtype=torch.int32)
+    padded, longest = static_layout(cu, 10, 24)
+    assert padded.tolist() == [0, 3, 8, 14, 24, 24, 24, 24] and padded.dtype == torch.int32 and longest == 16
+    assert static_layout(torch.tensor([0, 24], dtype=torch.int32), 24, 24)[1] == 24  # capped at the row
+    nine = torch.arange(0, 81, 10, dtype=torch.int32)  # 9 boundaries -> 16
+    assert static_layout(nine, 10, 80)[0].tolist() == [*range(0, 81, 10), *[80] * 7]
+    rng = random.Random(0)
+    shapes = set()
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, 4096), rng.randint(1, 60)))
+        bounds = [0, *cuts, 4096]
+        p, m = static_layout(torch.tensor(bounds, dtype=torch.int32), max(b - a for a, b in zip(bounds, bounds[1:])),
+                             4096)
+        assert p[: len(bounds)].tolist() == bounds and m >= max(b - a for a, b in zip(bounds, bounds[1:]))
+        shapes.add((p.shape[0], m))
+    assert len(shapes) <= 3 * 6, shapes  # 8/16/32/64 boundaries x a handful of lengths
+
+    torch.manual_seed(0)
+    model = FM9GModel(FM9GConfig.from_name("tiny", num_layers=2, qkv_bias=True, attn_impl="sdpa"))
+    ids = torch.randint(0, 99, (2, 12))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    loss0, g0 = _loss_and_grads(model, ids, labels, cu)
+    model.static_layout = True
+    loss1, g1 = _loss_and_grads(model, ids, labels, cu)
+    assert torch.equal(loss0, loss1)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)

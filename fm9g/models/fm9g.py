@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from fm9g.models.attention import ATTENTION_BACKENDS, AttentionFn, AttentionUnavailableError, resolve_attention
 from fm9g.models.config import FM9GConfig
 
-__all__ = ["FM9GModel", "FM9GOutput", "RMSNorm", "chunked_cross_entropy", "rotary_cos_sin", "apply_rotary"]
+__all__ = ["FM9GModel", "FM9GOutput", "RMSNorm", "chunked_cross_entropy", "rotary_cos_sin", "apply_rotary",
+           "static_layout"]
 
 IGNORE_INDEX = -100
 # Logits computed at once by the chunked loss: chunk = LOSS_CHUNK_ELEMENTS // V tokens. On CPU
@@ -338,6 +339,37 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
     return _ChunkedLinearCrossEntropy.apply(h, weight, labels, int(chunk_tokens), dtype)
 
 
+# ------------------------------------------------------------------------------ packing layout
+STATIC_LAYOUT_MIN_BOUNDS = 8
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def static_layout(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> tuple[torch.Tensor, int]:
+    """The packing layout padded to one of a few shapes, for layers replayed as CUDA graphs.
+
+    A recorded graph replays one shape; packed rows differ in their number of documents and their
+    longest one. The boundaries are padded to the next power of two (at least 8) by repeating the
+    last one (empty documents, which attention skips), and ``max_seqlen`` is rounded up to the next
+    power of two, at most ``total`` (an upper bound only sizes the attention kernel's grid). A 4096
+    row then has at most 10 boundary counts and 13 lengths, whatever the data.
+
+    Args:
+        cu_seqlens: int32 (n+1,) boundaries, on the device.
+        max_seqlen: the longest document.
+        total: the flattened token count (the last boundary).
+    Returns:
+        (boundaries (m,) with m a power of two >= n+1, the rounded max_seqlen).
+    """
+    n_bounds = cu_seqlens.shape[0]
+    want = max(_next_pow2(n_bounds), STATIC_LAYOUT_MIN_BOUNDS)
+    if want > n_bounds:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_full((want - n_bounds,), total)])
+    return cu_seqlens, min(_next_pow2(max(int(max_seqlen), 1)), total)
+
+
 # ---------------------------------------------------------------------------------------- model
 @dataclass(kw_only=True)
 class FM9GOutput:
@@ -378,6 +410,9 @@ class FM9GModel(nn.Module):
         self.lm_head = None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = bool(config.use_checkpoint)
         self.loss_chunk_tokens: int | None = None  # None → LOSS_CHUNK_ELEMENTS // V
+        # Pad the packing layout to a few shapes (see static_layout()); engines that replay the
+        # layers as CUDA graphs turn it on, since a graph is recorded once per shape.
+        self.static_layout = False
         self._attn_cache: dict[tuple[str, str, torch.dtype], str] = {}
         self.init_weights()
 
@@ -476,6 +511,8 @@ class FM9GModel(nn.Module):
                 position_ids = (flat - cu.long()[doc]).view(B, T)
         if max_seqlen is not None:
             max_len = int(max_seqlen)
+        if self.static_layout:
+            cu, max_len = static_layout(cu, max_len, N)
 
         # 1. embedding (× scale_emb under muP)
         h = self.input_embedding(input_ids)  # (B, T, d)

@@ -224,6 +224,9 @@ class BMTrainEngine:
         if config.compile is True:
             warnings.warn("compile=true is not used by engine='bmtrain' (the layers run eagerly inside bmt.Block)",
                           stacklevel=2)
+        if config.cuda_graphs is True:
+            warnings.warn("cuda_graphs=true is not used by engine='bmtrain' (the layers run eagerly inside bmt.Block)",
+                          stacklevel=2)
 
         # names and shapes of the model as built: the checkpoint contract
         self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -105,7 +105,9 @@ class TrainConfig:
     Engine: engine (``"torch"``: one process, or FSDP2 under torchrun; ``"bmtrain"``: ZeRO-3 blocks and
     optional optimizer offload, needs bmtrain, see docs/install.md), device (auto |
     cpu | cuda | cuda:N), precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on
-    CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), offload (bmtrain
+    CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), cuda_graphs
+    (the compiled layers replay as CUDA graphs, one launch per layer and direction; ``"auto"`` = on
+    for compiled layers on one CUDA device without activation checkpointing), offload (bmtrain
     engine: the optimizer state and Adam step on the CPU; the torch engine keeps it on the device), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
@@ -184,6 +186,7 @@ class TrainConfig:
     precision: str = "auto"
     use_checkpoint: bool | None = None
     compile: bool | str = "auto"
+    cuda_graphs: bool | str = False
     attn_impl: str | None = None
     offload: bool = False
     num_workers: int = 0
@@ -305,8 +308,10 @@ class TrainConfig:
         if self.optimizer != "adamw" and self.offload:
             raise ConfigError(f"optimizer={self.optimizer!r} keeps its state on the GPU; it does not combine with "
                               "offload=true (use optimizer=\"adamw\" with engine=\"bmtrain\" to offload)")
-        if isinstance(self.compile, str) and self.compile != "auto":
-            raise ConfigError(f"compile must be true, false or \"auto\", got {self.compile!r}")
+        for name in ("compile", "cuda_graphs"):
+            value = getattr(self, name)
+            if value not in (True, False, "auto"):
+                raise ConfigError(f"{name} must be true, false or \"auto\", got {value!r}")
         _check_finite(self)
         for name in ("train_iters", "grad_accum", "batch_size", "max_length", "log_iters"):
             if getattr(self, name) < 1:

@@ -440,6 +440,7 @@ def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: b
         clip_grad=config.clip_grad, device=config.device, precision=config.precision,
         lr_scale_width=lr_scale_width(model), use_checkpoint=config.use_checkpoint, compile=config.compile,
         lora_only=lora_only, peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed,
+        cuda_graphs=config.cuda_graphs,
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Mapping
@@ -123,6 +124,9 @@ class FSDPEngine(TorchEngine):
         if config.use_checkpoint is not None and hasattr(model, "set_activation_checkpointing"):
             model.set_activation_checkpointing(bool(config.use_checkpoint))
         compile_ = config.compile
+        if config.cuda_graphs is True:
+            warnings.warn("cuda_graphs=true is not used under torchrun (FSDP2 gathers each layer's weights inside "
+                          "its forward); the layers run compiled without graphs", stacklevel=2)
         if compile_ == "auto":
             compile_ = self.device.type == "cuda"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \

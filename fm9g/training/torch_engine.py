@@ -46,6 +46,35 @@ def _resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def _resolve_cuda_graphs(value: bool | str, device: torch.device, compile: bool, model: nn.Module) -> bool:
+    """Whether the compiled layers replay as CUDA graphs (``TrainConfig.cuda_graphs``).
+
+    ``"auto"``: on for compiled layers on CUDA without activation checkpointing. ``True`` where it
+    cannot work is an error that says which setting to change.
+    """
+    if value not in (True, False, "auto"):
+        raise ValueError(f"cuda_graphs must be true, false or \"auto\", got {value!r}")
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    checkpointing = bool(getattr(model, "gradient_checkpointing", False))
+    usable = device.type == "cuda" and compile and layers is not None and hasattr(model, "static_layout")
+    if value == "auto":
+        return usable and not checkpointing
+    if not value:
+        return False
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graphs=true needs a CUDA device, the run is on {device}: set cuda_graphs=false")
+    if not compile:
+        raise ValueError("cuda_graphs=true replays the compiled layers: set compile=true (or \"auto\"), "
+                         "or cuda_graphs=false")
+    if not usable:
+        raise ValueError(f"cuda_graphs=true needs a model with encoder.layers and static_layout (FM9GModel); "
+                         f"{type(model).__name__} has not: set cuda_graphs=false")
+    if checkpointing:
+        raise ValueError("cuda_graphs=true does not combine with activation checkpointing (the recompute would "
+                         "run a recorded graph inside the backward): set use_checkpoint=false or cuda_graphs=false")
+    return True
+
+
 def _set_dtypes(model: nn.Module, precision: str, optimizer: str = "adamw") -> None:
     """fp32 for every trainable parameter; under bf16 the frozen ones (a LoRA run's base) in bf16,
     under fp32 everything fp32 (buffers too, as ``model.float()``). With ``adamw_bf16`` under bf16
@@ -97,11 +126,17 @@ class TorchEngine:
             gradients and the moments are bf16, 8 bytes per parameter instead of 16; under fp32
             the same numerics on fp32 tensors).
         seed: seeds ``adamw_bf16``'s rounding noise.
+        cuda_graphs: replay the compiled layers as CUDA graphs (``torch.compile`` mode
+            ``"reduce-overhead"``): one launch per layer and direction instead of dozens of kernel
+            launches from Python, with the packing layout padded to a few shapes
+            (:func:`fm9g.models.fm9g.static_layout`). ``"auto"``: on for compiled layers on CUDA
+            without activation checkpointing.
     """
 
     name = "torch"
     optimizer_name = "adamw"  # FSDPEngine keeps this; TorchEngine sets it from its argument
     flat_norm = True  # the gradient norm over the optimizer's flat buffers when it has them
+    cuda_graphs = False  # set in __init__ (FSDPEngine: never)
     _micro_batches = 1  # of the last step: how zero_grad() clears a flat-buffer optimizer
     # Whether train_step takes ``after=`` / ``lr_if_skipped=`` (the Trainer queues the next step
     # before reading this one's figures). Set in __init__: CUDA with an optimizer that reads its
@@ -130,6 +165,7 @@ class TorchEngine:
         peak_flops: float | None = None,
         optimizer: str = "adamw",
         seed: int = 0,
+        cuda_graphs: bool | str = False,
     ) -> None:
         self.device = _resolve_device(device)
         if precision == "auto":
@@ -148,6 +184,7 @@ class TorchEngine:
             model.set_activation_checkpointing(bool(use_checkpoint))
         if compile == "auto":
             compile = self.device.type == "cuda"
+        self.cuda_graphs = _resolve_cuda_graphs(cuda_graphs, self.device, bool(compile), model)
         if compile:
             self._compile_layers()
         self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width)
@@ -189,8 +226,13 @@ class TorchEngine:
         if layers is None:
             self.model.compile()
             return
+        # CUDA graphs: each layer's forward and backward are recorded once per packing shape and
+        # replayed with one launch (the model pads its layout to a few shapes, static_layout)
+        kw = {"mode": "reduce-overhead"} if self.cuda_graphs else {}
+        if self.cuda_graphs:
+            self.model.static_layout = True
         for layer in layers:
-            layer.compile()
+            layer.compile(**kw)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
@@ -292,6 +334,8 @@ class TorchEngine:
         for i, batch in enumerate(micro_batches):
             self._before_micro_batch(batch, i == last)
             b = self._to_device(batch)
+            if self.cuda_graphs:  # the graphs' outputs of the last forward/backward are consumed
+                torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
                 out = self.model(
                     b["input_ids"], position_ids=b.get("position_ids"), cu_seqlens=b.get("cu_seqlens"),
