@@ -763,11 +763,12 @@ def test_train_stats_roll_over_to_numbered_files_and_read_back_whole(tmp_path, m
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_master"])
-def test_gpu_cuda_graphs_train_like_plain_compiled_layers(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, lora", [("adamw", False), ("adamw_master", False), ("adamw", True)])
+def test_gpu_cuda_graphs_train_like_plain_compiled_layers(tmp_path, optimizer, lora):
     """cuda_graphs=True: the compiled layers replay as recorded CUDA graphs (none skipped) over packing
-    layouts that change every step; losses and weights follow the same run without graphs, and a
-    run through fit() resumes from its checkpoint."""
+    layouts that change every step; losses and weights follow the same run without graphs (full
+    and LoRA); forwards without grad (generation) record no graphs and give the same logits; a run
+    through fit() resumes from its checkpoint."""
     import copy
     import random
 
@@ -777,35 +778,51 @@ def test_gpu_cuda_graphs_train_like_plain_compiled_layers(tmp_path, optimizer):
 
     from fm9g.models.config import FM9GConfig
     from fm9g.models.fm9g import FM9GModel
+    from fm9g.models.lora import LoraConfig, apply_lora
 
     torch.manual_seed(0)
     base = FM9GModel(FM9GConfig.from_name("tiny", num_layers=2))
+    if lora:
+        apply_lora(base, LoraConfig(r=8, alpha=16, target_modules=["project_q", "project_v", "w_0", "w_out"]))
+        for name, p in base.named_parameters():  # B starts at zero: make the adapters matter from step 1
+            if "lora_B" in name:
+                p.data.normal_(0.0, 0.02)
     runs = []
     for graphs in (False, True):
         torch._dynamo.reset()
         counters.clear()
         model = copy.deepcopy(base)
-        engine = TorchEngine(model, lr=1e-3, device="cuda", compile=True, cuda_graphs=graphs, optimizer=optimizer)
-        assert engine.cuda_graphs is graphs and model.static_layout is graphs
+        engine = TorchEngine(model, lr=1e-3, device="cuda", compile=True, cuda_graphs=graphs, optimizer=optimizer,
+                             lora_only=lora)
+        assert engine.cuda_graphs is graphs and model.graphed_layers is graphs
         rng, gen = random.Random(0), torch.Generator().manual_seed(0)
         losses = []
-        for _ in range(10):
-            bounds = [0, *sorted(rng.sample(range(1, 256), rng.randint(1, 6))), 256]
-            ids = torch.randint(3, 99, (1, 256), generator=gen)
-            batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1),
-                     "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
-                     "max_seqlen": max(b - a for a, b in zip(bounds, bounds[1:]))}
-            losses.append(engine.train_step([batch], lr=1e-3).loss)
-        runs.append((losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()}))
+        for step in range(10):
+            micro = []
+            for _ in range(2 if step % 3 == 2 else 1):  # some steps accumulate two micro-batches
+                bounds = [0, *sorted(rng.sample(range(1, 256), rng.randint(1, 6))), 256]
+                ids = torch.randint(3, 99, (1, 256), generator=gen)
+                micro.append({"input_ids": ids, "labels": torch.roll(ids, -1, 1),
+                              "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+                              "max_seqlen": max(b - a for a, b in zip(bounds, bounds[1:]))})
+            losses.append(engine.train_step(micro, lr=1e-3).loss)
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        recorded = next(manager.graph_counter) if manager is not None else 0
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # generation-like: growing lengths
+            logits = [model(ids[:, :n].cuda()).logits.float() for n in (5, 6, 7, 40)]
         if graphs:
             assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-            manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
-            assert manager is not None and next(manager.graph_counter) >= 4  # forward + backward, 2 layers
-    (plain, w_plain), (graphed, w_graphed) = runs
+            assert recorded >= 4  # forward + backward of 2 layers
+            assert next(manager.graph_counter) == recorded + 1  # nothing recorded without grad
+        runs.append((losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()}, logits))
+    (plain, w_plain, l_plain), (graphed, w_graphed, l_graphed) = runs
     assert graphed == pytest.approx(plain, rel=1e-3)
     for k in w_plain:  # attention's dq adds blocks with atomics: the last bf16 bit may differ
         torch.testing.assert_close(w_graphed[k], w_plain[k], rtol=1e-2, atol=1e-3, msg=k)
-
+    for a, b in zip(l_plain, l_graphed):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+    if lora:
+        return
     cfg = _cfg(tmp_path, train_iters=12, save_iters=6, device="cuda", cuda_graphs=True, optimizer=optimizer,
                model_unique="graphs")
     res = Trainer(cfg, loader=ToyLoader()).fit()
@@ -827,4 +844,4 @@ def test_cuda_graphs_settings_are_checked():
     with pytest.raises(ValueError, match="needs a CUDA device.*cuda_graphs=false"):
         TorchEngine(model, device="cpu", cuda_graphs=True)
     engine = TorchEngine(model, device="cpu", cuda_graphs="auto")
-    assert engine.cuda_graphs is False and model.static_layout is False
+    assert engine.cuda_graphs is False and model.graphed_layers is False

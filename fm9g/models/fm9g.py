@@ -410,9 +410,11 @@ class FM9GModel(nn.Module):
         self.lm_head = None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = bool(config.use_checkpoint)
         self.loss_chunk_tokens: int | None = None  # None → LOSS_CHUNK_ELEMENTS // V
-        # Pad the packing layout to a few shapes (see static_layout()); engines that replay the
-        # layers as CUDA graphs turn it on, since a graph is recorded once per shape.
-        self.static_layout = False
+        # Set by an engine that compiled the layers to replay as CUDA graphs (TrainConfig.cuda_graphs):
+        # a graph is recorded once per shape, so under grad the packing layout is padded to a few
+        # shapes (static_layout()); without grad (generation, evaluation: a new length every call)
+        # the layers run eagerly instead of recording a graph per length.
+        self.graphed_layers = False
         self._attn_cache: dict[tuple[str, str, torch.dtype], str] = {}
         self.init_weights()
 
@@ -511,7 +513,8 @@ class FM9GModel(nn.Module):
                 position_ids = (flat - cu.long()[doc]).view(B, T)
         if max_seqlen is not None:
             max_len = int(max_seqlen)
-        if self.static_layout:
+        graphs = self.graphed_layers and torch.is_grad_enabled()
+        if graphs:
             cu, max_len = static_layout(cu, max_len, N)
 
         # 1. embedding (× scale_emb under muP)
@@ -532,6 +535,8 @@ class FM9GModel(nn.Module):
         for layer in self.encoder.layers:
             if use_ckpt:
                 h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            elif self.graphed_layers and not graphs:
+                h = layer._call_impl(h, cos, sin, ctx)  # the layer's own forward, not its compiled graphs
             else:
                 h = layer(h, cos, sin, ctx)
 

@@ -186,7 +186,7 @@ class TrainConfig:
     precision: str = "auto"
     use_checkpoint: bool | None = None
     compile: bool | str = "auto"
-    cuda_graphs: bool | str = False
+    cuda_graphs: bool | str = "auto"
     attn_impl: str | None = None
     offload: bool = False
     num_workers: int = 0

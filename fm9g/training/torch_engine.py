@@ -56,7 +56,7 @@ def _resolve_cuda_graphs(value: bool | str, device: torch.device, compile: bool,
         raise ValueError(f"cuda_graphs must be true, false or \"auto\", got {value!r}")
     layers = getattr(getattr(model, "encoder", None), "layers", None)
     checkpointing = bool(getattr(model, "gradient_checkpointing", False))
-    usable = device.type == "cuda" and compile and layers is not None and hasattr(model, "static_layout")
+    usable = device.type == "cuda" and compile and layers is not None and hasattr(model, "graphed_layers")
     if value == "auto":
         return usable and not checkpointing
     if not value:
@@ -67,7 +67,7 @@ def _resolve_cuda_graphs(value: bool | str, device: torch.device, compile: bool,
         raise ValueError("cuda_graphs=true replays the compiled layers: set compile=true (or \"auto\"), "
                          "or cuda_graphs=false")
     if not usable:
-        raise ValueError(f"cuda_graphs=true needs a model with encoder.layers and static_layout (FM9GModel); "
+        raise ValueError(f"cuda_graphs=true needs a model with encoder.layers and graphed_layers (FM9GModel); "
                          f"{type(model).__name__} has not: set cuda_graphs=false")
     if checkpointing:
         raise ValueError("cuda_graphs=true does not combine with activation checkpointing (the recompute would "
@@ -230,7 +230,7 @@ class TorchEngine:
         # replayed with one launch (the model pads its layout to a few shapes, static_layout)
         kw = {"mode": "reduce-overhead"} if self.cuda_graphs else {}
         if self.cuda_graphs:
-            self.model.static_layout = True
+            self.model.graphed_layers = True
         for layer in layers:
             layer.compile(**kw)
 
@@ -330,6 +330,8 @@ class TorchEngine:
         sums = torch.zeros(1 + 3 * n_tasks, device=self.device, dtype=torch.float64)  # loss, then per task
         if not self.model.training:  # train() walks every module (~1 ms a step for a 24-layer model)
             self.model.train()
+        if self.cuda_graphs and len(micro_batches) > 1:
+            self._grads_outside_graphs()
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             self._before_micro_batch(batch, i == last)
@@ -380,7 +382,20 @@ class TorchEngine:
         # next ones in at the step (one copy instead of a fill and an add).
         in_place = hasattr(self.optimizer, "flat_grads") and (
             self._micro_batches > 1 or self.optimizer.memory_first)
+        in_place = in_place or (self.cuda_graphs and self._micro_batches > 1)
         self.optimizer.zero_grad(set_to_none=not in_place)
+
+    def _grads_outside_graphs(self) -> None:
+        """With CUDA graphs and several micro-batches, backward adds into gradients held outside the
+        graphs' memory: a gradient taken over from a recorded backward's output would be written
+        over by the next micro-batch's replay (torch then stops with an error)."""
+        if hasattr(self.optimizer, "flat_grads"):
+            if any(p.grad is None for p in self.params):
+                self.optimizer.zero_grad(set_to_none=False)  # views into the flat buffer, zeroed
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     # ------------------------------------------------------------------ one process: trivial collectives
     @property
