@@ -57,3 +57,4 @@ PYEOF
 cp "$work/run.json" "$work/run.md" "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$work" --exclude='*.json' --exclude='*.md' . 2>/dev/null
 for t in "$work"/g*/trace-*.json; do [ -f "$t" ] && gzip -c "$t" > "$OUT/$(basename "$t").gz"; done
+[ -f "$OUT/run.json" ]  # the status: whether the benchmark wrote its table
