@@ -167,7 +167,7 @@ class _FlatBucket:
             self.master = self.weights if dtype == torch.float32 else torch.empty(total, dtype=torch.float32, **kw)
         for i in range(len(params)):  # one at a time: a parameter's old storage is freed as the next is copied
             self._adopt_weight(i)
-            self._adopt_grad(i)
+        self.sync()  # the gradients: views into the buffer, holding any gradient a parameter had
         # the moments last, once the parameters' old storage is gone (a lower peak while building)
         self.exp_avg = torch.zeros(total, dtype=moment_dtype, **kw)
         self.exp_avg_sq = torch.zeros(total, dtype=moment_dtype, **kw)
@@ -183,15 +183,6 @@ class _FlatBucket:
             self.view(self.master, i).copy_(p.data.reshape(p.shape))  # before rounding: exact
         v.copy_(p.data.reshape(p.shape))
         p.data = v
-
-    def _adopt_grad(self, i: int) -> None:
-        p = self.params[i]
-        v = self.view(self.grads, i)
-        if p.grad is None:
-            v.zero_()
-        else:
-            v.copy_(p.grad.reshape(p.shape))
-        p.grad = v
 
     def release_grads(self) -> None:
         """Drop the gradients (``.grad`` = None); :meth:`sync` copies the next ones into the buffer."""

@@ -376,13 +376,14 @@ class TorchEngine:
         return deferred_step_output(figures, n_tasks, counts=None if isinstance(counts, torch.Tensor) else counts)
 
     def zero_grad(self) -> None:
-        # A flat-buffer optimizer zeroes its buffer in place when a step accumulates several
-        # micro-batches, and always for adamw_bf16 (backward adds onto it: no second set of
-        # gradients in memory); adamw_master after a one-backward step drops them and copies the
-        # next ones in at the step (one copy instead of a fill and an add).
-        in_place = hasattr(self.optimizer, "flat_grads") and (
-            self._micro_batches > 1 or self.optimizer.memory_first)
-        in_place = in_place or (self.cuda_graphs and self._micro_batches > 1)
+        # Gradients are zeroed in place (backward adds onto them) after a step of several
+        # micro-batches: a flat-buffer optimizer then holds no second set, and with CUDA graphs
+        # no gradient lives in the graphs' memory. adamw_bf16 always keeps them (memory first);
+        # otherwise they are dropped (adamw_master copies the next ones in at the step: one copy
+        # instead of a fill and an add).
+        flat = hasattr(self.optimizer, "flat_grads")
+        several = self._micro_batches > 1
+        in_place = (several and (flat or self.cuda_graphs)) or (flat and self.optimizer.memory_first)
         self.optimizer.zero_grad(set_to_none=not in_place)
 
     def _grads_outside_graphs(self) -> None:
