@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (as the HF baseline)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer layer (after LoRA)")
     p.add_argument("--modes", default="off,on", help="activation checkpointing modes to run: off,on")
-    p.add_argument("--attn-impl", default="auto", help="attention backend (auto, flash_attn, torch_varlen, flex, sdpa)")
+    p.add_argument("--attn-impl", default="auto", help="attention backend (auto, flash_attn_4, flash_attn, torch_varlen, flex, sdpa)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--out", default=None, help="also write the JSON to this file")

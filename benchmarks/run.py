@@ -29,7 +29,7 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     eager         compile=False
     compile_full  torch.compile the whole model (not only the layers)
     ckpt          activation checkpointing on
-    attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | auto)
+    attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | flash_attn_4 | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy
     ahead=0       every step waits for the one before (the Trainer queues one step ahead by default on CUDA)
     keep_logits=0 the loss's backward recomputes the logits (kept from the forward by default when they fit 1 GiB)

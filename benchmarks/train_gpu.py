@@ -15,7 +15,7 @@ Run variants in one process (each builds a fresh model), and the HF baseline in 
 
 A variant is ``+``-joined flags: ``eager``, ``compile`` (torch.compile each layer), ``compilefull``
 (torch.compile the whole model), ``ckpt`` (activation checkpointing), ``attn=<backend>`` (sdpa |
-flex | torch_varlen | flash_attn | auto), ``chunk=<tokens>`` (tokens per chunk of the model's
+flex | torch_varlen | flash_attn | flash_attn_4 | auto), ``chunk=<tokens>`` (tokens per chunk of the model's
 chunked linear + cross-entropy), e.g. ``compile+attn=flash_attn+chunk=1024``.
 Prints one JSON object per variant.
 """

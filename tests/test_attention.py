@@ -92,7 +92,7 @@ def test_auto_on_cpu_is_sdpa() -> None:
 
 
 def test_registry_names() -> None:
-    assert set(ATTENTION_BACKENDS) == {"sdpa", "flex", "torch_varlen", "flash_attn"}
+    assert set(ATTENTION_BACKENDS) == {"sdpa", "flex", "torch_varlen", "flash_attn", "flash_attn_4"}
 
 
 def test_unavailable_backends_say_why() -> None:
@@ -106,6 +106,8 @@ def test_unavailable_backends_say_why() -> None:
     expected = "pip install" if importlib.util.find_spec("flash_attn_2_cuda") is None else "CUDA only"
     with pytest.raises(AttentionUnavailableError, match=expected):
         resolve_attention("flash_attn", "cpu", torch.bfloat16)
+    with pytest.raises(AttentionUnavailableError, match="flash_attn_4.*(pip install flash-attn-4|CUDA only)"):
+        resolve_attention("flash_attn_4", "cpu", torch.bfloat16)
     with pytest.raises(AttentionUnavailableError, match="unknown attention backend 'xformers'"):
         get_attention("xformers")
     with pytest.raises(AttentionUnavailableError, match="needs device and dtype"):
@@ -132,7 +134,7 @@ def test_gpu_varlen_backends_skip_the_empty_documents_of_a_static_layout() -> No
 
     g = torch.Generator().manual_seed(3)
     cu = torch.tensor([0, 70, 75, 300, 512], dtype=torch.int32, device="cuda")
-    names = [n for n in ("torch_varlen", "flash_attn") if n in available_backends("cuda", torch.bfloat16)]
+    names = [n for n in ("torch_varlen", "flash_attn", "flash_attn_4") if n in available_backends("cuda", torch.bfloat16)]
     assert "torch_varlen" in names
     for name in names:
         fn = get_attention(name, "cuda", torch.bfloat16)
@@ -148,3 +150,38 @@ def test_gpu_varlen_backends_skip_the_empty_documents_of_a_static_layout() -> No
         torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0, msg=name)  # the forward is exact
         for a, b in zip(results[0][1:], results[1][1:]):  # dq adds up blocks in any order (atomics)
             torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_flash_attn_4_matches_torch_varlen_eager_compiled_and_graphed() -> None:
+    """flash-attn-4's kernels (installed on the device run) compute what torch's varlen kernels do,
+    forward and backward, at a real head size with GQA and mixed document lengths; inside a compiled
+    function recorded as a CUDA graph they give the same numbers again, with no graph skipped."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    if "flash_attn_4" not in available_backends("cuda", torch.bfloat16):
+        pytest.fail(backend_status("cuda", torch.bfloat16)["flash_attn_4"])  # the device run installs it
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 1024, 2048, 2100, 2101, 3000, 4096], dtype=torch.int32, device="cuda")
+    inputs = [torch.randn(4096, h, 128, generator=g).cuda().bfloat16() for h in (16, 4, 4)]
+
+    def run(fn):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        out = fn(q, k, v, cu, 1096, scale=128 ** -0.5, cache={})  # the longest document: 3000..4096
+        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+        return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+    ref = run(get_attention("torch_varlen"))
+    fa4 = run(get_attention("flash_attn_4", "cuda", torch.bfloat16))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fa4, ref):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+    torch._dynamo.reset()
+    counters.clear()
+    graphed = torch.compile(get_attention("flash_attn_4"), mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        torch.compiler.cudagraph_mark_step_begin()
+        again = run(graphed)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), again, fa4):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2, msg=name)

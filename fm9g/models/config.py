@@ -129,7 +129,8 @@ class FM9GConfig:
         dtype: the original files' compute dtype ("bf16", "fp16" or "fp32"), kept for round trip;
             parameters are built in torch's default dtype and the training precision is
             TrainConfig's `precision`.
-        attn_impl: attention backend ("auto", "sdpa", "flex", "torch_varlen", "flash_attn"); a
+        attn_impl: attention backend ("auto", "sdpa", "flex", "torch_varlen", "flash_attn",
+            "flash_attn_4"); a
             TrainConfig `attn_impl` overrides it for training.
         extra: informational keys of the source file (e.g. `half_type`), kept for `to_json`.
     """
