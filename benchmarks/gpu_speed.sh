@@ -30,7 +30,7 @@ fi
 cat "$OUT/machine.txt"
 if [ "${TESTS:-1}" != 0 ]; then
   timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests/test_attention.py \
-    tests/test_model.py tests/test_optimizers.py tests/test_trainer.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+    tests/test_model.py tests/test_optimizers.py tests/test_trainer.py tests/test_lora.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 fi
 work=$(mktemp -d)
 group=0
