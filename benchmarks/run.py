@@ -36,8 +36,8 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     land=0        flat-buffer optimizers zero their gradient buffer and backward adds onto it (by default,
                   with one micro-batch, the gradients are dropped and copied into the buffer at the step)
     flatnorm=0    the gradient norm over the parameters' gradients (by default over the flat buffers)
-    lorafuse=0    each LoRA branch runs its own down-projection (by default q/k/v and gate/up, which read
-                  the same input, run theirs as one GEMM: fm9g.models.lora.shared_input_linears)
+    lorafuse=1|0  q/k/v and gate/up, which read the same input, run their LoRA down-projections as one
+                  GEMM (1) or each branch its own (0); default: fm9g.models.lora.FUSE_SHARED_INPUT
     workers=N     MixtureLoader worker processes (default 2)
     profile       torch.profiler over 3 steps after the warm-up: the kernel table in the child's
                   log, the top 20 kernels (ms per step) in run.json, the Chrome trace as
@@ -178,10 +178,10 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
                 model = FM9GModel(dataclasses.replace(mc, attn_impl=flags["attn"]) if flags.get("attn") else mc)
         finally:
             torch.set_default_dtype(previous)
-    if flags.get("lorafuse") == "0":
+    if "lorafuse" in flags:
         import fm9g.models.lora as lora_mod
 
-        lora_mod.FUSE_SHARED_INPUT = False
+        lora_mod.FUSE_SHARED_INPUT = flags["lorafuse"] != "0"
     t_build = time.perf_counter()
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     if "chunk" in flags and hasattr(trainer.model, "loss_chunk_tokens"):

@@ -241,8 +241,9 @@ class LoraLinear(nn.Linear):
 # Linears that read the same input (q/k/v, gate/up) with LoRA branches: their down-projections
 # ``x Aᵢᵀ`` run as one GEMM over the stacked ``A``s. Each ``x Aᵢᵀ`` alone is a skinny GEMM (r output
 # columns) that reads all of ``x`` and keeps few SMs busy; stacked, ``x`` is read once, forward and
-# backward, and ``dx`` gets one update instead of one per branch. Off: set this to False.
-FUSE_SHARED_INPUT = True
+# backward, and ``dx`` gets one update instead of one per branch. Off by default until it has been
+# measured on a GPU (`python benchmarks/run.py W2 --variants base,lorafuse=1`); on: set it to True.
+FUSE_SHARED_INPUT = False
 
 
 def _stackable(lin: nn.Module) -> bool:
