@@ -373,7 +373,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
 }
 
 # "auto" preference, fastest first (flash-attn-4 measured ahead of torch's FA2 kernels on an H200:
-# W1 +5 %, W2 +1 %; it compiles its kernels on first use, a few seconds). flex is not in the list:
+# W1 +3.9 %, W2 +2.6 %, benchmarks/RESULTS.md 2026-12-05; it compiles its kernels on first use). flex is not in the list:
 # it compiles on first use (tens of seconds) and is worth choosing explicitly; sdpa always works.
 AUTO_ORDER: tuple[str, ...] = ("flash_attn_4", "flash_attn", "torch_varlen", "sdpa")
 

@@ -130,8 +130,7 @@ class FM9GConfig:
             parameters are built in torch's default dtype and the training precision is
             TrainConfig's `precision`.
         attn_impl: attention backend ("auto", "sdpa", "flex", "torch_varlen", "flash_attn",
-            "flash_attn_4"); a
-            TrainConfig `attn_impl` overrides it for training.
+            "flash_attn_4"); a TrainConfig `attn_impl` overrides it for training.
         extra: informational keys of the source file (e.g. `half_type`), kept for `to_json`.
     """
 

@@ -124,8 +124,11 @@ class LoraBranch(nn.Module):
         keep fp32 master weights and gradients without saving an fp32 copy of every activation.
         """
         h = self.dropout(x)
-        h = F.linear(h, self.lora_A.to(h.dtype))          # (..., r)
-        return F.linear(h, self.lora_B.to(h.dtype)) * self.scaling  # (..., out)
+        return self.up(F.linear(h, self.lora_A.to(h.dtype)))  # (..., r) -> (..., out)
+
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        """The up-projection of an already down-projected ``h = dropout(x) Aᵀ``: ``h Bᵀ · scaling``."""
+        return F.linear(h, self.lora_B.to(h.dtype)) * self.scaling
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}"
@@ -271,10 +274,7 @@ def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tup
     lins = [linears[i] for i in stack]
     stacked = torch.cat([lin.lora.lora_A.to(dtype) for lin in lins])  # (Σr, in)
     hs = F.linear(x, stacked).split([lin.lora.r for lin in lins], dim=-1)  # each (..., r)
-    fused = {
-        i: F.linear(x, lin.weight, lin.bias) + F.linear(h, lin.lora.lora_B.to(dtype)) * lin.lora.scaling
-        for i, lin, h in zip(stack, lins, hs)
-    }
+    fused = {i: F.linear(x, lin.weight, lin.bias) + lin.lora.up(h) for i, lin, h in zip(stack, lins, hs)}
     return tuple([fused[i] if i in fused else lin(x) for i, lin in enumerate(linears)])
 
 
