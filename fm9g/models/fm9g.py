@@ -104,6 +104,7 @@ class AttentionContext:
     cu_seqlens: torch.Tensor  # int32 (n+1,), boundaries over the N flattened tokens
     max_seqlen: int
     cache: dict[str, Any] = field(default_factory=dict)  # backend scratch (masks, host copies)
+    kv: Any = None  # generation: a fm9g.models.generate.KVCache that keeps keys / values and attends
 
 
 class Attention(nn.Module):
@@ -125,6 +126,9 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
         v = v.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ctx.kv is not None:  # generation: attend over the cached keys / values of earlier calls
+            out = ctx.kv.attend(q, k, v, scale=1.0 / math.sqrt(self.dim_head))  # (B, T, h, dh)
+            return self.attention_out(out.reshape(B, T, self.num_heads * self.dim_head))
         # Backends see the flattened token stream: (N, heads, dh), documents given by cu_seqlens.
         out = ctx.fn(
             q.reshape(B * T, self.num_heads, self.dim_head),
@@ -467,6 +471,7 @@ class FM9GModel(nn.Module):
         *,
         return_logits: bool | None = None,
         max_seqlen: int | None = None,
+        kv_cache: Any = None,
     ) -> FM9GOutput:
         """Run packed rows through the decoder.
 
@@ -481,6 +486,9 @@ class FM9GModel(nn.Module):
                 labels[j]; no shift), -100 ignored.
             return_logits: also return logits when labels are given (default: only without labels).
             max_seqlen: longest document, if the caller knows it (saves nothing but a reduction).
+            kv_cache: a :class:`fm9g.models.generate.KVCache` (generation; see :meth:`generate`):
+                the rows attend over the cached tokens plus these, which are appended; needs
+                ``position_ids``, no ``cu_seqlens`` or labels; logits of the last position only (B, 1, V).
         Returns:
             FM9GOutput(loss, logits, token_loss, num_label_tokens).
         """
@@ -530,6 +538,7 @@ class FM9GModel(nn.Module):
             cu_seqlens=cu,
             max_seqlen=max_len,
             cache=cache,
+            kv=kv_cache,
         )
         cos, sin = rotary_cos_sin(position_ids.to(device), cfg.dim_head, cfg.base)  # (B, T, dh) fp32
 
@@ -548,6 +557,8 @@ class FM9GModel(nn.Module):
         if cfg.scale:
             h = h / cfg.scale_width
         weight = self.output_weight  # (V, d)
+        if kv_cache is not None:
+            h = h[:, -1:]  # (B, 1, d): generation reads the next-token logits only
 
         out = FM9GOutput()
         if labels is not None:
@@ -560,6 +571,23 @@ class FM9GModel(nn.Module):
         if labels is None or return_logits:
             out.logits = F.linear(h, weight)  # (B, T, V)
         return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue prompts with a KV cache, greedy by default (:func:`fm9g.models.generate.generate`:
+        arguments, padding, sampling). input_ids (B, T), attention_mask (B, T) 1 = real token.
+
+        Returns:
+            (B, T + n) int64: the prompts, then n <= max_new_tokens generated tokens per row.
+        """
+        from fm9g.models.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask, pad_token_id=pad_token_id,
+                        generator=generator)
 
     def extra_repr(self) -> str:
         c = self.config
