@@ -102,6 +102,8 @@ def _no_space_reason(err: BaseException) -> tuple[str, int | None] | None:
     while cause is not None and len(seen) < 8 and cause not in seen:
         seen.append(cause)
         cause = cause.__cause__ or cause.__context__
+    if any(not isinstance(e, Exception) for e in seen):
+        return None  # an interrupt (Ctrl-C, SIGTERM) cut the write: not a full disk
     for e in seen:
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
             return _NO_SPACE[e.errno], e.errno

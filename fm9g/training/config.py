@@ -90,17 +90,19 @@ class TrainConfig:
     fresh optimizer and loader), load_dataloader_ckpt (false: resume without the data position),
     resume_no_optimizer (resume without the optimizer state; alias ``resume_no_optimze``). A
     resume from a checkpoint lacking optimizer or loader state is refused unless the matching
-    option says to go on (docs/checkpoints.md). A run that starts at step 0 (no resume, or only_load_model) refuses a run folder
+    option says to go on (docs/checkpoints.md). save_on_interrupt (default true): SIGINT / SIGTERM
+    stop after the step in hand and save it (docs/training.md, "Interrupts and preemption"). A run that starts at step 0 (no resume, or only_load_model) refuses a run folder
     that already holds checkpoints or train stats, unless ``overwrite_run`` is true (then those are
     deleted first; docs/training.md, "Run folders").
 
-    Logging: log_iters, inspect_iters (parameter statistics), tensorboard (directory;
+    Logging: log_iters, inspect_iters (a table of parameter statistics every N steps; 0, the
+    default: never), tensorboard (directory;
     ``"auto"`` = ``<save>/<model_unique>/tensorboard``; ``"original"`` = the original launcher's
     ``<save>/../tensorboard/<exp_group><model_unique>``; None disables), exp_group (prefix of the
     ``"original"`` TensorBoard folder), stats_dir (train_stats jsonl; ``"auto"`` =
     ``<save>/<model_unique>/train_stats``), log_task_loss (the original's ``tensorboard_all_tasks``:
     the per-task TensorBoard scalars ``Loss/train/<task>``; per-task losses are always on the console
-    line and in train_stats), progress_bar, peak_flops (for MFU; None = detect from the GPU name).
+    line and in train_stats), progress_bar (only ever drawn when stderr is a terminal), peak_flops (for MFU; None = detect from the GPU name).
 
     Engine: engine (``"torch"``: one process, or FSDP2 under torchrun; ``"bmtrain"``: ZeRO-3 blocks and
     optional optimizer offload, needs bmtrain, see docs/install.md), device (auto |
@@ -171,9 +173,10 @@ class TrainConfig:
     load_dataloader_ckpt: bool = True
     resume_no_optimizer: bool = False
     overwrite_run: bool = False
+    save_on_interrupt: bool = True
     # --- logging ------------------------------------------------------------------------------
     log_iters: int = 1
-    inspect_iters: int = 100
+    inspect_iters: int = 0
     tensorboard: str | None = "auto"
     exp_group: str = ""
     stats_dir: str | None = "auto"

@@ -49,10 +49,19 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float | None) -> float | None:
-    """Model FLOPs utilisation in [0, 1], or None without a known peak."""
+    """Model FLOPs utilisation in [0, 1], or None without a known peak, or when the figure would
+    exceed the peak (then the time or ``peak_flops`` is wrong, and no false MFU is shown)."""
     if not peak_flops:
         return None
-    return tokens_per_s * flops_per_tok / peak_flops
+    value = tokens_per_s * flops_per_tok / peak_flops
+    return value if value <= 1.0 else None
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def format_tokens(n: float) -> str:
@@ -113,7 +122,7 @@ class MetricsLogger:
             self.stats_dir.mkdir(parents=True, exist_ok=True)
             existing = sorted(self.stats_dir.glob("*.jsonl"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
             self._stats_file = existing[-1] if existing else self.stats_dir / "0.jsonl"
-        if progress_bar:
+        if progress_bar and _is_terminal(sys.stderr):  # a redirected log gets no \r updates
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
@@ -186,6 +195,10 @@ class MetricsLogger:
             parts.append(f"MFU: {100 * s['mfu']:.1f}%")
         if s.get("iter_time") is not None:
             parts.append(f"iter_time: {s['iter_time']:.3f}s")
+        if s.get("save_time") is not None:
+            parts.append(f"save_time: {s['save_time']:.3f}s")
+        if s.get("dropped"):
+            parts.append("dropped: " + ", ".join(f"{k} {v}" for k, v in s["dropped"].items()))
         if s.get("token_pass") is not None:
             parts.append(f"token_pass: {format_tokens(s['token_pass'])}")
         if s.get("mem_gb") is not None:

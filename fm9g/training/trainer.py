@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -43,7 +42,9 @@ from fm9g.training.engine import Engine, StepOutput, build_engine, stage_batch
 from fm9g.training.metrics import MetricsLogger, flops_per_token, inspect_model, mfu
 from fm9g.training.resume import resume as resume_checkpoint
 from fm9g.training.run_checks import base_identity, check_device, check_start, fresh_start_text, has_lora, lora_settings
+from fm9g.training.run_guard import DEFAULT_RESUME_HINT, finish_interrupted, guard_run, stop_agreed
 from fm9g.training.schedules import lr_at
+from fm9g.training.step_clock import StepClock
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "build_model", "build_tokenizer", "build_loader", "pretrained_state",
            "seed_everything"]
@@ -62,7 +63,8 @@ class TrainResult:
         tokens: real tokens trained on over the whole run (resumes included).
         skipped: skipped batches by reason (``nonfinite``, ``oom``).
         last_checkpoint: the folder written last, if any.
-        stop_reason: ``"train_iters"``, ``"data_exhausted"``.
+        stop_reason: ``"train_iters"``, ``"data_exhausted"``, ``"interrupted"`` (SIGINT / SIGTERM;
+            ``signal`` holds its number: the command exits with 128 + signal).
     """
 
     step: int
@@ -71,6 +73,7 @@ class TrainResult:
     skipped: dict[str, int] = field(default_factory=dict)
     last_checkpoint: Path | None = None
     stop_reason: str = "train_iters"
+    signal: int | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -140,6 +143,12 @@ class Trainer:
         self._history: tuple[tuple[str, int], ...] = ()
         self._resumed_from: Path | None = None
         self.resume_summary: str | None = None  # what the last resume restored and what not
+        # the stop signals of a running fit, the text that tells how to resume, and the step clock
+        self._stop: Any = None
+        self._stopping = False
+        self.resume_hint = DEFAULT_RESUME_HINT
+        self.interrupted_by: int | None = None
+        self.clock = StepClock()
         # rows come from the loader when one is given (it may pack other lengths than the config)
         self.batch_size = int(getattr(loader, "batch_size", None) or config.batch_size)
         self.max_length = int(getattr(loader, "max_length", None) or config.max_length)
@@ -234,10 +243,20 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``train_iters`` (or the data ends when ``stop_when_end`` is False).
 
+        The run folder is locked for the whole call (one writer per folder; another live run's
+        folder is refused at once, :mod:`fm9g.training.run_lock`). SIGINT / SIGTERM stop after the
+        step in hand, save it (``save_on_interrupt``) and return with ``stop_reason
+        "interrupted"``; a second signal raises :class:`~fm9g.training.interrupts.RunInterrupted`.
+
         Returns:
             :class:`TrainResult`. Raises :class:`TrainingError` after ``max_bad_steps``
             consecutive skipped steps, naming the reason.
         """
+        with guard_run(self):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
+        """The loop of :meth:`fit` (the run folder's lock and the stop signals held)."""
         cfg = self.config
         if cfg.resume_ckpt is not None and not self._resumed:
             self.resume(cfg.resume_ckpt)
@@ -247,8 +266,6 @@ class Trainer:
         self.logger = logger = self._open_logger()
         result = TrainResult(step=self.step)
         logger.print(self.describe())
-        if self.step == 0 and cfg.inspect_iters:
-            logger.print(inspect_model(self.model))
         # Per iteration: launch the step; write the PREVIOUS step's log line while the device runs
         # it; fetch and stage the next batches; where the engine can (launch_ahead) queue the next
         # step behind this one already, so the device never waits for the host; then read this
@@ -256,7 +273,7 @@ class Trainer:
         # does not advance), log, save.
         pending: tuple[int, dict[str, Any], dict[str, float]] | None = None
         ahead: tuple[StepOutput, list[dict[str, Any]], float] | None = None  # queued, not settled
-        t_prev = time.perf_counter()
+        self.clock = clock = StepClock(self.clock.clock)
         try:
             batches = self._next_batches() if self._goes_on() else None
             while self._goes_on():
@@ -268,23 +285,29 @@ class Trainer:
                         result.stop_reason = "data_exhausted"
                         logger.print(f"data ran out after iteration {self.step} of train_iters={cfg.train_iters}; stopping")
                         break
-                    t0 = time.perf_counter()
+                    t0 = clock.now()
                     out = self._launch(batches)
                 pending = self._write_log(pending)
+                self._stopping = stop_agreed(self)
                 prefetched = self._may_prefetch()
                 upcoming = self._next_batches() if prefetched else None
                 if upcoming is not None and self._may_launch_ahead():
-                    ahead, upcoming = (self._launch(upcoming, after=out), upcoming, time.perf_counter()), None
+                    ahead, upcoming = (self._launch(upcoming, after=out), upcoming, clock.now()), None
                 self._settle(out, batches)
-                now = time.perf_counter()
-                times, t_prev = (now - t_prev, now - t0), now
-                pending = self._after_step(out, batches, times, result.losses)
+                pending = self._after_step(out, batches, clock.settled(t0), result.losses)
+                if ahead is None and not prefetched and (  # SIGINT / SIGTERM: stop here (no batches in hand)
+                        self._stopping or (self.engine.world_size == 1 and stop_agreed(self))):
+                    result.stop_reason, result.signal = "interrupted", getattr(self._stop, "signum", None)
+                    break
                 if ahead is None:
                     if not prefetched:  # fetched now only if the loop goes on (the loader state is saved at the end)
                         upcoming = self._next_batches() if self._goes_on() else None
                     batches = upcoming
             pending = self._write_log(pending)
-            self._maybe_save(final=True)
+            if result.stop_reason == "interrupted":
+                finish_interrupted(self)
+            else:
+                self._maybe_save(final=True)
         finally:
             self._write_log(pending)
             logger.close()
@@ -304,14 +327,17 @@ class Trainer:
             return None
         losses.append(out.loss)
         pending = (self.step, self._metrics_row(out, batches, *times), self._task_losses(out, batches))
+        save_due = self._save_due()
+        if save_due:  # the save's time is logged apart (save_time) and is no step's time
+            with self.clock.paused():
+                self._maybe_save()
+            pending[1]["save_time"] = self.clock.last_pause
         if self.config.inspect_iters and self.step % self.config.inspect_iters == 0:
             pending = self._write_log(pending)
             assert self.logger is not None
-            self.logger.print(inspect_model(self.model))
-        if self._save_due():
-            pending = self._write_log(pending)
-            self._maybe_save()
-        return pending
+            with self.clock.paused():
+                self.logger.print(inspect_model(self.model))
+        return self._write_log(pending) if save_due else pending
 
     def _data_ran_out(self) -> TrainingError:
         """The error of a run whose data ended before ``train_iters`` with ``stop_when_end`` false."""
@@ -366,7 +392,7 @@ class Trainer:
         the loop surely goes on and no checkpoint can follow this step (a checkpoint saves the
         loader position, which must not include batches fetched ahead)."""
         cfg, k = self.config, self.step + 1
-        if k >= cfg.train_iters:
+        if k >= cfg.train_iters or self._stopping:
             return False
         return not (cfg.run_dir is not None and cfg.save_iters and k % cfg.save_iters == 0)
 
