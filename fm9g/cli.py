@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "inspect": "inspect",
     "plot": "plot",
+    "inspect-data": "inspect_data",
 }
 
 # exit status of a user-facing error (argparse uses 2 for a bad command line, too)

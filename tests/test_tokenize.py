@@ -25,7 +25,7 @@ def ids(text: str) -> list[int]:
 
 def test_mask_exactly_bos_and_input_real_tokenizer(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    st = SampleTokenizer(tok, 512)
+    st = SampleTokenizer(tok, 512, bos="always")
     sample = {"input": "What is the capital of France?", "output": "The capital of France is Paris."}
     (out,) = st(sample)
     inp = tok(sample["input"], add_special_tokens=False)["input_ids"]
@@ -56,7 +56,7 @@ def test_pretraining_windows_reassemble_real_tokenizer(smollm2_tokenizer):
     # pick a max_length whose final window keeps > 8 tokens, so the whole stream comes back
     while (len(stream) + 1) % L and (len(stream) + 1) % L <= 8:
         L += 1
-    st = SampleTokenizer(tok, L)
+    st = SampleTokenizer(tok, L, bos="always")
     windows = st({"input": "", "output": text})
     assert len(windows) > 3
     assert all(len(w) <= L for w in windows) and all(len(w) == L for w in windows[:-1])
@@ -152,7 +152,7 @@ def test_batch_equals_single_and_overrides(smollm2_tokenizer):
     st = SampleTokenizer(smollm2_tokenizer, 48)
     samples = [{"input": "a question", "output": "an answer " * 20}, None, {"output": ""}, {"input": None, "output": "plain text"}]
     assert st.batch(samples) == [SampleTokenizer(smollm2_tokenizer, 48)(s) for s in samples]
-    custom = SampleTokenizer(smollm2_tokenizer, 48, bos_id=7, eos_id=9)
+    custom = SampleTokenizer(smollm2_tokenizer, 48, bos_id=7, eos_id=9, bos="always")
     (w,) = custom({"output": "hi"})
     assert w.input_ids[0] == 7 and w.labels[-1] == 9
 
@@ -162,8 +162,13 @@ def test_bad_arguments():
         bos_token_id = None
 
     with pytest.raises(ValueError, match="bos_id"):
-        SampleTokenizer(NoBos(), 16)
-    SampleTokenizer(NoBos(), 16, bos_id=0)
+        SampleTokenizer(NoBos(), 16, bos="always")
+    with pytest.raises(ValueError, match="bos must be one of"):
+        SampleTokenizer(CharTokenizer(), 16, bos="sometimes")
+    SampleTokenizer(NoBos(), 16, bos_id=0, bos="always")
+    # a tokenizer without BOS trains (issue 32): no BOS, labels still aligned
+    (w,) = SampleTokenizer(NoBos(), 16)({"input": "ab", "output": "cd"})
+    assert w.input_ids == ids("abcd") and w.labels == [IGNORE_INDEX] + ids("cd") + [EOS]
     with pytest.raises(ValueError, match="oversize_rule"):
         SampleTokenizer(CharTokenizer(), 16, oversize_rule="truncate")
     assert isinstance(SampleTokenizer(CharTokenizer(), 16)({"output": "x"})[0], TokenizedSample)

@@ -1,4 +1,4 @@
-"""`fm9g build-index SRC OUT --language zh|en [--tokenizer PATH] [--skip-invalid] [--overwrite]`.
+"""`fm9g build-index SRC OUT --language zh|en [--format auto|io|messages|sharegpt|alpaca] [--tokenizer PATH] [--skip-invalid] [--overwrite]`.
 
 The original script's form works too: ``fm9g build-index --path SRC --language zh --output OUT``
 (the flags of ``convert_json2index.py``).
@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Validate a .jsonl or .txt file (or a directory of them) and write an index directory: "
             "data.jsonl, index (N+1 byte offsets), index.h5 and meta.json. Each jsonl line must be a JSON "
-            "object with a string 'output' and an optional string 'input'; .txt lines become "
+            "object with a string 'output' and an optional string 'input', or a chat record ('messages', "
+            "ShareGPT 'conversations', Alpaca 'instruction'); .txt lines become "
             '{"input": "", "output": line}.'
         ),
     )
@@ -32,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="token estimate without a tokenizer: zh = 0.7 x characters, en/code = 1.5 x space-separated pieces")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="Hugging Face tokenizer directory or name: count real tokens (input + output) instead of estimating")
+    p.add_argument("--format", default="auto", choices=["auto", "io", "messages", "sharegpt", "alpaca"],
+                   help="record format of the jsonl lines: auto (detected per line, default), io ({input, output}), "
+                        "messages (OpenAI), sharegpt (conversations) or alpaca (instruction/input/output)")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count bad lines instead of stopping at the first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--workers", type=int, default=None, help="validating processes (default: min(2, CPU count))")
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         skip_invalid=args.skip_invalid,
         overwrite=args.overwrite,
         num_workers=args.workers,
+        format=args.format,
     )
     dt = time.perf_counter() - t0
     print(

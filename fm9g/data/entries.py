@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fm9g._io import ConfigError, parse_bool, read_json
-from fm9g.data.tokenize import OVERSIZE_RULES
+from fm9g.data.chat import BUILTIN_TEMPLATES, TRAIN_ON
+from fm9g.data.tokenize import BOS_POLICIES, OVERSIZE_RULES
 from fm9g.data.transforms import BUILTIN_TRANSFORMS
 
 __all__ = ["DatasetEntry", "MixtureConfigError", "load_dataset_config"]
@@ -50,6 +51,13 @@ class DatasetEntry:
         incontext_weight: weights of drawing ``num_sample = 0, 1, 2, ...`` for the transform.
         do_compact: cut the middle of over-long prompts (see :class:`SampleTokenizer`).
         is_long: informational (the original disabled PoSE for it).
+        chat_template: render records through a chat template: ``"tokenizer"`` (the tokenizer's
+            own), ``"chatml"`` / ``"chatml-original"`` / ``"userai"``, or a ``.jinja`` path.
+            ``None`` (default): ``{input, output}`` records are tokenized as they are and chat
+            records (messages, ShareGPT, Alpaca) use ``"tokenizer"`` (docs/data.md).
+        train_on: chat records: ``"assistant"`` (every assistant turn), ``"last_assistant"`` or ``"all"``.
+        bos: ``"auto"`` (BOS only where the tokenizer, or the chat template, puts one), ``"always"``
+            or ``"never"``.
     """
 
     dataset_name: str
@@ -66,6 +74,9 @@ class DatasetEntry:
     incontext_weight: list[float] = field(default_factory=lambda: [1.0])
     do_compact: bool = False
     is_long: bool = False
+    chat_template: str | None = None
+    train_on: str = "assistant"
+    bos: str = "auto"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -112,6 +123,10 @@ class DatasetEntry:
         if isinstance(tr, str) and tr not in BUILTIN_TRANSFORMS and base is not None:
             if not Path(tr).expanduser().is_absolute():
                 kwargs["transforms"] = str(base / tr)
+        ct = kwargs.get("chat_template")
+        if isinstance(ct, str) and ct != "tokenizer" and ct not in BUILTIN_TEMPLATES and base is not None:
+            if not Path(ct).expanduser().is_absolute():
+                kwargs["chat_template"] = str(base / ct)
         entry = cls(**kwargs)
         entry.validate(where=label)
         return entry
@@ -164,6 +179,12 @@ class DatasetEntry:
             or not sum(iw) > 0
         ):
             raise bad("incontext_weight", "must be a non-empty list of numbers >= 0 with a positive sum")
+        if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
+            raise bad("chat_template", "must be 'tokenizer', a built-in template name or a path to a .jinja file")
+        if self.train_on not in TRAIN_ON:
+            raise bad("train_on", f"must be one of {list(TRAIN_ON)}")
+        if self.bos not in BOS_POLICIES:
+            raise bad("bos", f"must be one of {list(BOS_POLICIES)}")
         if self.transforms is not None and not isinstance(self.transforms, str) and not callable(self.transforms):
             raise bad("transforms", "must be a built-in name, a path to a .py file, or a callable")
 

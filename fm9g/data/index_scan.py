@@ -2,11 +2,15 @@
 in tokens, and say which bytes to copy. Runs in :func:`fm9g.data.indexed.build_index`'s worker
 processes (or in the building process).
 
+A line is an ``{input, output}`` record or a chat record (messages, ShareGPT, Alpaca: see
+:mod:`fm9g.data.records`), detected per line or fixed by the build's ``format``.
+
 Length statistics (meta.json's ``length_distribute``, ``avg_token_per_line``) use, per line of
 data.jsonl (without its line terminator):
 
 * with a tokenizer: ``len(tok(input)) + len(tok(output))``, both encoded with
-  ``add_special_tokens=False`` (so BOS/EOS are not counted);
+  ``add_special_tokens=False`` (so BOS/EOS are not counted); for a chat record, the tokens of its
+  messages' contents joined by newlines (the chat template is not counted);
 * otherwise the original's estimate over the raw JSON text of the line: ``zh``:
   ``0.7 × characters``; ``en`` / ``code``: ``1.5 × (number of " " + 1)`` (pieces when splitting
   on the space character).
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fm9g.data.index_format import _orjson
+from fm9g.data.records import is_chat_record, record_problem, to_chat
 
 __all__ = ["LENGTH_BUCKETS", "estimate_tokens"]
 
@@ -136,8 +141,10 @@ class _BlockResult:
 class _Scanner:
     """Validates and measures the lines of one byte block (runs in a worker process)."""
 
-    def __init__(self, language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None) -> None:
+    def __init__(self, language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None,
+                 fmt: str = "auto") -> None:
         self.language = language
+        self.fmt = fmt  # a format of fm9g.data.records.FORMATS
         self.tokenizer = tokenizer
         self.skip_invalid = skip_invalid
         # NaN / Infinity are refused as orjson refuses them, so both parsers accept the same lines
@@ -232,6 +239,10 @@ class _Scanner:
             return _estimate_lengths(lines, self.language)
         texts: list[str] = []
         for r in records:
+            if self.fmt != "io" and (self.fmt != "auto" or is_chat_record(r)):  # a chat: its messages' text
+                messages, _ = to_chat(r, self.fmt)
+                texts += ["", "\n".join(m.get("content") or "" for m in messages)]
+                continue
             texts.append(r.get("input") or "")
             texts.append(r["output"])
         counts = _count_tokens(self.tokenizer, texts)
@@ -311,9 +322,12 @@ class _Scanner:
         for k, line in enumerate(lines):
             try:
                 obj = parse(line)
-                problem = self._check_fields(obj) if type(obj) is not dict or type(obj.get("output")) is not str or (
-                    "input" in obj and type(obj["input"]) is not str and obj["input"] is not None
-                ) else ""
+                if self.fmt != "io" and (self.fmt != "auto" or is_chat_record(obj)):
+                    problem = record_problem(obj, self.fmt)
+                else:  # the original {input, output} record (the checks, and bytes, of before chat records)
+                    problem = self._check_fields(obj) if type(obj) is not dict or type(obj.get("output")) is not str or (
+                        "input" in obj and type(obj["input"]) is not str and obj["input"] is not None
+                    ) else ""
             except (ValueError, StopIteration):  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
                 problem = self._diagnose(line)
                 if problem is None:
@@ -382,11 +396,12 @@ def _count_tokens(tokenizer: Any, texts: list[str], chunk: int = 256) -> np.ndar
 _WORKER: _Scanner | None = None
 
 
-def worker_init(language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None) -> None:
+def worker_init(language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None,
+                fmt: str = "auto") -> None:
     """Initializer of a build worker process: its own :class:`_Scanner`."""
     global _WORKER
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER = _Scanner(language, tokenizer, skip_invalid, use_orjson)
+    _WORKER = _Scanner(language, tokenizer, skip_invalid, use_orjson, fmt)
 
 
 def worker_scan(job: _Job) -> _BlockResult:

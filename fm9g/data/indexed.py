@@ -31,6 +31,7 @@ from fm9g.data.index_format import (
     read_offsets,
 )
 from fm9g.data.index_scan import LENGTH_BUCKETS, _BlockResult, _Job, _Scanner, estimate_tokens, worker_init, worker_scan
+from fm9g.data.records import FORMATS
 from fm9g.data.tokenizers import load_tokenizer
 
 __all__ = [
@@ -53,13 +54,15 @@ _DEFAULT_BLOCK = 8 << 20
 
 
 class InvalidLineError(ValueError):
-    """A source line is not a JSON object with a string ``output`` (and optional string ``input``)."""
+    """A source line is not a usable record: a JSON object with a string ``output`` (and optional
+    string ``input``), or a chat record (messages / ShareGPT / Alpaca) with an assistant turn."""
 
     def __init__(self, path: str | Path, line: int, problem: str) -> None:
         self.path, self.line, self.problem = str(path), line, problem
         super().__init__(
             f"{path}:{line}: {problem} (each line must be a JSON object with a string 'output' and an "
-            f"optional string 'input'; fix the line, or pass skip_invalid=True / --skip-invalid to skip bad lines)"
+            f"optional string 'input', or a chat record with 'messages', 'conversations' or 'instruction' "
+            f"(docs/data.md); fix the line, or pass skip_invalid=True / --skip-invalid to skip bad lines)"
         )
 
 
@@ -218,6 +221,7 @@ def build_index(
     num_workers: int | None = None,
     block_size: int = _DEFAULT_BLOCK,
     trust_remote_code: bool = False,
+    format: str = "auto",
 ) -> dict[str, Any]:
     """Validate a jsonl/txt source and write an index directory (see the module docstring).
 
@@ -240,6 +244,9 @@ def build_index(
         block_size: bytes per validation job.
         trust_remote_code: let a tokenizer directory given as a path run the Python code it ships
             (off by default: such a folder is refused with a message naming this option).
+        format: the record format of every jsonl line: ``"auto"`` (detected per line from its keys),
+            ``"io"`` (``{input, output}``), ``"messages"``, ``"sharegpt"`` or ``"alpaca"``
+            (:mod:`fm9g.data.records`). Lines are stored byte for byte whatever the format.
 
     Returns:
         The meta.json dict.
@@ -252,6 +259,8 @@ def build_index(
     """
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
     if block_size < 64:
         raise ValueError(f"block_size must be at least 64 bytes, got {block_size}")
     src_p = Path(src).expanduser().resolve()
@@ -268,7 +277,7 @@ def build_index(
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     with atomic_dir(out, tmp_prefix=f".{out.name}.tmp-{os.getpid()}-") as tmp:  # see _remove_stale_temporaries
-        meta = _build_into(tmp, sources, language, tokenizer, tok_name, skip_invalid, num_workers, block_size)
+        meta = _build_into(tmp, sources, language, tokenizer, tok_name, skip_invalid, num_workers, block_size, format)
     return meta
 
 
@@ -281,11 +290,12 @@ def _build_into(
     skip_invalid: bool,
     num_workers: int,
     block_size: int,
+    fmt: str = "auto",
 ) -> dict[str, Any]:
     """Write the index of ``sources`` into the empty folder ``tmp``; return its meta.json dict."""
     writer = _IndexWriter(tmp, sources, skip_invalid)
     try:
-        _scan_all(_plan_jobs(sources, block_size), writer.add, language, tokenizer, skip_invalid, num_workers)
+        _scan_all(_plan_jobs(sources, block_size), writer.add, language, tokenizer, skip_invalid, num_workers, fmt)
     finally:
         writer.close()
     writer.check_not_empty()
@@ -310,18 +320,18 @@ def _build_into(
 
 def _scan_all(
     jobs: Iterator[_Job], handle: Callable[[_BlockResult], None], language: str, tokenizer: Any,
-    skip_invalid: bool, num_workers: int,
+    skip_invalid: bool, num_workers: int, fmt: str = "auto",
 ) -> None:
     """Scan every job and pass the results to ``handle`` in job order (in ``num_workers`` processes)."""
     use_orjson = _orjson is not None
     if num_workers <= 1:
-        scanner = _Scanner(language, tokenizer, skip_invalid, use_orjson)
+        scanner = _Scanner(language, tokenizer, skip_invalid, use_orjson, fmt)
         for job in jobs:
             handle(scanner(job))
         return
     import multiprocessing as mp
 
-    with mp.get_context().Pool(num_workers, worker_init, (language, tokenizer, skip_invalid, use_orjson)) as pool:
+    with mp.get_context().Pool(num_workers, worker_init, (language, tokenizer, skip_invalid, use_orjson, fmt)) as pool:
         pending: deque = deque()
         for job in jobs:
             pending.append(pool.apply_async(worker_scan, (job,)))

@@ -74,6 +74,7 @@ from fm9g.data.entries import DatasetEntry, MixtureConfigError, load_dataset_con
 from fm9g.data.loader_state import STATE_FORMAT, MixtureStateError, Position, check_compatible
 from fm9g.data.producer import MixPlan, Producer
 from fm9g.data.reader import LineSource, Reader, ReaderSpec, worker_init
+from fm9g.data.records import is_chat_record
 from fm9g.data.tokenizers import load_tokenizer
 from fm9g.data.transforms import load_transform
 
@@ -116,6 +117,9 @@ class MixtureLoader:
         trust_remote_code: let a tokenizer directory given as a path run the Python code it
             ships (``auto_map``: the FM9G 4B / 7B / 70B folders). Off by default: such a folder is
             refused with a message naming this option.
+        holdout: ``eval_split``: the share of each dataset's lines held out of training, the same
+            lines on every run, rank and resume (:mod:`fm9g.data.split`); 0 = none.
+        split: with ``holdout``, which side this loader reads: ``"train"`` (default) or ``"eval"``.
 
     Raises:
         MixtureConfigError: bad entries, a missing index / transform, or a record that the
@@ -157,6 +161,8 @@ class MixtureLoader:
         start_method: str = "spawn",
         base_dir: str | Path | None = None,
         trust_remote_code: bool = False,
+        holdout: float = 0.0,
+        split: str = "train",
     ) -> None:
         self.entries = load_dataset_config(list(entries), base_dir=base_dir)
         _check_settings(rank, world_size, sampler, max_epochs, max_length, batch_size)
@@ -181,7 +187,7 @@ class MixtureLoader:
         self.task_names = [e.task_name for e in self.entries]
         self._spec = ReaderSpec(
             entries=self.entries, tokenizer=self.tokenizer, max_length=self.max_length, seed=self.seed,
-            rank=rank, world_size=world_size,
+            rank=rank, world_size=world_size, holdout=float(holdout), split=split,
         )
         self._reader = _open_reader(self._spec)
         self._plan = MixPlan.build(
@@ -457,8 +463,8 @@ def _line_counts(entries: list[DatasetEntry], reader: Reader, world_size: int) -
     """Each dataset's line count; an empty dataset, or a non-repeating one with fewer lines than
     ranks, is an error."""
     counts = []
-    for e, ds in zip(entries, reader.datasets):
-        n = len(ds)
+    for d, e in enumerate(entries):
+        n = reader.num_lines(d)
         if n == 0:
             raise MixtureConfigError(f"task {e.task_name!r}: dataset {e.path} has no lines")
         if n < world_size and not e.allow_repeat:
@@ -478,6 +484,9 @@ def _check_first_records(entries: list[DatasetEntry], reader: Reader) -> None:
             sample = reader.transformed(d, 0, 0)
         except Exception as err:
             raise MixtureConfigError(f"task {e.task_name!r}: transform failed on line 0: {err}") from err
+        if sample is not None and (e.chat_template or is_chat_record(sample)):
+            reader.tokenize(d, [0], [sample])  # the template exists and renders: fail now, naming the line
+            continue
         if sample is not None and not isinstance(sample.get("output"), str):
             data = reader.datasets[d][0]
             raise MixtureConfigError(

@@ -17,9 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fm9g.data.chat import ChatTemplateError, ChatTokenizer
 from fm9g.data.entries import DatasetEntry
 from fm9g.data.indexed import IndexedDataset
 from fm9g.data.order import ShardOrder
+from fm9g.data.records import RecordError, is_chat_record
+from fm9g.data.split import split_lines
 from fm9g.data.tokenize import SampleTokenizer, TokenizedSample
 from fm9g.data.transforms import load_transform
 
@@ -39,6 +42,8 @@ class ReaderSpec:
     seed: int
     rank: int
     world_size: int
+    holdout: float = 0.0  # eval_split: the share of each dataset's lines held out (fm9g.data.split)
+    split: str = "train"  # which side of the split is read: "train" or "eval"
 
 
 class Reader:
@@ -47,15 +52,25 @@ class Reader:
     def __init__(self, spec: ReaderSpec) -> None:
         self.spec = spec
         self.datasets = [IndexedDataset(e.path) for e in spec.entries]
+        # with a held-out split, dataset d is read through the line ids of its side (None: every line)
+        self.lines = [split_lines(len(ds), spec.holdout, e.task_name, spec.split) if spec.holdout else None
+                      for e, ds in zip(spec.entries, self.datasets)]
         self.transforms = [load_transform(e.transforms, None, e.task_name) for e in spec.entries]
         self.tokenizers = [
-            SampleTokenizer(spec.tokenizer, spec.max_length, oversize_rule=e.oversize_rule, do_compact=e.do_compact)
+            SampleTokenizer(spec.tokenizer, spec.max_length, oversize_rule=e.oversize_rule, do_compact=e.do_compact,
+                            bos=e.bos)
             for e in spec.entries
         ]
+        self._chat: dict[int, ChatTokenizer] = {}
         self.order = ShardOrder(
-            [len(ds) for ds in self.datasets], [e.task_name for e in spec.entries], spec.seed, spec.rank,
+            [self.num_lines(d) for d in range(len(self.datasets))], [e.task_name for e in spec.entries], spec.seed, spec.rank,
             spec.world_size,
         )
+
+    def num_lines(self, d: int) -> int:
+        """Lines dataset ``d`` contributes: its side of the held-out split, else all of them."""
+        lines = self.lines[d]
+        return len(self.datasets[d]) if lines is None else int(lines.size)
 
     def transformed(self, d: int, epoch: int, line: int) -> dict | None:
         """Line ``line`` of dataset ``d`` after its transform (``None``: the transform skips it)."""
@@ -73,9 +88,47 @@ class Reader:
 
     def read(self, d: int, epoch: int, k0: int, k1: int) -> Lines:
         """``(line id, windows)`` of shard indices ``k0..k1-1`` (windows ``[]`` for a dropped line)."""
-        lines = self.order.line_ids(d, epoch, np.arange(k0, k1, dtype=np.int64)).tolist()
+        ids = self.order.line_ids(d, epoch, np.arange(k0, k1, dtype=np.int64))
+        lines = (ids if self.lines[d] is None else self.lines[d][ids]).tolist()  # line ids in the index
         samples = [self.transformed(d, epoch, line) for line in lines]
-        return list(zip(lines, self.tokenizers[d].batch(samples)))
+        return list(zip(lines, self.tokenize(d, lines, samples)))
+
+    def chat_tokenizer(self, d: int) -> ChatTokenizer:
+        """The chat template renderer of dataset ``d`` (made on first use)."""
+        if d not in self._chat:
+            e = self.spec.entries[d]
+            try:
+                self._chat[d] = ChatTokenizer(self.spec.tokenizer, self.spec.max_length,
+                                              chat_template=e.chat_template or "tokenizer", train_on=e.train_on,
+                                              bos=e.bos, oversize_rule=e.oversize_rule)
+            except ChatTemplateError as err:
+                raise ChatTemplateError(f"task {e.task_name!r} ({e.path}): {err}") from err
+        return self._chat[d]
+
+    def tokenize(self, d: int, lines: list[int], samples: list[dict | None]) -> list[list[TokenizedSample]]:
+        """Windows of each transformed sample of dataset ``d``: chat records (or every record, when the
+        entry names a ``chat_template``) through the chat template, the others as ``{input, output}``.
+
+        Raises:
+            ChatTemplateError: a record the template cannot render or that has nothing to train,
+                naming the index's data.jsonl and line.
+        """
+        entry = self.spec.entries[d]
+        chat = [i for i, s in enumerate(samples) if s is not None and (entry.chat_template or is_chat_record(s))]
+        if not chat:
+            return self.tokenizers[d].batch(samples)
+        out: list[list[TokenizedSample]] = [[] for _ in samples]
+        plain = sorted(set(range(len(samples))) - set(chat))
+        for i, windows in zip(plain, self.tokenizers[d].batch([samples[i] for i in plain])):
+            out[i] = windows
+        try:
+            rendered = self.chat_tokenizer(d).batch([samples[i] for i in chat])
+        except (RecordError, ChatTemplateError) as err:
+            line = lines[chat[getattr(err, "index", 0)]]
+            raise ChatTemplateError(f"task {entry.task_name!r}: {entry.path}/data.jsonl:{int(line) + 1}: {err}") from err
+        for i, windows in zip(chat, rendered):
+            out[i] = windows
+        return out
 
 
 # A worker process's reader, built once by its pool's initializer (ProcessPoolExecutor runs plain

@@ -14,6 +14,15 @@ EOS are. When the output already ends with the EOS id (e.g. ChatML output ending
 Texts are encoded with ``tokenizer(text, add_special_tokens=False)`` (or ``.encode``), so the only
 special tokens are the BOS / EOS added here.
 
+BOS follows the tokenizer (``bos="auto"``, the default): it is added only when the tokenizer adds
+one itself when encoding text (``tokenizer("x")`` starts with ``bos_token_id`` and
+``tokenizer("x", add_special_tokens=False)`` does not; the original FM9G / MiniCPM tokenizer does,
+so ``<s>`` stays first; SmolLM2's and Qwen2's do not). A tokenizer object without the Hugging Face
+interface decides by its ``add_bos_token`` attribute, else by having a ``bos_token_id`` (the FM9G-8B
+``vocab.txt`` tokenizer: ``<s>`` first, as the original). ``bos="always"`` adds it whatever the
+tokenizer does, ``"never"`` never does. Without BOS the first input token is predicted by nothing
+(labels are shifted by one, still aligned).
+
 Over-long samples: think of the sample as the stream of ``(input_id, label)`` pairs above, of
 length ``n = 1 + len(input) + len(output)``. ``oversize_rule`` decides what happens when
 ``n > max_length`` — for pretraining text (empty input) and instruction samples alike:
@@ -46,10 +55,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-__all__ = ["TokenizedSample", "SampleTokenizer", "OVERSIZE_RULES", "IGNORE_INDEX"]
+__all__ = ["TokenizedSample", "SampleTokenizer", "OVERSIZE_RULES", "IGNORE_INDEX", "BOS_POLICIES", "adds_bos"]
 
 IGNORE_INDEX = -100
 OVERSIZE_RULES = ("segment", "head", "drop")
+#: values of ``bos`` (module docstring)
+BOS_POLICIES = ("auto", "always", "never")
 _COMPACT_MIN_INPUT = 128
 
 
@@ -81,6 +92,38 @@ def _special_id(tokenizer: Any, attr: str) -> int | None:
     return None if value is None else int(value)
 
 
+def adds_bos(tokenizer: Any, bos_id: int | None = None) -> bool:
+    """Whether `tokenizer` puts its BOS first when it encodes text (module docstring).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer, or an object with ``encode`` and ``bos_token_id``.
+        bos_id: the BOS id to look for (default: the tokenizer's ``bos_token_id``).
+
+    Returns:
+        True for tokenizers such as the original FM9G / Llama-2 ones, False for SmolLM2 / Qwen2.
+    """
+    bos_id = _special_id(tokenizer, "bos_token_id") if bos_id is None else bos_id
+    if bos_id is None:
+        return False
+    if callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids"):
+        with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        return with_special[:1] == [bos_id] and plain[:1] != [bos_id]
+    flag = getattr(tokenizer, "add_bos_token", None)
+    return bool(flag) if flag is not None else True
+
+
+def resolve_bos(tokenizer: Any, bos: str, bos_id: int | None) -> bool:
+    """Whether a BOS is added under policy `bos`; raise ValueError for a bad policy or a missing BOS."""
+    if bos not in BOS_POLICIES:
+        raise ValueError(f"bos must be one of {list(BOS_POLICIES)}, got {bos!r}")
+    add = bos == "always" or (bos == "auto" and adds_bos(tokenizer, bos_id))
+    if add and bos_id is None:
+        raise ValueError("bos is 'always' but the tokenizer has no bos_token_id: set \"bos\": \"auto\" (or "
+                         "\"never\") in the dataset entry, or pass bos_id=<id> to SampleTokenizer")
+    return add
+
+
 class SampleTokenizer:
     """Tokenize ``{"input", "output"}`` samples into :class:`TokenizedSample` windows.
 
@@ -91,6 +134,7 @@ class SampleTokenizer:
         oversize_rule: ``"segment"``, ``"head"`` or ``"drop"`` (module docstring).
         do_compact: cut the middle of over-long prompts when the output leaves room (module docstring).
         bos_id / eos_id: override the tokenizer's ``bos_token_id`` / ``eos_token_id``.
+        bos: ``"auto"`` (BOS only where the tokenizer adds one itself), ``"always"`` or ``"never"``.
         min_tail_tokens: a final window of a segmented sample is kept only with at least this many
             tokens (default 9, i.e. "more than 8" as in the original).
 
@@ -110,6 +154,7 @@ class SampleTokenizer:
         bos_id: int | None = None,
         eos_id: int | None = None,
         min_tail_tokens: int = 9,
+        bos: str = "auto",
     ) -> None:
         if oversize_rule not in OVERSIZE_RULES:
             raise ValueError(f"oversize_rule must be one of {OVERSIZE_RULES}, got {oversize_rule!r}")
@@ -122,8 +167,7 @@ class SampleTokenizer:
         self.min_tail_tokens = int(min_tail_tokens)
         self.bos_id = bos_id if bos_id is not None else _special_id(tokenizer, "bos_token_id")
         self.eos_id = eos_id if eos_id is not None else _special_id(tokenizer, "eos_token_id")
-        if self.bos_id is None:
-            raise ValueError("the tokenizer has no bos_token_id: pass bos_id=<id> to SampleTokenizer")
+        self.add_bos = resolve_bos(tokenizer, bos, self.bos_id)
         if self.eos_id is None:
             raise ValueError("the tokenizer has no eos_token_id: pass eos_id=<id> to SampleTokenizer")
         self.stats: Counter[str] = Counter()
@@ -197,10 +241,11 @@ class SampleTokenizer:
             return []
         # an output that already ends with EOS is not given a second one: EOS is the last label
         body = list(output_tokens[:-1] if output_tokens[-1] == self.eos_id else output_tokens)
+        nb = 1 if self.add_bos else 0
         n_in, n_out = len(input_tokens), len(body)
-        fits = 1 + n_in + n_out <= L
+        fits = nb + n_in + n_out <= L
         if not fits and self.do_compact and n_in:
-            budget = L - 1 - n_out
+            budget = L - nb - n_out
             if budget >= _COMPACT_MIN_INPUT and n_in > budget:
                 input_tokens = list(input_tokens[: budget // 2]) + list(input_tokens[n_in - (budget - budget // 2) :])
                 n_in = len(input_tokens)
@@ -209,12 +254,30 @@ class SampleTokenizer:
         if n_in >= L - 2:
             st["dropped_input_overflow"] += 1
             return []
-        ids = [self.bos_id, *input_tokens, *body]
-        labels = [IGNORE_INDEX] * n_in + body + [self.eos_id]
-        if fits:
+        # the stream of tokens and whether each is trained; position j predicts token j + 1
+        stream = [self.bos_id] * nb + list(input_tokens) + body + [self.eos_id]
+        trained = [False] * (nb + n_in) + [True] * (n_out + 1)
+        ids = stream[:-1]
+        labels = [t if m else IGNORE_INDEX for t, m in zip(stream[1:], trained[1:])]
+        return self.windows(ids, labels)
+
+    def windows(self, ids: list[int], labels: list[int]) -> list[TokenizedSample]:
+        """Cut an aligned ``(input_ids, labels)`` stream into samples of at most ``max_length`` by
+        ``oversize_rule`` (module docstring), counting what happens in :attr:`stats`.
+
+        Args:
+            ids: the input ids of one document.
+            labels: its aligned labels (same length).
+
+        Returns:
+            The windows (``[]`` when dropped).
+        """
+        L = self.max_length
+        st = self.stats
+        if len(ids) <= L:
             st["emitted"] += 1
             st["windows"] += 1
-            return [TokenizedSample(input_ids=ids, labels=labels)]
+            return [TokenizedSample(input_ids=list(ids), labels=list(labels))]
         if self.oversize_rule == "drop":
             st["dropped_oversize"] += 1
             return []

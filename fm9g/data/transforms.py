@@ -4,7 +4,9 @@ A transform is any callable ``transform(data, num_sample, r) -> dict | None`` wh
 record read from the index, ``num_sample`` the number of in-context examples requested (0 unless the
 dataset config sets ``incontext_weight``) and ``r`` a :class:`random.Random` owned by the loader.
 It returns a dict with a string ``output`` and an optional string ``input`` (``None`` or missing
-means ``""``), or ``None`` to skip the record.
+means ``""``), a chat record (``messages``, ShareGPT ``conversations`` or Alpaca ``instruction``:
+see :mod:`fm9g.data.records`; it is rendered by the dataset's chat template), or ``None`` to skip
+the record.
 
 Built-in transforms (pass their name to :func:`load_transform`):
 
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fm9g._io import ConfigError
+from fm9g.data.records import is_chat_record
 
 __all__ = [
     "TransformError",
@@ -68,7 +71,10 @@ def _text(data: dict, key: str) -> str:
 
 
 def identity(data: dict, num_sample: int = 0, r: random.Random | None = None) -> dict:
-    """Return ``{"input": data["input"] or "", "output": data["output"]}`` unchanged."""
+    """Return ``{"input": data["input"] or "", "output": data["output"]}`` unchanged; a chat record
+    (messages, ShareGPT, Alpaca) is returned as it is, for its chat template."""
+    if is_chat_record(data):
+        return data
     return {"input": _text(data, "input"), "output": data.get("output")}
 
 
@@ -112,6 +118,8 @@ def _check_result(result: Any, origin: str) -> dict | None:
             f"{origin} returned {type(result).__name__}; it must return a dict with a string "
             f"'output' (and optional string 'input'), or None to skip the record"
         )
+    if is_chat_record(result):  # a chat record: its chat template reads and checks it
+        return result
     if "output" not in result:
         raise TransformError(
             f"{origin} returned a dict without 'output' (keys: {sorted(result)}); "
