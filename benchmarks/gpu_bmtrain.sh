@@ -5,8 +5,9 @@
 #
 # install: wheels carried in .whl/ (tensorboardX, orjson, gguf, protobuf, pytest) if missing, then
 #          scripts/install_bmtrain.sh with .whl/bmtrain-1.0.1.tar.gz  -> $OUT/bmtrain_install.log
-# test:    pytest -m "gpu and bmtrain" tests/test_bmtrain.py         -> $OUT/pytest_bmtrain.log
-# w3:      python benchmarks/bmtrain_w3.py --steps $W3_STEPS (4)     -> $OUT/w3.jsonl, $OUT/w3.log
+# test:    pytest -m bmtrain tests/test_bmtrain.py                   -> $OUT/pytest_bmtrain.log
+# w3:      python benchmarks/run.py W3 --variants base,engine=bmtrain+offload --steps $W3_STEPS (4)
+#          -> $OUT/w3/run.md, run.json and the logs
 # Each stage fits in one 10-minute call; run them one per call if time is short.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,13 +38,12 @@ stage_install() {
 }
 
 stage_test() {
-  "$PY" -m pytest -m "gpu and bmtrain" tests/test_bmtrain.py -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/pytest_bmtrain.log" | tail -n 40
-  "$PY" -m pytest tests/test_bmtrain.py -q -m "not gpu" -p no:cacheprovider 2>&1 | tail -n 2
+  "$PY" -m pytest -m bmtrain tests/test_bmtrain.py -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/pytest_bmtrain.log" | tail -n 40
 }
 
 stage_w3() {
-  "$PY" benchmarks/bmtrain_w3.py --steps "${W3_STEPS:-4}" 2> "$OUT/w3.log" | tee "$OUT/w3.jsonl"
-  tail -n 5 "$OUT/w3.log"
+  "$PY" benchmarks/run.py W3 --variants base,engine=bmtrain+offload --steps "${W3_STEPS:-4}" --warmup 1 \
+    --out "$OUT/w3" 2>&1 | tail -n 12
 }
 
 rc=0

@@ -1,53 +1,51 @@
-"""fm9g against the Hugging Face baseline on the user's path, in one command.
+"""The fm9g benchmark harness: every workload of benchmarks/README.md, fm9g and its baseline in one command.
 
-    python benchmarks/run.py W1 W2                      # the ratio table (markdown) of issue 13
+    python benchmarks/run.py W1 W2                      # GPU: fm9g and the HF baseline, the ratio table
     python benchmarks/run.py W1 W2 --scaling            # also W1@accum8, W1@16k, W1@32k, W2@16k
-    python benchmarks/run.py W1 --variants base,eager,compile_full --no-hf
-    python benchmarks/run.py W1 W2 --tiny               # CPU smoke: tiny shapes, 3 steps, no HF
+    python benchmarks/run.py W1 --variants base,eager,opt=adamw_master --no-hf
+    python benchmarks/run.py W3 --variants base,engine=bmtrain+offload   # the 7B on one 80 GB GPU
+    python benchmarks/run.py W4 W5 W6                   # CPU: build_index, MixtureLoader, conversion
+    python benchmarks/run.py W7 --gpus 1,2,4,8          # W1 under torchrun on 1..8 GPUs
+    python benchmarks/run.py --tiny W1 W2 W3 W4 W5 W6   # CPU smoke of every path (what CI runs)
 
-Every fm9g figure comes from ``Trainer(config).fit()`` over a real index read through
-``MixtureLoader`` (``num_workers`` >= 1) with logging on as a user has it (a console line every
-step, the train_stats jsonl, TensorBoard when tensorboardX is importable); the step times are the
-Trainer's own ``iter_time`` of the stats rows, the median over the rows after ``--warmup``.
-Each run is a fresh subprocess (its own peak memory). The HF baseline is
-``benchmarks/hf_baseline.py`` (the shared protocol file, copied verbatim), also in a subprocess.
+Every training figure (W1, W2, W3, W7) comes from ``Trainer(config).fit()`` over a real index read
+through ``MixtureLoader`` (``num_workers`` >= 1) with logging on as a user has it; the step times are
+the Trainer's own ``iter_time`` of the stats rows, the median over the rows after ``--warmup``. Each
+run is a fresh subprocess (its own peak memory). The HF baseline is ``benchmarks/hf_baseline.py``
+(the shared protocol file, copied verbatim), also in a subprocess of the same command. W4, W5 and W6
+(CPU) are ``w4_build_index.py``, ``w5_mixture.py`` and ``w6_convert.py``, each run in a subprocess.
 
-Workloads (``NAME[@SCALE]``):
-    W1   full fine-tune of the 1.5B shape (vocab 73448, d 2048, 24 layers, 16 heads MHA, ff 5504,
-         untied, qkv bias), bf16 autocast + fp32 master weights, fused AdamW, one packed row of
-         4096 tokens = 4 documents of 1024 per step. HF: ``hf_baseline.py full``.
-    W2   LoRA r 64 / alpha 32 on all 7 projections of the 7B shape (fm9g-7b preset: MHA 28 heads,
-         d 3584, ff 18944, 28 layers, qkv bias), base bf16, no activation checkpointing, same rows.
-         HF: the best of ``lora`` (checkpointing) and ``lora:nockpt``.
-    W3   not run here: ``benchmarks/bmtrain_w3.py`` (the bmtrain engine).
-    @accum8  8 micro-batches of one 4096 row per optimizer step.
-    @16k / @32k  one row of 16384 / 32768 tokens per step holding ONE document (long-context cost).
-    The HF baseline has only the 4096 shapes, so the scaled runs have no ratio.
+Workloads (``NAME[@SCALE]``; shapes in benchmarks/README.md):
+    W1   full fine-tune of the 1.5B shape, one packed row of 4096 tokens = 4 documents of 1024.
+    W2   LoRA r 64 / alpha 32 on all 7 projections of the fm9g-7b shape, bf16 base, same rows.
+    W3   full fine-tune of fm9g-7b on one GPU capped at 80 GB (``cap=GB``), 16 rows of 4096 per step,
+         activation checkpointing; base = torch engine with ``optimizer="adamw_bf16"``.
+    W4   ``build_index`` on 1 GB of jsonl (CPU).    W5  MixtureLoader tokens/s (CPU, SmolLM2 tokenizer).
+    W6   ``hf_to_bmt`` / ``bmt_to_hf`` of a 7B-shaped checkpoint (CPU).
+    W7   W1 (``W7@7b``: W3) under ``torchrun --nproc_per_node N`` for each N of ``--gpus``.
+    @accum8  8 micro-batches of one 4096 row per optimizer step (W1, W2).
+    @16k / @32k  one row of 16384 / 32768 tokens per step holding ONE document (W1, W2).
 
-Variants (``--variants``, comma-separated; each ``+``-joined flags applied to every workload):
+Variants (``--variants``, comma-separated; each ``+``-joined flags applied to every training workload):
     base          the defaults a user gets (layers compiled on CUDA, attention "auto")
     eager         compile=False
     compile_full  torch.compile the whole model (not only the layers)
-    ckpt          activation checkpointing on
+    ckpt          activation checkpointing on (always on for W3)
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | flash_attn_4 | auto)
-    chunk=N       tokens per chunk of the fused linear + cross-entropy
-    ahead=0       every step waits for the one before (the Trainer queues one step ahead by default on CUDA)
-    keep_logits=0 the loss's backward recomputes the logits (kept from the forward by default when they fit 1 GiB)
-    land=0        flat-buffer optimizers zero their gradient buffer and backward adds onto it (by default,
-                  with one micro-batch, the gradients are dropped and copied into the buffer at the step)
-    flatnorm=0    the gradient norm over the parameters' gradients (by default over the flat buffers)
-    lorafuse=1|0  q/k/v and gate/up, which read the same input, run their LoRA down-projections as one
-                  GEMM (1) or each branch its own (0); default: fm9g.models.lora.FUSE_SHARED_INPUT
+    chunk=N       tokens per chunk of the fused linear + cross-entropy (the model's loss_chunk_tokens)
+    lorafuse=1|0  LoRA down-projections of q/k/v and gate/up as one GEMM (1) or one per branch (0)
+                  (apply_lora's fuse_shared_input, set on every adapter of the built model)
     workers=N     MixtureLoader worker processes (default 2)
-    profile       torch.profiler over 3 steps after the warm-up: the kernel table in the child's
-                  log, the top 20 kernels (ms per step) in run.json, the Chrome trace as
-                  trace-<run>.json in the --out folder
-    graphs[=0]    TrainConfig(cuda_graphs=True) (False with =0): the compiled layers replay as CUDA graphs
-    opt=NAME      optimizer (adamw | adamw_master | adamw_bf16); adamw_master keeps the HF baseline's
-                  fp32 optimizer state but a bf16 residual stream; adamw_bf16 keeps bf16 state
+    graphs[=0]    TrainConfig(cuda_graphs=True) (False with =0)
+    opt=NAME      optimizer (adamw | adamw_master | adamw_bf16)
+    engine=NAME   engine (torch | bmtrain)
+    offload       TrainConfig(offload=True) (the bmtrain engine's optimizer in host memory)
+    cap=GB        cap the process's GPU memory at GB (1e9 bytes); W3 default 80
+    profile       torch.profiler over 3 steps after the warm-up: the top 20 kernels (ms per step) in
+                  run.json, the Chrome trace as trace-<run>.json in the --out folder
 
-Prints the markdown table; with ``$OUT`` set (or ``--out``) also writes ``run.json`` and the logs
-of every child process there.
+Prints the markdown tables; with ``$OUT`` set (or ``--out``) also writes ``run.json``, ``run.md``
+and the logs of every child process there.
 """
 from __future__ import annotations
 
@@ -65,18 +63,26 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
-PEAK = 989e12
+PEAK = 989e12  # H100 SXM / H200 dense bf16 (benchmarks/README.md)
 W1_SHAPE = dict(vocab_size=73448, dim_model=2048, num_layers=24, num_heads=16, num_kv_heads=16, dim_head=128,
                 dim_ff=5504, tie_lm_head=False, qkv_bias=True, scale=False, scale_depth=-1.0, base=1e6,
                 max_length=32768, init_std=0.02, use_checkpoint=False)
 TINY_SHAPE = dict(vocab_size=512, dim_model=64, num_layers=2, num_heads=4, num_kv_heads=4, dim_head=16, dim_ff=128,
                   tie_lm_head=False, qkv_bias=True, scale=False, scale_depth=-1.0, base=1e6, max_length=1024,
                   init_std=0.02, use_checkpoint=False)
+#: (row tokens, document tokens, micro-batches per step) per workload and scale
 SCALES = {"": (4096, 1024, 1), "accum8": (4096, 1024, 8), "16k": (16384, 16384, 1), "32k": (32768, 32768, 1)}
 TINY_SCALES = {"": (256, 64, 1), "accum8": (256, 64, 2), "16k": (512, 512, 1), "32k": (1024, 1024, 1)}
+W3_SCALE, W3_TINY_SCALE = (4096, 1024, 16), (256, 64, 2)
 SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
+TRAIN_WORKLOADS = ("W1", "W2", "W3")
+CPU_WORKLOADS = {"W4": "w4_build_index", "W5": "w5_mixture", "W6": "w6_convert"}
+FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "lorafuse", "workers", "graphs", "opt", "engine",
+         "offload", "cap", "profile"}
 
 
 # ---------------------------------------------------------------------------------- data
@@ -114,112 +120,136 @@ def build_data(folder: Path, vocab: int, doc_len: int, n_docs: int, seed: int = 
                   "abs_weight": 1.0}]
 
 
-# ---------------------------------------------------------------------------------- one fm9g run (child)
-def _flags(variant: str) -> dict[str, str]:
+# ---------------------------------------------------------------------------------- one training run (child)
+def parse_variant(variant: str) -> dict[str, str]:
+    """``"opt=adamw_master+ckpt"`` -> ``{"opt": "adamw_master", "ckpt": ""}``; unknown flags are an error."""
     out = {}
     for f in variant.split("+"):
         k, _, v = f.partition("=")
         out[k.strip()] = v.strip()
+    unknown = sorted(set(out) - FLAGS)
+    if unknown:
+        raise SystemExit(f"unknown variant flags {unknown} in {variant!r}; known: {sorted(FLAGS)}")
     return out
 
 
-def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one workload variant through ``Trainer(config).fit()``; figures from its stats rows."""
-    import torch
-
+def _shape(spec: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+    """The workload's FM9GConfig and (row tokens, document tokens, micro-batches per step)."""
     from fm9g.models.config import FM9GConfig
-    from fm9g.models.fm9g import FM9GModel
-    from fm9g.models.lora import LoraConfig
-    from fm9g.training.config import TrainConfig
-    from fm9g.training.metrics import flops_per_token, read_train_stats
-    from fm9g.training.trainer import Trainer
 
     tiny, workload, scale = spec["tiny"], spec["workload"], spec["scale"]
-    flags = _flags(spec["variant"])
-    row, doc_len, accum = (TINY_SCALES if tiny else SCALES)[scale]
-    steps, warmup = spec["steps"], spec["warmup"]
-    device = "cpu" if tiny else "cuda"
-    lora = workload == "W2"
-    if tiny:
-        mc = FM9GConfig(**TINY_SHAPE)
-    elif lora:
-        mc = FM9GConfig.from_name("fm9g-7b")
+    if workload == "W3":
+        layout = W3_TINY_SCALE if tiny else W3_SCALE
     else:
-        mc = FM9GConfig(**W1_SHAPE)
-    work = Path(spec["work"])
-    docs_per_row = row // doc_len
-    tok, data = build_data(work / "data", mc.vocab_size, doc_len, docs_per_row * accum * (steps + warmup) + 8)
+        layout = (TINY_SCALES if tiny else SCALES)[scale]
+    if tiny:
+        return FM9GConfig(**TINY_SHAPE), layout
+    return (FM9GConfig.from_name("fm9g-7b") if workload in ("W2", "W3") else FM9GConfig(**W1_SHAPE)), layout
+
+
+def train_config(spec: dict[str, Any], mc: Any, data: list[dict], flags: dict[str, str]) -> Any:
+    """The TrainConfig of one run: the user's defaults plus the variant's flags."""
+    from fm9g.models.lora import LoraConfig
+    from fm9g.training.config import TrainConfig
+
+    tiny, workload, work = spec["tiny"], spec["workload"], Path(spec["work"])
+    row, _, accum = _shape(spec)[1]
     try:
         import tensorboardX  # noqa: F401
 
         tensorboard = "auto"
     except ImportError:
         tensorboard = None
-    compile_: bool | str = "auto"
-    if "eager" in flags or "compile_full" in flags:
-        compile_ = False
-    cfg = TrainConfig(
-        model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if lora else None,
-        lr=1e-5 if not lora else 1e-4, lr_scheduler="constant", warmup_iters=0, train_iters=steps + warmup,
-        batch_size=1, max_length=row, grad_accum=accum, save=str(work / "runs"), model_unique="bench",
-        save_iters=0, save_final=False, log_iters=1, stats_dir="auto", tensorboard=tensorboard,
-        progress_bar=False, inspect_iters=0, device=device, precision="bf16" if not tiny else "fp32",
-        compile=compile_, use_checkpoint="ckpt" in flags, attn_impl=flags.get("attn") or None,
-        num_workers=int(flags.get("workers", 2 if not tiny else 1)), seed=0, optimizer=flags.get("opt") or "adamw",
-        **({"cuda_graphs": flags["graphs"] != "0"} if "graphs" in flags else {}),
+    engine = flags.get("engine") or "torch"
+    optimizer = flags.get("opt") or ("adamw_bf16" if workload == "W3" and engine == "torch" else "adamw")
+    extra: dict[str, Any] = {"cuda_graphs": flags["graphs"] != "0"} if "graphs" in flags else {}
+    return TrainConfig(
+        model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if workload == "W2" else None,
+        lr=1e-4 if workload == "W2" else 1e-5, lr_scheduler="constant", warmup_iters=0,
+        train_iters=spec["steps"] + spec["warmup"], batch_size=1, max_length=row, grad_accum=accum,
+        save=str(work / "runs"), model_unique="bench", save_iters=0, save_final=False, log_iters=1, stats_dir="auto",
+        tensorboard=tensorboard, progress_bar=False, inspect_iters=0, device="cpu" if tiny else "cuda",
+        precision="fp32" if tiny else "bf16", compile=False if ("eager" in flags or "compile_full" in flags) else "auto",
+        use_checkpoint="ckpt" in flags or workload == "W3", attn_impl=flags.get("attn") or None,
+        num_workers=int(flags.get("workers", 1 if tiny else 2)), seed=0, optimizer=optimizer, engine=engine,
+        offload="offload" in flags, **extra,
     )
-    model = None
-    if lora:
-        # the 7B base is created directly in bf16 on the GPU (an fp32 7B would be 30.7 GB)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16 if not tiny else torch.float32)
-        try:
-            with torch.device(device):
-                model = FM9GModel(dataclasses.replace(mc, attn_impl=flags["attn"]) if flags.get("attn") else mc)
-        finally:
-            torch.set_default_dtype(previous)
-    if "lorafuse" in flags:
-        import fm9g.models.lora as lora_mod
 
-        lora_mod.FUSE_SHARED_INPUT = flags["lorafuse"] != "0"
+
+def _lora_base(mc: Any, flags: dict[str, str], tiny: bool) -> Any:
+    """W2's 7B base, created directly in bf16 on the GPU (an fp32 7B would be 30.7 GB)."""
+    import torch
+
+    from fm9g.models.fm9g import FM9GModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32 if tiny else torch.bfloat16)
+    try:
+        with torch.device("cpu" if tiny else "cuda"):
+            return FM9GModel(dataclasses.replace(mc, attn_impl=flags["attn"]) if flags.get("attn") else mc)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _cap_gpu_memory(flags: dict[str, str], workload: str, tiny: bool) -> float | None:
+    """``cap=GB`` (W3: 80 by default): limit this process's GPU memory, as on an 80 GB card."""
+    import torch
+
+    cap = float(flags["cap"]) if flags.get("cap") else (80.0 if workload == "W3" else None)
+    if cap is None or tiny or not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    if cap * 1e9 < total:
+        torch.cuda.set_per_process_memory_fraction(cap * 1e9 / total)
+    return cap
+
+
+def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one workload variant through ``Trainer(config).fit()``; figures from its stats rows."""
+    import torch
+
+    from fm9g.models.lora import lora_modules
+    from fm9g.training.metrics import flops_per_token, read_train_stats
+    from fm9g.training.trainer import Trainer
+
+    tiny, workload, steps, warmup = spec["tiny"], spec["workload"], spec["steps"], spec["warmup"]
+    flags = parse_variant(spec["variant"])
+    mc, (row, doc_len, accum) = _shape(spec)
+    work = Path(spec["work"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_docs = (row // doc_len) * accum * world * (steps + warmup) + 8
+    tok, data = build_data(work / "data", mc.vocab_size, doc_len, n_docs)
+    cap = _cap_gpu_memory(flags, workload, tiny)
+    cfg = train_config(spec, mc, data, flags)
+    model = _lora_base(mc, flags, tiny) if workload == "W2" else None
     t_build = time.perf_counter()
     trainer = Trainer(cfg, model=model, tokenizer=tok)
-    if "chunk" in flags and hasattr(trainer.model, "loss_chunk_tokens"):
+    for _, m in lora_modules(trainer.model) if "lorafuse" in flags else ():
+        m.lora.fuse_shared_input = flags["lorafuse"] != "0"
+    if "chunk" in flags:
         trainer.model.loss_chunk_tokens = int(flags["chunk"])
-    if flags.get("ahead") == "0":
-        trainer.engine.launch_ahead = False
-    if flags.get("keep_logits") == "0":
-        import fm9g.models.fm9g as fm9g_model
-
-        fm9g_model.LOSS_KEEP_LOGITS_BYTES = 0
-    if flags.get("land") == "0":
-        engine = trainer.engine
-        engine.zero_grad = lambda: engine.optimizer.zero_grad(set_to_none=False)
-    if flags.get("flatnorm") == "0":
-        trainer.engine.flat_norm = False
     if "compile_full" in flags:
         trainer.model.compile()
     kernels: list[dict[str, Any]] = []
     if "profile" in flags:
-        _profile_steps(trainer, warmup, device, kernels, n=min(3, cfg.train_iters - warmup), trace=work / "trace.json")
+        _profile_steps(trainer, warmup, cfg.device, kernels, n=min(3, steps), trace=work / "trace.json")
     build_s = time.perf_counter() - t_build
     t_fit = time.perf_counter()
     result = trainer.fit()
     fit_s = time.perf_counter() - t_fit
-    stats_dir = work / "runs" / "bench" / "train_stats"
-    rows = read_train_stats(stats_dir)
+    rows = read_train_stats(work / "runs" / "bench" / "train_stats")
     timed = [r for r in rows if r["iteration"] > warmup] or rows[-1:]
     dt = statistics.median(r["iter_time"] for r in timed)
-    tokens = statistics.median(r["num_tokens"] for r in timed)
-    tps = tokens / dt
-    fpt = flops_per_token(trainer.model, row)
+    tps = statistics.median(r["num_tokens"] for r in timed) / dt
     peak = max((r.get("peak_mem_gb") or 0.0) for r in rows) if rows else 0.0
-    attn = trainer.model.attention_backend(torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32)
-    return dict(kind="fm9g", workload=workload + (f"@{scale}" if scale else ""), variant=spec["variant"],
-                tokens_per_s=round(tps), mfu=round(tps * fpt / PEAK, 4), peak_mem_GB=round(peak, 2),
-                step_s=round(dt, 4), row=row, doc_len=doc_len, grad_accum=accum, steps=len(timed),
-                attn=attn, loss=round(result.losses[-1], 3) if result.losses else None,
-                skipped=result.skipped, build_s=round(build_s, 1), fit_s=round(fit_s, 1),
+    device = torch.device("cpu" if tiny else "cuda")
+    attn = trainer.model.attention_backend(device, torch.float32 if tiny else torch.bfloat16)
+    return dict(kind="fm9g", workload=spec["name"], variant=spec["variant"], world_size=world,
+                tokens_per_s=round(tps), mfu=round(tps * flops_per_token(trainer.model, row) / PEAK / world, 4),
+                peak_mem_GB=round(peak, 2), step_s=round(dt, 4), row=row, doc_len=doc_len, grad_accum=accum,
+                steps=len(timed), attn=attn, engine=cfg.engine, optimizer=cfg.optimizer, cap_GB=cap,
+                loss=round(result.losses[-1], 3) if result.losses else None, skipped=result.skipped,
+                build_s=round(build_s, 1), fit_s=round(fit_s, 1),
                 iter_times=[round(r["iter_time"], 4) for r in rows], **({"kernels": kernels} if kernels else {}))
 
 
@@ -235,10 +265,9 @@ def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, A
     inner = engine.train_step
     calls = {"n": 0}
     cuda = device == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    prof = profile(activities=acts)
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 
-    def step(batches, lr, **kw):  # kw: the launch-ahead arguments (after=, lr_if_skipped=)
+    def step(batches, lr, **kw):  # kw: whatever else the Trainer passes (after=, lr_if_skipped=)
         calls["n"] += 1
         if calls["n"] == warmup + 1:
             prof.__enter__()
@@ -262,17 +291,27 @@ def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, A
     engine.train_step = step
 
 
+def run_cpu(spec: dict[str, Any]) -> dict[str, Any]:
+    """W4 / W5 / W6: the workload module's ``measure(work, tiny=...)``."""
+    import importlib
+
+    module = importlib.import_module(CPU_WORKLOADS[spec["workload"]])
+    res = module.measure(Path(spec["work"]), tiny=spec["tiny"])
+    return dict(kind="cpu", workload=spec["name"], variant="base", **res)
+
+
 def _child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     try:
-        res = run_fm9g(spec)
+        res = run_cpu(spec) if spec["workload"] in CPU_WORKLOADS else run_fm9g(spec)
     except Exception as err:  # reported in the table, the other runs go on
         import traceback
 
         traceback.print_exc()
-        res = dict(kind="fm9g", workload=spec["workload"] + (f"@{spec['scale']}" if spec["scale"] else ""),
-                   variant=spec["variant"], error=f"{type(err).__name__}: {err}"[:500])
-    print("RESULT " + json.dumps(res), flush=True)
+        kind = "cpu" if spec["workload"] in CPU_WORKLOADS else "fm9g"
+        res = dict(kind=kind, workload=spec["name"], variant=spec["variant"], error=f"{type(err).__name__}: {err}"[:500])
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one result, from rank 0
+        print("RESULT " + json.dumps(res), flush=True)
     return 0
 
 
@@ -294,7 +333,7 @@ def _run_child(cmd: list[str], log: Path, timeout: float) -> tuple[list[dict[str
         line = line.strip()
         if line.startswith("RESULT "):
             results.append(json.loads(line[7:]))
-        elif line.startswith("{") and '"kind"' in line:
+        elif line.startswith("{") and '"kind"' in line:  # hf_baseline.py prints bare JSON lines
             try:
                 results.append(json.loads(line))
             except json.JSONDecodeError:
@@ -309,24 +348,22 @@ def _fmt(r: dict[str, Any] | None, key: str, fmt: str) -> str:
 
 
 def table(fm9g: list[dict[str, Any]], hf: dict[str, list[dict[str, Any]]]) -> str:
-    """The markdown ratio table (fm9g vs the best HF configuration of the workload)."""
+    """The markdown ratio table of the training runs (fm9g vs the best HF configuration of the workload)."""
     lines = ["| workload | variant | fm9g tok/s | MFU | peak GB | step s | HF config | HF tok/s | HF MFU | HF peak GB | ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in fm9g:
-        base = r["workload"].split("@")[0] if "@" not in r["workload"] else None
-        cands = [h for h in hf.get(base or "", []) if "tokens_per_s" in h]
-        best = max(cands, key=lambda h: h["tokens_per_s"]) if cands else None
+        if r.get("kind") == "cpu" or r["workload"].startswith(("W7", *CPU_WORKLOADS)):
+            continue
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['variant']} | error: {r['error'][:80]} | | | | | | | | |")
             continue
-        ratio = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}×" if best else "–"
-        lines.append(
-            f"| {r['workload']} | {r['variant']} | {r['tokens_per_s']:,} | {_fmt(r, 'mfu', '.1%')} | "
-            f"{_fmt(r, 'peak_mem_GB', '.1f')} | {_fmt(r, 'step_s', '.3f')} | {best['kind'] if best else '–'} | "
-            f"{best['tokens_per_s']:,} | {_fmt(best, 'mfu', '.1%')} | {_fmt(best, 'peak_mem_GB', '.1f')} | {ratio} |"
-            if best else
-            f"| {r['workload']} | {r['variant']} | {r['tokens_per_s']:,} | {_fmt(r, 'mfu', '.1%')} | "
-            f"{_fmt(r, 'peak_mem_GB', '.1f')} | {_fmt(r, 'step_s', '.3f')} | – | – | – | – | – |")
+        cands = [h for h in hf.get(r["workload"], []) if "tokens_per_s" in h]
+        best = max(cands, key=lambda h: h["tokens_per_s"]) if cands else None
+        hf_cells = (f"{best['kind']} | {best['tokens_per_s']:,} | {_fmt(best, 'mfu', '.1%')} | "
+                    f"{_fmt(best, 'peak_mem_GB', '.1f')} | {r['tokens_per_s'] / best['tokens_per_s']:.2f}×"
+                    if best else "– | – | – | – | –")
+        lines.append(f"| {r['workload']} | {r['variant']} | {r['tokens_per_s']:,} | {_fmt(r, 'mfu', '.1%')} | "
+                     f"{_fmt(r, 'peak_mem_GB', '.1f')} | {_fmt(r, 'step_s', '.3f')} | {hf_cells} |")
     for w, rs in hf.items():
         for h in rs:
             if "error" in h:
@@ -334,64 +371,84 @@ def table(fm9g: list[dict[str, Any]], hf: dict[str, list[dict[str, Any]]]) -> st
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workloads", nargs="*", default=["W1", "W2"], help="W1, W2, W3, with @accum8 / @16k / @32k")
-    ap.add_argument("--variants", default="base", help="comma-separated fm9g variants (see above)")
-    ap.add_argument("--scaling", action="store_true", help="also run " + ", ".join(SCALING))
-    ap.add_argument("--steps", type=int, default=8, help="timed steps (as the HF baseline)")
-    ap.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (as the HF baseline)")
-    ap.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny shapes, 3 steps (1 warm-up), no HF")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per child process")
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for run.json and the logs (default $OUT)")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child is not None:
-        return _child_main(args.child)
-    if args.tiny:
-        args.steps, args.warmup, args.no_hf = 2, 1, True
-    workloads = list(args.workloads) + (SCALING if args.scaling else [])
-    out_dir = Path(args.out) if args.out else None
-    work_root = Path(tempfile.mkdtemp(prefix="fm9g-bench-"))
-    log_root = (out_dir or work_root) / "logs"
-    t_start = time.perf_counter()
-    fm9g_results: list[dict[str, Any]] = []
-    hf_results: dict[str, list[dict[str, Any]]] = {}
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for w in workloads:
-        name, _, scale = w.partition("@")
-        if name == "W3":
-            print("W3 runs through the bmtrain engine: python benchmarks/bmtrain_w3.py (not part of this command)",
-                  flush=True)
+def cpu_table(results: list[dict[str, Any]]) -> str:
+    """The markdown table of the CPU workloads: each figure against its goal."""
+    lines = ["| workload | figure | value | goal |", "|---|---|---|---|"]
+    for r in results:
+        if r.get("kind") != "cpu":
             continue
-        if name not in ("W1", "W2") or scale not in SCALES:
-            raise SystemExit(f"unknown workload {w!r}: expected W1, W2 or W3, with @accum8, @16k or @32k")
-        for v in variants:
-            tag = f"{w}-{v}".replace("@", "_").replace("+", "_").replace("=", "-")
-            spec = dict(workload=name, scale=scale, variant=v, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
-                        work=str(work_root / tag))
-            res, tail = _run_child([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                                   log_root / f"{tag}.log", args.timeout)
-            r = res[-1] if res else dict(kind="fm9g", workload=w, variant=v, error="no result: " + tail[-300:])
-            trace = work_root / tag / "trace.json"
-            if out_dir is not None and trace.exists():  # the profile flag's Chrome trace
-                out_dir.mkdir(parents=True, exist_ok=True)
-                trace.replace(out_dir / f"trace-{tag}.json")
-            fm9g_results.append(r)
-            print(json.dumps({k: v_ for k, v_ in r.items() if k != "iter_times"}), flush=True)
-        if not args.no_hf and not scale and name not in hf_results:
-            kinds = ["full"] if name == "W1" else ["lora", "lora:nockpt"]
-            res, tail = _run_child([sys.executable, str(ROOT / "benchmarks" / "hf_baseline.py"), *kinds],
-                                   log_root / f"hf-{name}.log", args.timeout)
-            hf_results[name] = res or [dict(kind=",".join(kinds), error="no result: " + tail[-300:])]
-            for h in hf_results[name]:
-                print(json.dumps(h), flush=True)
-    md = table(fm9g_results, hf_results)
+        if "error" in r:
+            lines.append(f"| {r['workload']} | error: {r['error'][:120]} | | |")
+            continue
+        for name, value, goal in r["figures"]:
+            lines.append(f"| {r['workload']} | {name} | {value:,} | {goal} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def scaling_table(results: list[dict[str, Any]]) -> str:
+    """W7: tokens/s per GPU count and the per-GPU efficiency against one GPU."""
+    runs = [r for r in results if r["workload"].startswith("W7") and "tokens_per_s" in r]
+    if not runs:
+        return ""
+    one = {r["variant"]: r["tokens_per_s"] for r in runs if r["world_size"] == 1}
+    lines = ["| workload | variant | GPUs | tok/s (all ranks) | per-GPU efficiency |", "|---|---|---|---|---|"]
+    for r in runs:
+        base = one.get(r["variant"])
+        eff = f"{r['tokens_per_s'] / (base * r['world_size']):.1%}" if base else "–"
+        lines.append(f"| {r['workload']} | {r['variant']} | {r['world_size']} | {r['tokens_per_s']:,} | {eff} |")
+    return "\n".join(lines)
+
+
+def _spec(args: argparse.Namespace, work_root: Path, name: str, variant: str) -> dict[str, Any]:
+    workload, _, scale = name.partition("@")
+    tag = f"{name}-{variant}".replace("@", "_").replace("+", "_").replace("=", "-")
+    return dict(name=name, workload=workload, scale=scale, variant=variant, tiny=args.tiny, steps=args.steps,
+                warmup=args.warmup, work=str(work_root / tag), tag=tag)
+
+
+def _check_workload(name: str) -> None:
+    workload, _, scale = name.partition("@")
+    ok = ((workload in ("W1", "W2") and scale in SCALES) or (workload in ("W3", *CPU_WORKLOADS) and not scale)
+          or (workload == "W7" and scale in ("", "7b")))
+    if not ok:
+        raise SystemExit(f"unknown workload {name!r}: expected W1..W7 (W1/W2 with @accum8, @16k or @32k; W7@7b)")
+
+
+def _torchrun(n: int) -> list[str]:
+    """``torchrun`` for ``n`` local processes, its rendezvous on a free port (nothing fixed)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+
+
+def _train_jobs(args: argparse.Namespace, work_root: Path, name: str, variants: list[str]) -> list[tuple[dict, list[str]]]:
+    """(spec, command prefix) of every run of one workload."""
+    this = [sys.executable, str(Path(__file__).resolve())]
+    if name.startswith("W7"):
+        inner = "W3" if name == "W7@7b" else "W1"
+        jobs = []
+        for n in args.gpus:
+            for v in variants:
+                spec = dict(_spec(args, work_root, name, v), workload=inner, scale="")
+                spec["tag"] += f"-n{n}"
+                spec["work"] += f"-n{n}"
+                jobs.append((spec, _torchrun(n) + [str(Path(__file__).resolve())]))
+        return jobs
+    if name.partition("@")[0] in CPU_WORKLOADS:
+        return [(_spec(args, work_root, name, "base"), this)]
+    return [(_spec(args, work_root, name, v), this) for v in variants]
+
+
+def _hf_baseline(name: str, log_root: Path, timeout: float) -> list[dict[str, Any]]:
+    kinds = ["full"] if name == "W1" else ["lora", "lora:nockpt"]
+    res, tail = _run_child([sys.executable, str(HERE / "hf_baseline.py"), *kinds], log_root / f"hf-{name}.log", timeout)
+    return res or [dict(kind=",".join(kinds), error="no result: " + tail[-300:])]
+
+
+def _header(argv: list[str], seconds: float) -> str:
+    """The command, date, device and versions of this call (RESULTS.md quotes it)."""
     try:
         import torch
 
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         versions = {"torch": torch.__version__}
         for mod in ("transformers", "peft"):
             try:
@@ -400,17 +457,73 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     except ImportError:
         gpu, versions = "?", {}
-    header = (f"`python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}` — "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {gpu}, "
-              + ", ".join(f"{k} {v}" for k, v in versions.items())
-              + f"; {time.perf_counter() - t_start:.0f} s")
+    return (f"`python benchmarks/run.py {' '.join(argv)}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{gpu}, " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {seconds:.0f} s")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workloads", nargs="*", default=["W1", "W2"], help="W1..W7, W1/W2 with @accum8 / @16k / @32k")
+    ap.add_argument("--variants", default="base", help="comma-separated fm9g variants (see above)")
+    ap.add_argument("--scaling", action="store_true", help="also run " + ", ".join(SCALING))
+    ap.add_argument("--steps", type=int, default=8, help="timed steps (as the HF baseline)")
+    ap.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (as the HF baseline)")
+    ap.add_argument("--gpus", default="1,2,4,8", help="W7: processes per run (capped at the GPUs present)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny shapes, 3 steps (1 warm-up), no HF")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per child process")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for run.json and the logs (default $OUT)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.steps, args.warmup, args.no_hf = 2, 1, True
+    args.gpus = [int(n) for n in args.gpus.split(",") if n.strip()]
+    if not args.tiny and args.child is None and any(w.startswith("W7") for w in args.workloads):
+        import torch
+
+        args.gpus = [n for n in args.gpus if n <= torch.cuda.device_count()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.child is not None:
+        return _child_main(args.child)
+    workloads = list(args.workloads) + (SCALING if args.scaling else [])
+    for w in workloads:
+        _check_workload(w)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        parse_variant(v)
+    out_dir = Path(args.out) if args.out else None
+    work_root = Path(tempfile.mkdtemp(prefix="fm9g-bench-"))
+    log_root = (out_dir or work_root) / "logs"
+    t_start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    hf_results: dict[str, list[dict[str, Any]]] = {}
+    for w in workloads:
+        for spec, prefix in _train_jobs(args, work_root, w, variants):
+            res, tail = _run_child(prefix + ["--child", json.dumps(spec)], log_root / f"{spec['tag']}.log", args.timeout)
+            r = res[-1] if res else dict(kind="fm9g", workload=w, variant=spec["variant"], error="no result: " + tail[-300:])
+            trace = Path(spec["work"]) / "trace.json"
+            if out_dir is not None and trace.exists():  # the profile flag's Chrome trace
+                out_dir.mkdir(parents=True, exist_ok=True)
+                trace.replace(out_dir / f"trace-{spec['tag']}.json")
+            results.append(r)
+            print(json.dumps({k: v_ for k, v_ in r.items() if k != "iter_times"}), flush=True)
+        if not args.no_hf and w in ("W1", "W2") and w not in hf_results:
+            hf_results[w] = _hf_baseline(w, log_root, args.timeout)
+            for h in hf_results[w]:
+                print(json.dumps(h), flush=True)
+    md = "\n\n".join(t for t in (table(results, hf_results), scaling_table(results), cpu_table(results)) if t)
+    header = _header(argv if argv is not None else sys.argv[1:], time.perf_counter() - t_start)
     print("\n" + header + "\n\n" + md, flush=True)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run.json").write_text(json.dumps({"header": header, "fm9g": fm9g_results, "hf": hf_results},
+        (out_dir / "run.json").write_text(json.dumps({"header": header, "fm9g": results, "hf": hf_results},
                                                      indent=1) + "\n", encoding="utf-8")
         (out_dir / "run.md").write_text(header + "\n\n" + md + "\n", encoding="utf-8")
-    return 1 if any("error" in r for r in fm9g_results) else 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

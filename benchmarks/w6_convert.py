@@ -1,16 +1,14 @@
 """W6: time and peak memory of `hf_to_bmt` / `bmt_to_hf` on a full-size random checkpoint (CPU).
 
-    python benchmarks/convert_bench.py --preset fm9g-7b --workdir /tmp/fm9g_convert_bench
-    python benchmarks/convert_bench.py --preset fm9g-7b --layers 4      # a smaller slice, same widths
-
+Run through the harness: ``python benchmarks/run.py W6`` (``--tiny``: the ``tiny`` preset).
 Steps (each conversion runs in a fresh subprocess so its peak RSS is its own):
-  1. write a random Hugging Face checkpoint of the preset's shape (bf16 safetensors shards, streamed,
-     so this step itself needs little memory); not timed as part of W6;
+  1. write a random Hugging Face checkpoint of the fm9g-7b shape under the run's work folder (bf16
+     safetensors shards, streamed, so this step itself needs little memory); not timed;
   2. `hf_to_bmt(hf_dir, 7b.pt)`;
-  3. `bmt_to_hf(7b.pt, out, format="native")` (and `--formats native fm9g` for both).
+  3. `bmt_to_hf(7b.pt, out, format="native")`.
 Peak RSS is VmHWM of the subprocess (anonymous + file-backed pages). Memory-mapped checkpoint pages
 count as file-backed RSS: the kernel can drop them at any time, so the anonymous peak is also
-reported. The working directory is deleted afterwards unless --keep.
+reported. The work folder is deleted afterwards.
 """
 from __future__ import annotations
 
@@ -18,13 +16,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -65,6 +63,7 @@ def _measure(fn) -> dict[str, float]:
 
 
 def _child(args: argparse.Namespace) -> None:
+    """One conversion in this process (the subprocess of `_run_child`); prints its measurements."""
     import torch
 
     from fm9g.convert.hf import bmt_to_hf, hf_to_bmt
@@ -81,7 +80,9 @@ def make_random_hf(out: Path, preset: str, layers: int | None) -> tuple[int, dic
     """A random bf16 HF checkpoint of the preset's shape (4.5 GB shards). Returns (bytes, config)."""
     import torch
 
-    from fm9g.convert.hf import _TensorPlan, expected_bmt_shapes, hf_config_from_fm9g, save_safetensors_sharded
+    from fm9g.convert.files import TensorPlan, save_safetensors_sharded
+    from fm9g.convert.hf import expected_bmt_shapes
+    from fm9g.convert.hf_config import hf_config_from_fm9g
     from fm9g.convert.keys import bmt_to_hf_key
     from fm9g.models.config import FM9GConfig
 
@@ -92,7 +93,7 @@ def make_random_hf(out: Path, preset: str, layers: int | None) -> tuple[int, dic
         return lambda: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
     plans = [
-        _TensorPlan(name=bmt_to_hf_key(k), shape=s, dtype=torch.bfloat16, make=rand(s))
+        TensorPlan(name=bmt_to_hf_key(k), shape=s, dtype=torch.bfloat16, make=rand(s))
         for k, s in expected_bmt_shapes(cfg).items()
     ]
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,7 @@ def make_random_hf(out: Path, preset: str, layers: int | None) -> tuple[int, dic
 
 
 def _run_child(*argv: str) -> dict:
+    """Run one conversion in a fresh interpreter; returns what it measured."""
     proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"child {argv} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -112,76 +114,31 @@ def _run_child(*argv: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="fm9g-7b")
-    ap.add_argument("--layers", type=int, default=None, help="override num_layers (smaller runs)")
-    ap.add_argument("--workdir", default="/tmp/fm9g_convert_bench")
-    ap.add_argument("--formats", nargs="+", default=["native"], choices=["native", "fm9g"])
-    ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results_convert.md"))
-    ap.add_argument("--child", choices=["hf2bmt", "bmt2hf"], help=argparse.SUPPRESS)
-    ap.add_argument("--src", help=argparse.SUPPRESS)
-    ap.add_argument("--dst", help=argparse.SUPPRESS)
-    ap.add_argument("--format", default="native", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        _child(args)
-        return
-
-    import torch
-
-    work = Path(args.workdir)
-    if work.exists():
-        shutil.rmtree(work)
-    free = shutil.disk_usage(work.parent).free
-    print(f"free disk at {work.parent}: {free / 1e9:.1f} GB")
+def measure(work: Path, tiny: bool = False, preset: str = "fm9g-7b") -> dict[str, Any]:
+    """Write the random checkpoint under ``work``, convert it both ways, and return the W6 figures
+    (``figures``: name, value, goal)."""
+    preset = "tiny" if tiny else preset
     try:
-        t0 = time.perf_counter()
-        nbytes, info = make_random_hf(work / "hf", args.preset, args.layers)
-        print(f"random checkpoint: {nbytes / 1e9:.2f} GB, {info['params'] / 1e9:.2f} B params, "
-              f"written in {time.perf_counter() - t0:.1f}s")
+        nbytes, info = make_random_hf(work / "hf", preset, None)
         os.sync()
-        rows = []
-        r = _run_child("--child", "hf2bmt", "--src", str(work / "hf"), "--dst", str(work / "model.pt"))
-        rows.append(("hf_to_bmt (HF safetensors shards → .pt)", r))
-        print("hf_to_bmt", r)
-        for fmt in args.formats:
-            os.sync()
-            r = _run_child("--child", "bmt2hf", "--src", str(work / "model.pt"), "--dst", str(work / f"out_{fmt}"),
-                           "--format", fmt)
-            rows.append((f"bmt_to_hf format={fmt} (.pt → HF safetensors shards)", r))
-            print("bmt_to_hf", fmt, r)
+        h2b = _run_child("--child", "hf2bmt", "--src", str(work / "hf"), "--dst", str(work / "model.pt"))
+        os.sync()
+        b2h = _run_child("--child", "bmt2hf", "--src", str(work / "model.pt"), "--dst", str(work / "out"),
+                         "--format", "native")
     finally:
-        if not args.keep and work.exists():
-            shutil.rmtree(work)
-
-    cmd = "python benchmarks/convert_bench.py --preset " + args.preset + (f" --layers {args.layers}" if args.layers else "")
-    if args.formats != ["native"]:
-        cmd += " --formats " + " ".join(args.formats)
-    lines = [
-        f"### {args.preset}{f' ({args.layers} layers)' if args.layers else ''}: {info['params'] / 1e9:.2f} B params, "
-        f"{nbytes / 1e9:.2f} GB bf16",
-        "",
-        f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, CPU ({os.cpu_count()} cores, shared), "
-        f"torch {torch.__version__}, Python {platform.python_version()}",
-        "",
-        "| step | time (s) | peak RSS (GB) | peak RSS / ckpt | peak anonymous RSS (GB) | goal |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in rows:
-        ok = r["seconds"] < 120 and r["peak_rss"] < 1.3 * nbytes
-        lines.append(
-            f"| {name} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / nbytes:.2f}× | "
-            f"{r['peak_anon'] / 1e9:.2f} | {'met' if ok else 'NOT met'} (< 120 s, < 1.3×) |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    results = Path(args.results)
-    header = "# Checkpoint conversion benchmarks (W6)\n\n" if not results.exists() else ""
-    with open(results, "a", encoding="utf-8") as fh:
-        fh.write(header + text + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+    figures = []
+    for name, r in (("hf_to_bmt", h2b), ("bmt_to_hf native", b2h)):
+        figures += [(f"{name} seconds", round(r["seconds"], 1), "< 120"),
+                    (f"{name} peak RSS / checkpoint", round(r["peak_rss"] / nbytes, 2), "< 1.3"),
+                    (f"{name} peak anonymous RSS (GB)", round(r["peak_anon"] / 1e9, 2), "–")]
+    return {"figures": figures, "preset": preset, "checkpoint_GB": round(nbytes / 1e9, 2), **info}
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the conversion subprocess of _run_child
+    ap = argparse.ArgumentParser(description="one conversion of W6 (run by measure)")
+    ap.add_argument("--child", choices=["hf2bmt", "bmt2hf"], required=True)
+    ap.add_argument("--src", required=True)
+    ap.add_argument("--dst", required=True)
+    ap.add_argument("--format", default="native")
+    _child(ap.parse_args())

@@ -10,18 +10,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_py_tiny_smoke(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "W1", "W2", "--tiny", "--out", str(tmp_path)],
-                       cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+def test_run_py_tiny_runs_every_cpu_workload(tmp_path):
+    """``python benchmarks/run.py --tiny W1 W2 W3 W4 W5 W6`` on CPU: every workload gives its
+    figures, the training ones from the Trainer's own stats rows."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--tiny", "W1", "W2", "W3", "W4", "W5",
+                        "W6", "--out", str(tmp_path)], cwd=str(ROOT), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "run.json").read_text())
     rows = {r["workload"]: r for r in report["fm9g"]}
-    assert set(rows) == {"W1", "W2"}
-    for r in rows.values():
+    assert set(rows) == {"W1", "W2", "W3", "W4", "W5", "W6"}
+    for name in ("W1", "W2", "W3"):
+        r = rows[name]
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["steps"] == 2 and r["skipped"]["nonfinite"] == 0
         assert len(r["iter_times"]) == 3  # one stats row per step, from the Trainer's own logging
-    assert "| W1 | base |" in p.stdout and "| W2 | base |" in p.stdout
+    assert rows["W3"]["grad_accum"] == 2 and rows["W3"]["optimizer"] == "adamw_bf16"
+    for name in ("W4", "W5", "W6"):
+        assert "error" not in rows[name], rows[name]
+        assert rows[name]["figures"] and all(value >= 0 for _, value, _ in rows[name]["figures"])
+    for name in ("W1", "W2", "W3"):
+        assert f"| {name} | base |" in p.stdout
+    assert "| W4 | MB/s |" in p.stdout and "| W5 | packed tokens/s, 1 worker(s) |" in p.stdout
 
 
 def test_synthetic_documents_tokenize_to_exact_lengths(tmp_path):

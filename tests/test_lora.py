@@ -647,23 +647,26 @@ def _lora_grads(model, ids, cu, labels):
 
 
 @pytest.mark.parametrize("targets", [ALL7, ["project_q", "project_v", "w_0"]])
-def test_fm9g_shared_input_lora_matches_one_linear_at_a_time(targets, monkeypatch):
-    """q/k/v and gate/up with LoRA run their down-projections as one GEMM: loss and every adapter
-    gradient equal calling each LoraLinear alone (fp32, up to summation order)."""
-    import fm9g.models.lora as lora_mod
-
+def test_fm9g_shared_input_lora_matches_one_linear_at_a_time(targets):
+    """q/k/v and gate/up with LoRA run their down-projections as one GEMM (``fuse_shared_input`` on
+    the adapters): loss and every adapter gradient equal calling each LoraLinear alone (fp32, up to
+    summation order)."""
     ids, cu, labels = _packed_batch()
     results, branch_calls = [], []
-    forward = lora_mod.LoraBranch.forward
 
-    def counted(self, x):
-        branch_calls[-1] += 1
-        return forward(self, x)
+    def counted(branch):  # counts the branch's own forward (not called where the GEMM is stacked)
+        forward = branch.forward
 
-    monkeypatch.setattr(lora_mod.LoraBranch, "forward", counted)
+        def run(x):
+            branch_calls[-1] += 1
+            return forward(x)
+        return run
+
     for fuse in (False, True):
-        monkeypatch.setattr(lora_mod, "FUSE_SHARED_INPUT", fuse)
         model = apply_lora(_fm9g_tiny(qkv_bias=True), LoraConfig(r=4, alpha=8, target_modules=targets)).train()
+        for _, m in lora_modules(model):
+            m.lora.fuse_shared_input = fuse
+            m.lora.forward = counted(m.lora)
         _randomize_lora(model)
         branch_calls.append(0)
         results.append(_lora_grads(model, ids, cu, labels))
@@ -681,20 +684,22 @@ def test_fm9g_shared_input_lora_matches_one_linear_at_a_time(targets, monkeypatc
 
 
 def test_shared_input_linears_falls_back_one_by_one():
-    """Plain linears, a merged branch, dropout, mixed adapter dtypes or a hook: each linear is called itself."""
+    """Plain linears, adapters not opted in, a merged branch, dropout, mixed adapter dtypes or a
+    hook: each linear is called itself."""
     from fm9g.models.lora import shared_input_linears
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16)
 
-    def pair(**kw):
+    def pair(fuse=True, **kw):
         lins = tuple(LoraLinear.from_linear(nn.Linear(16, 8), r=2, alpha=4, **kw) for _ in range(2))
         for lin in lins:
             nn.init.normal_(lin.lora.lora_B)
+            lin.lora.fuse_shared_input = fuse
         return lins
 
     calls = []
-    cases = {"plain": (nn.Linear(16, 8), nn.Linear(16, 8)), "dropout": pair(dropout=0.5)}
+    cases = {"plain": (nn.Linear(16, 8), nn.Linear(16, 8)), "dropout": pair(dropout=0.5), "not opted in": pair(False)}
     merged = pair()
     merged[0].merge()
     cases["merged"] = merged
@@ -923,10 +928,9 @@ def test_smollm2_lora_adapter_runs_in_peft(smol_hf, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-def test_gpu_shared_input_lora_compiled_bf16_matches_one_linear_at_a_time(monkeypatch):
+def test_gpu_shared_input_lora_compiled_bf16_matches_one_linear_at_a_time():
     """The stacked down-projection on CUDA in bf16, layers compiled: same loss and adapter gradients
     as one LoraLinear at a time, to bf16 accuracy."""
-    import fm9g.models.lora as lora_mod
     from fm9g.models.config import FM9GConfig
     from fm9g.models.fm9g import FM9GModel
 
@@ -936,7 +940,6 @@ def test_gpu_shared_input_lora_compiled_bf16_matches_one_linear_at_a_time(monkey
     labels = ids.roll(-1, 1)
     results = []
     for fuse in (False, True):
-        monkeypatch.setattr(lora_mod, "FUSE_SHARED_INPUT", fuse)
         torch._dynamo.reset()
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)
@@ -946,6 +949,8 @@ def test_gpu_shared_input_lora_compiled_bf16_matches_one_linear_at_a_time(monkey
         finally:
             torch.set_default_dtype(torch.float32)
         apply_lora(model, LoraConfig.from_name("fm9g-7b", r=16))
+        for _, m in lora_modules(model):
+            m.lora.fuse_shared_input = fuse
         _randomize_lora(model)
         for layer in model.encoder.layers:
             layer.compile()

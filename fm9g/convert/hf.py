@@ -87,7 +87,6 @@ PathLike = str | os.PathLike[str]
 REMOTE_CODE_DIR = Path(__file__).with_name("remote")
 REMOTE_FILES: tuple[str, ...] = ("configuration_fm9g.py", "modeling_fm9g.py")
 _FOLD_BLOCK_ELEMENTS = 1 << 24  # 64 MB of fp32 per block when folding muP / merging LoRA
-_TensorPlan = TensorPlan  # the name benchmarks/convert_bench.py imports
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
