@@ -36,6 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--format", default="auto", choices=["auto", "io", "messages", "sharegpt", "alpaca"],
                    help="record format of the jsonl lines: auto (detected per line, default), io ({input, output}), "
                         "messages (OpenAI), sharegpt (conversations) or alpaca (instruction/input/output)")
+    p.add_argument("--chat-template", default=None, metavar="SPEC",
+                   help="with --tokenizer: render every record through this chat template (tokenizer, chatml, "
+                        "chatml-original, userai or a .jinja path) as training will; a record it cannot render "
+                        "is a bad line")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count bad lines instead of stopping at the first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--workers", type=int, default=None, help="validating processes (default: min(2, CPU count))")
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         num_workers=args.workers,
         format=args.format,
+        chat_template=args.chat_template,
     )
     dt = time.perf_counter() - t0
     print(

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from fm9g.data.index_format import _orjson
-from fm9g.data.records import is_chat_record, record_problem, to_chat
+from fm9g.data.chat import ChatTemplateError, ChatTokenizer
+from fm9g.data.records import RecordError, is_chat_record, record_problem, to_chat
 
 __all__ = ["LENGTH_BUCKETS", "estimate_tokens"]
 
@@ -142,9 +143,11 @@ class _Scanner:
     """Validates and measures the lines of one byte block (runs in a worker process)."""
 
     def __init__(self, language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None,
-                 fmt: str = "auto") -> None:
+                 fmt: str = "auto", chat_template: str | None = None) -> None:
         self.language = language
         self.fmt = fmt  # a format of fm9g.data.records.FORMATS
+        # with a chat template, every record is rendered once: a template that fails names the line
+        self.chat = ChatTokenizer(tokenizer, chat_template=chat_template, fmt=fmt) if chat_template else None
         self.tokenizer = tokenizer
         self.skip_invalid = skip_invalid
         # NaN / Infinity are refused as orjson refuses them, so both parsers accept the same lines
@@ -334,6 +337,8 @@ class _Scanner:
                     keep[k] = False
                     res.n_blank += 1
                     continue
+            if not problem and self.chat is not None:
+                problem = self._render_problem(obj)
             if not problem:
                 records.append(obj)
                 kept_lines.append(line)
@@ -342,6 +347,14 @@ class _Scanner:
             if self._invalid(res, k, problem):
                 return None
         return records, kept_lines, keep
+
+    def _render_problem(self, record: dict) -> str:
+        """Why the build's chat template cannot render `record` (``""`` when it can)."""
+        try:
+            self.chat.render(record)  # type: ignore[union-attr]
+        except (RecordError, ChatTemplateError) as err:
+            return str(err)
+        return ""
 
     @staticmethod
     def _locate(res: _BlockResult, lines: list[bytes], keep: np.ndarray, ends_with_nl: bool) -> None:
@@ -397,11 +410,11 @@ _WORKER: _Scanner | None = None
 
 
 def worker_init(language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None,
-                fmt: str = "auto") -> None:
+                fmt: str = "auto", chat_template: str | None = None) -> None:
     """Initializer of a build worker process: its own :class:`_Scanner`."""
     global _WORKER
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER = _Scanner(language, tokenizer, skip_invalid, use_orjson, fmt)
+    _WORKER = _Scanner(language, tokenizer, skip_invalid, use_orjson, fmt, chat_template)
 
 
 def worker_scan(job: _Job) -> _BlockResult:

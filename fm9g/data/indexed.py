@@ -222,6 +222,7 @@ def build_index(
     block_size: int = _DEFAULT_BLOCK,
     trust_remote_code: bool = False,
     format: str = "auto",
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Validate a jsonl/txt source and write an index directory (see the module docstring).
 
@@ -247,6 +248,9 @@ def build_index(
         format: the record format of every jsonl line: ``"auto"`` (detected per line from its keys),
             ``"io"`` (``{input, output}``), ``"messages"``, ``"sharegpt"`` or ``"alpaca"``
             (:mod:`fm9g.data.records`). Lines are stored byte for byte whatever the format.
+        chat_template: with a `tokenizer`, render every record through this template
+            (``"tokenizer"``, a built-in name or a ``.jinja`` path) as training will: a record it
+            cannot render is a bad line (file and line named, nothing written).
 
     Returns:
         The meta.json dict.
@@ -272,12 +276,19 @@ def build_index(
         tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     else:
         tok_name = getattr(tokenizer, "name_or_path", None) or (type(tokenizer).__name__ if tokenizer is not None else None)
+    if chat_template is not None:
+        if tokenizer is None:
+            raise ValueError("chat_template needs a tokenizer (--tokenizer): the template is rendered with it")
+        from fm9g.data.chat import ChatTokenizer
+
+        ChatTokenizer(tokenizer, chat_template=chat_template, fmt=format)  # a missing template fails before writing
     if num_workers is None:  # a tokenizer batch-encodes on all cores by itself: no need to fork it
         num_workers = 1 if tokenizer is not None else min(2, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     with atomic_dir(out, tmp_prefix=f".{out.name}.tmp-{os.getpid()}-") as tmp:  # see _remove_stale_temporaries
-        meta = _build_into(tmp, sources, language, tokenizer, tok_name, skip_invalid, num_workers, block_size, format)
+        meta = _build_into(tmp, sources, language, tokenizer, tok_name, skip_invalid, num_workers, block_size,
+                           format, chat_template)
     return meta
 
 
@@ -291,11 +302,13 @@ def _build_into(
     num_workers: int,
     block_size: int,
     fmt: str = "auto",
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Write the index of ``sources`` into the empty folder ``tmp``; return its meta.json dict."""
     writer = _IndexWriter(tmp, sources, skip_invalid)
     try:
-        _scan_all(_plan_jobs(sources, block_size), writer.add, language, tokenizer, skip_invalid, num_workers, fmt)
+        _scan_all(_plan_jobs(sources, block_size), writer.add, language, tokenizer, skip_invalid, num_workers,
+                  (fmt, chat_template))
     finally:
         writer.close()
     writer.check_not_empty()
@@ -320,18 +333,19 @@ def _build_into(
 
 def _scan_all(
     jobs: Iterator[_Job], handle: Callable[[_BlockResult], None], language: str, tokenizer: Any,
-    skip_invalid: bool, num_workers: int, fmt: str = "auto",
+    skip_invalid: bool, num_workers: int, records: tuple[str, str | None] = ("auto", None),
 ) -> None:
-    """Scan every job and pass the results to ``handle`` in job order (in ``num_workers`` processes)."""
+    """Scan every job and pass the results to ``handle`` in job order (in ``num_workers`` processes);
+    ``records`` is ``(format, chat_template)``."""
     use_orjson = _orjson is not None
     if num_workers <= 1:
-        scanner = _Scanner(language, tokenizer, skip_invalid, use_orjson, fmt)
+        scanner = _Scanner(language, tokenizer, skip_invalid, use_orjson, *records)
         for job in jobs:
             handle(scanner(job))
         return
     import multiprocessing as mp
 
-    with mp.get_context().Pool(num_workers, worker_init, (language, tokenizer, skip_invalid, use_orjson, fmt)) as pool:
+    with mp.get_context().Pool(num_workers, worker_init, (language, tokenizer, skip_invalid, use_orjson, *records)) as pool:
         pending: deque = deque()
         for job in jobs:
             pending.append(pool.apply_async(worker_scan, (job,)))

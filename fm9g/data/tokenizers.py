@@ -163,7 +163,9 @@ def _sentencepiece_files(folder: Path) -> list[Path]:
 
 
 def _from_sentencepiece(model_file: Path) -> Any:
-    """A fast tokenizer converted from a sentencepiece model (same ids, same BOS / EOS / UNK)."""
+    """A fast tokenizer converted from a sentencepiece model (same ids, same BOS / EOS / UNK) that puts
+    BOS first when it encodes text, as the Llama tokenizer the original stack read ``tokenizer.model``
+    with (``LlamaTokenizerFast``, transformers 4.44) did: so ``bos="auto"`` keeps ``<s>`` first."""
     from transformers import AutoTokenizer
 
     # transformers converts a folder that holds only `tokenizer.model`; the user's file may have
@@ -171,7 +173,7 @@ def _from_sentencepiece(model_file: Path) -> Any:
     with tempfile.TemporaryDirectory(prefix="fm9g-spm-") as tmp:
         shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
         try:
-            return AutoTokenizer.from_pretrained(tmp)
+            return AutoTokenizer.from_pretrained(tmp, add_bos_token=True)
         except Exception as err:  # a corrupt file, or a transformers without the converter
             raise ConfigError(f"cannot read the sentencepiece model {model_file}: {err}") from err
 
