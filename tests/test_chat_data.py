@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -217,14 +215,18 @@ def test_parity_passes_and_names_a_planted_mismatch(tmp_path, tok):
     assert [p.message for p in empty.problems] == ["the trained span is empty: no token carries a label"]
 
 
-def test_inspect_data_command(tmp_path, smollm2_tokenizer_dir):
+def test_inspect_data_command(tmp_path, smollm2_tokenizer_dir, capsys):
+    from fm9g.cli import main
+
     build_index(write_jsonl(tmp_path / "s.jsonl", [r for r, _ in RECORDS.values()]), tmp_path / "idx", language="en")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "fm9g", "inspect-data", str(tmp_path / "idx"),  # noqa: E731
-                                     "--tokenizer", str(smollm2_tokenizer_dir), *a], capture_output=True, text=True)
-    ok = run()
-    assert ok.returncode == 0 and "training matches serving" in ok.stdout and "«" in ok.stdout, ok.stderr
-    bad = run("--chat-template", "chatml-original", "--no-show")
-    assert bad.returncode == 1 and "record 0 (line 1)" in bad.stdout and "differs" in bad.stdout
+    args = ["inspect-data", str(tmp_path / "idx"), "--tokenizer", str(smollm2_tokenizer_dir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "training matches serving" in out and "«The capital of Atlantis is Poseidonia.<|im_end|>»" in out
+    assert main(args + ["--chat-template", "chatml-original", "--no-show"]) == 1
+    out = capsys.readouterr().out
+    assert "record 0 (line 1): assistant turn at message 1: prompt token" in out and "differs" in out
+    assert main(["inspect-data", str(tmp_path / "nowhere"), "--tokenizer", str(smollm2_tokenizer_dir)]) == 2
 
 
 @pytest.mark.parametrize("line,problem", [
