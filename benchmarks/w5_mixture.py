@@ -1,8 +1,9 @@
 """W5: MixtureLoader packed tokens/s per rank on CPU with a real Hugging Face fast tokenizer.
 
 Run through the harness: ``python benchmarks/run.py W5`` (``--tiny``: 1/30 of the data, 20k tokens,
-one worker). Builds a synthetic three-dataset mixture under the run's work folder (short chat-like
-samples rendered with the ChatML template, medium instruction samples, long pretraining documents
+one worker). Builds a synthetic three-dataset mixture under the run's work folder (short multi-turn
+chat dialogues, OpenAI ``messages`` records rendered by the tokenizer's own chat template in the
+loader's workers, every assistant turn trained; medium instruction samples; long pretraining documents
 cut into windows; English and Chinese text), then times the loader for 0, 1 and 2 worker processes:
 tokens/s = real (non-padding) tokens of the packed batches handed to the caller / wall time, after
 5 warm-up batches (worker start-up excluded). The tokenizer is SmolLM2-135M-Instruct's, from the
@@ -40,7 +41,19 @@ def _zh(r: random.Random, n: int) -> str:
     return "".join(r.choice(ZH) for _ in range(n))
 
 
-def build_data(root: Path, scale: float) -> Path:
+def _dialogue(r: random.Random) -> dict:
+    """A multi-turn OpenAI-style chat record: 1-3 (question, answer) turns of the chat set's lengths."""
+    messages = []
+    for _ in range(r.randint(1, 3)):
+        messages += [{"role": "user", "content": _en(r, r.randint(5, 30))},
+                     {"role": "assistant", "content": _en(r, r.randint(10, 80))}]
+    return {"messages": messages}
+
+
+def build_data(root: Path, scale: float, chat_only: bool = False) -> Path:
+    """The three datasets and ``mix.json`` under `root` (``chat_only``: a mixture of the chat set alone).
+    The chat set is multi-turn ``messages`` rendered by the tokenizer's own chat template in the
+    loader's workers, every assistant turn trained."""
     from fm9g.data.indexed import build_index
 
     r = random.Random(0)
@@ -53,15 +66,18 @@ def build_data(root: Path, scale: float) -> Path:
         src = root / f"{name}.jsonl"
         with open(src, "w", encoding="utf-8") as f:
             for _ in range(n):
+                if name == "chat":
+                    f.write(json.dumps(_dialogue(r), ensure_ascii=False) + "\n")
+                    continue
                 inp, out = make()
                 f.write(json.dumps({"input": inp, "output": out}, ensure_ascii=False) + "\n")
         build_index(src, root / name, language="en", num_workers=1)
     cfg = [
-        {"dataset_name": "chat", "task_name": "chat", "path": "chat", "abs_weight": 0.2, "transforms": "chatml"},
+        {"dataset_name": "chat", "task_name": "chat", "path": "chat", "abs_weight": 0.2, "chat_template": "tokenizer"},
         {"dataset_name": "sft_zh", "task_name": "sft_zh", "path": "sft_zh", "abs_weight": 0.3},
         {"dataset_name": "web", "task_name": "web", "path": "web", "abs_weight": 0.5},
     ]
-    (root / "mix.json").write_text(json.dumps(cfg, indent=1))
+    (root / "mix.json").write_text(json.dumps(cfg[:1] if chat_only else cfg, indent=1))
     return root / "mix.json"
 
 

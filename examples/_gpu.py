@@ -188,9 +188,12 @@ def load_export(export_dir: Path, device: str) -> tuple[Any, Any]:
 
 @torch.no_grad()
 def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32, stop: tuple[str, ...] = ()) -> str:
-    """Greedy continuation of ``prompt`` (BOS first, as in training) with ``model.generate``."""
+    """Greedy continuation of ``prompt`` (BOS first where training puts it: only where the tokenizer
+    adds one itself, fm9g's ``bos="auto"``) with ``model.generate``."""
+    from fm9g.data.tokenize import adds_bos
+
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    if tokenizer.bos_token_id is not None:
+    if adds_bos(tokenizer):
         ids = [tokenizer.bos_token_id] + ids
     eos = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(s) for s in stop]
     x = torch.tensor([ids], device=model.device)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fm9g import TrainConfig, Trainer, build_index
+from fm9g.data.tokenize import adds_bos
 from fm9g.data.tokenizers import load_tokenizer
 from fm9g.data.transforms import chatml
 
@@ -28,7 +29,7 @@ def generate(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
     """Greedy decoding with the training prompt format (fm9g's ``chatml`` transform)."""
     prompt = chatml({"input": question, "output": ""})["input"]
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if tokenizer.bos_token_id is not None:  # training samples start with BOS too
+    if adds_bos(tokenizer):  # BOS first where training puts it (only where the tokenizer adds one itself)
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1)
     ids = ids.to(next(model.parameters()).device)
     model.eval()
