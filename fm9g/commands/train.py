@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,6 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--section", choices=["pretrain", "finetune"], default=None,
                    help="read only this section of an original {pretrain, finetune} file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check the config without training: every path, the tokenizer, every index, the model "
+                        "config, vocab sizes, the schedule and the LoRA targets; all problems at once (exit 2) "
+                        "or a one-screen summary (exit 0)")
     return p
 
 
@@ -30,7 +35,7 @@ def _relaunch_under_torchrun(args: argparse.Namespace) -> int | None:
     from fm9g.training.distributed import torchrun_args_from_env
 
     launch = torchrun_args_from_env()
-    if launch is None or args.print_config:
+    if launch is None or args.print_config or args.check:
         return None
     import subprocess
 
@@ -47,8 +52,13 @@ def run(args: argparse.Namespace) -> int:
     code = _relaunch_under_torchrun(args)
     if code is not None:
         return code
+    if args.check:
+        from fm9g.training.preflight import check_config_file
+
+        report = check_config_file(args.config, overrides=list(args.overrides), section=args.section)
+        print(report.text())
+        return 0 if report.ok else 2
     from fm9g.training.config import TrainConfig
-    from fm9g.training.trainer import Trainer
 
     cfg = TrainConfig.from_json(args.config, section=args.section)
     if args.overrides:
@@ -56,11 +66,39 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    from fm9g.training.distributed import explain_collective_errors
+    return _train(cfg, args)
 
-    with explain_collective_errors():  # a rank that times out: one line naming what to do
-        result = Trainer(cfg).fit()  # a refused checkpoint or run: one line, exit 2 (fm9g.cli.main)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this run: the same config and ``--set``s, ``resume_ckpt=latest``."""
+    sets = [f"--set {item}" for item in args.overrides if item.split("=", 1)[0].strip() not in ("resume_ckpt",)]
+    section = [f"--section {args.section}"] if args.section else []
+    return " ".join(["fm9g train --config", args.config, *section, *sets, "--set resume_ckpt=latest"])
+
+
+def _train(cfg: Any, args: argparse.Namespace) -> int:
+    """Build the Trainer and fit; SIGINT / SIGTERM end with 128 + the signal (130 / 143)."""
+    from fm9g.training.distributed import explain_collective_errors
+    from fm9g.training.interrupts import RunInterrupted, exit_code
+    from fm9g.training.trainer import Trainer
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        with explain_collective_errors():  # a rank that times out: one line naming what to do
+            trainer = Trainer(cfg)
+            trainer.resume_hint = resume_command(args)
+            result = trainer.fit()  # a refused checkpoint or run: one line, exit 2 (fm9g.cli.main)
+    except RunInterrupted as err:  # a second signal: stopped at once
+        if main_rank:
+            print(f"fm9g train: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started (building the model, reading data)
+        if main_rank:
+            print("fm9g train: interrupted before the first step; nothing was written", file=sys.stderr, flush=True)
+        return exit_code(2)
+    if result.signal is not None:
+        return exit_code(result.signal)
+    if not main_rank:  # under torchrun only rank 0 reports
         return 0
     print(f"done: step {result.step}, {result.tokens} tokens, stop: {result.stop_reason}, "
           f"skipped: {result.skipped}, last checkpoint: {result.last_checkpoint}")

@@ -118,7 +118,8 @@ def check_vocab(trainer: Trainer) -> None:
 
 def check_run_folder(trainer: Trainer) -> None:
     """A run that starts at step 0 (no resume, or ``only_load_model``) must not write over the
-    checkpoints and train stats of another run in its folder: it stops with a message naming
+    checkpoints of another run in its folder (a folder with train stats but no checkpoint holds
+    no run to keep: the new run starts there, saying so): it stops with a message naming
     the options, unless ``overwrite_run`` (then that run's checkpoints, train stats and
     TensorBoard events are deleted first). A real resume continues its run and is not checked."""
     cfg, run_dir = trainer.config, trainer.config.run_dir
@@ -127,7 +128,10 @@ def check_run_folder(trainer: Trainer) -> None:
     checkpoints = [p for _, p in list_checkpoints(run_dir)]
     stats = trainer._log_folder(cfg.stats_dir, "train_stats")
     stat_files = sorted(stats.glob("*.jsonl")) if stats is not None and stats.is_dir() else []
-    if not checkpoints and not stat_files:
+    if not checkpoints and not (stat_files and cfg.overwrite_run):
+        if stat_files and trainer.engine.is_main:  # a run stopped before its first checkpoint: not a run to keep
+            print(f"{run_dir} holds train stats but no checkpoint (a run that stopped before its first save): "
+                  "starting a new run there; its rows follow the earlier ones in train_stats", file=trainer.log_stream)
         return
     if cfg.overwrite_run:
         _overwrite_run(trainer, checkpoints, stat_files)

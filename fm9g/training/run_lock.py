@@ -93,6 +93,7 @@ class RunLock:
         self.say = say or (lambda msg: print(msg, flush=True))
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.record: dict[str, Any] | None = None
+        self._made: list[Path] = []  # folders acquire made (removed again by release when left empty)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -106,7 +107,7 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock, or a stale one over (saying so); raise :class:`RunLockedError` when a live
         process holds it."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._make_run_dir()
         t = time.time()
         record = {"host": socket.gethostname(), "pid": os.getpid(), "start": t, "heartbeat": t,
                   "token": uuid.uuid4().hex}
@@ -129,6 +130,14 @@ class RunLock:
                     f"If that process is surely gone, delete {self.path}")
             self._break_stale(holder, why)
         raise RunLockedError(f"could not take the lock {self.path} (it changed hands while trying); try again")
+
+    def _make_run_dir(self) -> None:
+        missing, p = [], self.run_dir
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._made = missing  # innermost first
 
     def _create(self, record: dict[str, Any]) -> bool:
         try:
@@ -192,6 +201,12 @@ class RunLock:
         if self.record is not None and (read_lock(self.run_dir) or {}).get("token") == self.record["token"]:
             self.path.unlink(missing_ok=True)
         self.record = None
+        for folder in self._made:  # a run refused before it wrote anything leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (the run wrote into it) or gone
+        self._made = []
 
 
 def acquire_for_run(run_dir: Path | None, *, is_main: bool, agree: Callable[[float], float],

@@ -2,15 +2,17 @@
 
 The loop marks when each step was launched and when its figures were read (settled), and wraps
 the work between steps that is not training (a checkpoint, an evaluation, the parameter table)
-in :meth:`StepClock.paused`. A step's time is the larger of
+in :meth:`StepClock.paused`. A step's time is, less the paused time in between:
 
-- the time since the previous step settled, and
-- the time since the previous step was launched,
+- when the next step is queued already (launch-ahead): from this step's launch to the next's;
+- when this step was queued ahead but the next is not (the last step, a step before a
+  checkpoint): the larger of the time since the previous step settled and the time between the
+  two launches (the host work of a queued step fell in the previous interval, so the first alone
+  would count it short when the host is the bottleneck);
+- otherwise: the time since the previous step settled (the start of the loop for the first).
 
-each less the paused time in between. The first is the step period when every step waits for the
-one before; the second covers a step queued ahead of time (launch-ahead), whose host work fell in
-the previous period, so the last step of a run is not counted short. ``clock`` is injectable: the
-tests drive it with a fake clock.
+So the step after a checkpoint is not charged with the save and the last step is not counted
+short. ``clock`` is injectable: the tests drive it with a fake clock.
 """
 from __future__ import annotations
 
@@ -49,13 +51,22 @@ class StepClock:
             self.last_pause = self.clock() - t
             self._paused += self.last_pause
 
-    def settled(self, launched_at: float) -> tuple[float, float]:
+    def settled(self, launched_at: float, next_launched_at: float | None = None) -> tuple[float, float]:
         """A step launched at ``launched_at`` has settled now: ``(iter_time, model_time)``.
 
-        ``model_time`` runs from the launch to now (the step's own device time plus any wait).
+        Args:
+            launched_at: when this step was launched (:meth:`now` just before the launch).
+            next_launched_at: when the next step was launched, if it is queued already.
+        Returns:
+            ``iter_time`` (see the module text) and ``model_time``, from the launch to now.
         """
         now = self.clock()
         since_settle = now - self._settled - self._paused
-        since_launch = launched_at - self._launched - self._paused if self._launched is not None else 0.0
+        if next_launched_at is not None:  # nothing is paused between two queued steps
+            iter_time = next_launched_at - launched_at
+        elif self._launched is not None and launched_at < self._settled:  # this step was queued ahead
+            iter_time = max(since_settle, launched_at - self._launched - self._paused)
+        else:
+            iter_time = since_settle
         self._settled, self._launched, self._paused = now, launched_at, 0.0
-        return max(since_settle, since_launch, 1e-9), now - launched_at
+        return max(iter_time, 1e-9), now - launched_at

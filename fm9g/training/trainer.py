@@ -292,9 +292,10 @@ class Trainer:
                 prefetched = self._may_prefetch()
                 upcoming = self._next_batches() if prefetched else None
                 if upcoming is not None and self._may_launch_ahead():
-                    ahead, upcoming = (self._launch(upcoming, after=out), upcoming, clock.now()), None
+                    t_next = clock.now()
+                    ahead, upcoming = (self._launch(upcoming, after=out), upcoming, t_next), None
                 self._settle(out, batches)
-                pending = self._after_step(out, batches, clock.settled(t0), result.losses)
+                pending = self._after_step(out, batches, clock.settled(t0, ahead[2] if ahead else None), result.losses)
                 if ahead is None and not prefetched and (  # SIGINT / SIGTERM: stop here (no batches in hand)
                         self._stopping or (self.engine.world_size == 1 and stop_agreed(self))):
                     result.stop_reason, result.signal = "interrupted", getattr(self._stop, "signum", None)
