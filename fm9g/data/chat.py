@@ -23,6 +23,7 @@ file.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,7 @@ class ChatTokenizer:
                 f"the template renders the dialogue before assistant turn {k} differently when later turns "
                 "follow (its generation prompt is not a prefix of the whole dialogue): use train_on "
                 "'last_assistant' or another template")
-        turn = self.render_messages(messages[: k + 1], tools).rstrip()
+        turn = (text if k + 1 == len(messages) else self.render_messages(messages[: k + 1], tools)).rstrip()
         if text.startswith(turn):
             return len(prompt), len(turn)
         # the template rewrites a turn once others follow (e.g. drops its reasoning): find it in the text
@@ -211,7 +212,8 @@ class ChatTokenizer:
 
     def _sample(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[TokenizedSample]:
         """Windows of one rendered record from its token ids, their offsets and the trained spans."""
-        trained = [any(a <= s < b for a, b in spans) for s, _ in offsets]
+        bounds = [x for span in sorted(spans) for x in span]  # a token is trained when it starts inside a span:
+        trained = [bisect_right(bounds, s) & 1 == 1 for s, _ in offsets]  # an odd number of bounds <= its start
         if self.add_bos and ids[:1] != [self.bos_id]:
             ids, trained = [self.bos_id] + ids, [False] + trained
         last = max((i for i, t in enumerate(trained) if t), default=-1)
