@@ -167,6 +167,9 @@ def test_bos_follows_the_tokenizer(tmp_path, smollm2_tokenizer, qwen2_style):
     plain = lambda text: qwen2_style(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert w.input_ids == plain("a") + plain("b") and w.labels == [-100] * (len(plain("a")) - 1) + plain("b") + [
         qwen2_style.eos_token_id]
+    build_index(write_jsonl(tmp_path / "q.jsonl", [{"input": "a", "output": "b"}]), tmp_path / "q", language="en")
+    ((ids, labels),) = loader_documents(tmp_path / "q", qwen2_style).values()
+    assert (ids, labels) == (w.input_ids, w.labels)
     with pytest.raises(ValueError, match="no bos_token_id"):
         SampleTokenizer(qwen2_style, 64, bos="always")
     # never twice: "always" keeps a BOS the template already wrote
@@ -295,3 +298,19 @@ def test_a_transform_may_return_messages(tmp_path, smollm2_tokenizer):
     ((ids, labels),) = loader_documents(tmp_path / "i", smollm2_tokenizer, transforms=str(tmp_path / "t.py")).values()
     assert (ids, labels) == expected(smollm2_tokenizer, [{"role": "user", "content": "Hi?"},
                                                          {"role": "assistant", "content": "Hello."}])
+
+
+def test_a_tokenizer_without_bos_trains(tmp_path, qwen2_style):
+    """Issue 32: a Qwen2-style tokenizer (no BOS) could not train at all; now the Trainer runs on it."""
+    from fm9g import FM9GConfig, TrainConfig, Trainer
+
+    qwen2_style.save_pretrained(tmp_path / "tok")
+    build_index(write_jsonl(tmp_path / "s.jsonl", [{"messages": DIALOGUE}, {"input": "2+2?", "output": "4"}] * 4),
+                tmp_path / "idx", language="en")
+    cfg = TrainConfig(model=FM9GConfig.from_name("tiny", vocab_size=len(qwen2_style)), tokenizer_path=str(tmp_path / "tok"),
+                      data=[{"dataset_name": "d", "task_name": "d", "path": str(tmp_path / "idx"), "abs_weight": 1.0,
+                             "chat_template": "tokenizer"}],
+                      lr=1e-2, train_iters=3, batch_size=1, max_length=128, save=str(tmp_path / "ck"),
+                      model_unique="nobos", save_iters=3, progress_bar=False, log_iters=1, inspect_iters=0)
+    result = Trainer(cfg).fit()
+    assert result.step == 3 and all(x == x for x in result.losses)

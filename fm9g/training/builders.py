@@ -165,7 +165,8 @@ def build_tokenizer(config: TrainConfig) -> Any:
 
 
 def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_size: int = 1) -> Any:
-    """``MixtureLoader`` for ``config.data`` (a dataset-config JSON path / name or a list)."""
+    """``MixtureLoader`` for ``config.data`` (a dataset-config JSON path / name or a list); with
+    ``eval_split`` it reads the training side only (:mod:`fm9g.data.split`)."""
     from fm9g.data.mixture import MixtureLoader
 
     data: Any = config.data
@@ -179,7 +180,9 @@ def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_si
         data = found
     else:
         base_dir = config.base_dir
-    kwargs = {"base_dir": base_dir} if base_dir else {}
+    kwargs: dict[str, Any] = {"base_dir": base_dir} if base_dir else {}
+    if config.eval_split:
+        kwargs.update(holdout=config.eval_split, split="train")
     return MixtureLoader.from_config(data, tokenizer, config.max_length, config.batch_size, seed=config.seed,
                                      rank=rank, world_size=world_size, num_workers=config.num_workers, **kwargs)
 

@@ -55,6 +55,7 @@ __all__ = [
     "Lineage",
     "read_lineage",
     "latest_checkpoint",
+    "best_checkpoint",
     "all_finite",
     "save_checkpoint",
     "list_checkpoints",
@@ -222,6 +223,18 @@ def _newest(lineages: Mapping[Path, Lineage]) -> Path | None:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """``latest``: the checkpoint of `run_dir` written last (the tip of the current lineage), or None."""
     return _newest(_lineages(Path(run_dir)))
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """``best``: the checkpoint of the lowest eval loss that ``latest`` records in its trainer state
+    (``evaluation.best_step``; ``keep_best`` keeps it through pruning), or None."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    state = torch.load(latest / TRAINER_STATE, map_location="cpu", weights_only=True)
+    step = (state.get("evaluation") or {}).get("best_step") if isinstance(state, dict) else None
+    path = Path(run_dir) / str(step)
+    return path if step is not None and _is_complete(path) else None
 
 
 def _move_aside(run_dir: Path, path: Path) -> Path:
@@ -483,7 +496,7 @@ def resolve_checkpoint(run_dir: str | os.PathLike | None, spec: int | str | os.P
     Args:
         run_dir: ``<save>/<model_unique>`` (may be None when ``spec`` is a path).
         spec: a step number (``5`` or ``"5"``), ``"latest"`` (the checkpoint written last: the tip
-            of the current lineage, see :func:`latest_checkpoint`), a checkpoint folder, or the
+            of the current lineage, see :func:`latest_checkpoint`), ``"best"`` (:func:`best_checkpoint`), a checkpoint folder, or the
             ``.pt`` file inside one.
     Raises:
         CheckpointError: nothing matches (the message lists what exists).
@@ -495,6 +508,11 @@ def resolve_checkpoint(run_dir: str | os.PathLike | None, spec: int | str | os.P
         if latest is None:
             raise CheckpointError(f"resume_ckpt='latest' but {run_dir} holds no complete checkpoint")
         return latest
+    if s.lower() == "best":
+        best = best_checkpoint(run_dir) if available else None
+        if best is None:
+            raise CheckpointError(f"resume_ckpt='best' but {run_dir} records no best checkpoint (keep_best with eval_iters)")
+        return best
     if re.fullmatch(r"-?\d+", s):
         for step, path in available:
             if step == int(s):

@@ -110,6 +110,15 @@ class TrainConfig:
     CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), cuda_graphs
     (the compiled layers replay as CUDA graphs, one launch per layer and direction; ``"auto"`` = on
     for compiled layers on one CUDA device without activation checkpointing), offload (bmtrain
+    Evaluation (docs/training.md, "Evaluation"): eval_data (held-out datasets: a dataset config or
+    a list of entries, like ``data``), eval_split (share of each training dataset's documents held
+    out of training, in [0, 1); the same documents on every run, rank and resume), eval_iters
+    (evaluate every N optimizer steps and at the end; 0 = off), eval_tokens (row tokens evaluated
+    each time, over all ranks; None = all held-out data), eval_prompts (questions answered greedily
+    at each evaluation), keep_best (keep the checkpoint of the lowest eval loss through
+    ``keep_last`` pruning; ``resume_ckpt: best``), early_stopping_patience (stop after K
+    evaluations without improvement; 0 = off), early_stopping_min_delta (the improvement that counts).
+
     engine: the optimizer state and Adam step on the CPU; the torch engine keeps it on the device), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
@@ -194,6 +203,15 @@ class TrainConfig:
     offload: bool = False
     num_workers: int = 0
     # --- several processes (torchrun; see docs/distributed.md) ---------------------------------
+    # --- evaluation (fm9g.training.evaluate; docs/training.md, "Evaluation") ---------------------
+    eval_data: list[DatasetEntry] | str | None = None
+    eval_split: float = 0.0
+    eval_iters: int = 0
+    eval_tokens: int | None = None
+    eval_prompts: list[str] = dataclasses.field(default_factory=list)
+    keep_best: bool = False
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
     data_parallel_shard: str = "full"
     reshard_after_forward: bool = True
     checkpoint_format: str = "full"
@@ -274,7 +292,7 @@ class TrainConfig:
             v = getattr(self, f.name)
             if f.name in ("model", "lora") and v is not None and not isinstance(v, str):
                 v = v.to_dict()
-            elif f.name == "data" and isinstance(v, list):
+            elif f.name in ("data", "eval_data") and isinstance(v, list):
                 v = [x.to_dict() for x in v]
             elif isinstance(v, tuple):
                 v = list(v)
@@ -293,7 +311,7 @@ class TrainConfig:
         """Coerce value types and check ranges; raises :class:`ConfigError` naming the key."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            if f.name in ("model", "data", "lora"):
+            if f.name in ("model", "data", "lora", "eval_data", "eval_prompts"):
                 continue
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         self.model = _model_value(self.model)
@@ -310,6 +328,8 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer != "adamw" and self.offload:
             raise ConfigError(f"optimizer={self.optimizer!r} keeps its state on the GPU; it does not combine with "
+        self.eval_data = _data_value(self.eval_data, self.base_dir)
+        _check_eval(self)
                               "offload=true (use optimizer=\"adamw\" with engine=\"bmtrain\" to offload)")
         for name in ("compile", "cuda_graphs"):
             value = getattr(self, name)
@@ -485,3 +505,24 @@ def _lora_value(lora: Any) -> LoraConfig | None:
         return LoraConfig.from_dict(d, source="lora")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _check_eval(config: TrainConfig) -> None:
+    """The evaluation settings: ranges, and held-out data whenever evaluation is on."""
+    if isinstance(config.eval_prompts, str):
+        config.eval_prompts = [config.eval_prompts]
+    if not isinstance(config.eval_prompts, (list, tuple)) or not all(isinstance(p, str) for p in config.eval_prompts):
+        raise ConfigError(f"eval_prompts must be a list of strings, got {config.eval_prompts!r}")
+    config.eval_prompts = list(config.eval_prompts)
+    if not 0.0 <= config.eval_split < 1.0:
+        raise ConfigError(f"eval_split must be in [0, 1) (a share of each dataset's documents), got {config.eval_split}")
+    for name in ("eval_iters", "early_stopping_patience"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 = off), got {getattr(config, name)}")
+    if config.eval_tokens is not None and config.eval_tokens < 1:
+        raise ConfigError(f"eval_tokens must be >= 1 or null (all held-out data), got {config.eval_tokens}")
+    if config.early_stopping_min_delta < 0:
+        raise ConfigError(f"early_stopping_min_delta must be >= 0, got {config.early_stopping_min_delta}")
+    needs_eval = [n for n in ("keep_best", "early_stopping_patience", "eval_prompts") if getattr(config, n)]
+    if needs_eval and not config.eval_iters:
+        raise ConfigError(f"{', '.join(needs_eval)} need evaluation: set eval_iters (evaluate every N steps)")

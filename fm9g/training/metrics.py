@@ -168,6 +168,15 @@ class MetricsLogger:
         if step % self.log_iters == 0:
             self.print(self.format_line(step, stats, task_loss))
 
+    def write_row(self, row: dict[str, Any]) -> None:
+        """Append one JSON row to train_stats (an evaluation's, see
+        :class:`fm9g.training.callbacks.JsonlLogger`); nothing when train_stats is off."""
+        if not self.enabled or self._stats_file is None:
+            return
+        f = self._stats_out()
+        f.write(json.dumps(row, default=float) + "\n")
+        f.flush()
+
     def _stats_out(self) -> Any:
         """The train_stats file, open for appending (kept open: one open and two stats a step cost
         host time a device-bound run does not have), rolled to ``<n+1>.jsonl`` past STATS_ROLL_BYTES."""
@@ -226,7 +235,8 @@ class MetricsLogger:
 def read_train_stats(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a train_stats jsonl file, or of every ``*.jsonl`` of a folder (a run folder is
     looked into for ``train_stats/``). A later row for the same iteration (after a resume)
-    replaces the earlier one. Sorted by iteration."""
+    replaces the earlier one; an evaluation's row (``"kind": "eval"``) is merged into its
+    iteration's row (keys ``eval_*``). Sorted by iteration."""
     p = Path(path)
     if p.is_dir() and (p / "train_stats").is_dir():
         p = p / "train_stats"
@@ -234,6 +244,7 @@ def read_train_stats(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not files:
         raise FileNotFoundError(f"no train_stats jsonl under {path}")
     rows: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
     for f in files:
         with open(f, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -243,7 +254,12 @@ def read_train_stats(path: str | os.PathLike) -> list[dict[str, Any]]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     raise ValueError(f"{f}:{lineno}: not a JSON line") from None
-                rows[int(row.get("iteration", len(rows)))] = row
+                if row.get("kind") == "eval":
+                    evals[int(row["iteration"])] = {k: v for k, v in row.items() if k.startswith("eval_")}
+                else:
+                    rows[int(row.get("iteration", len(rows)))] = row
+    for it, ev in evals.items():
+        rows.setdefault(it, {"iteration": it}).update(ev)
     return [rows[k] for k in sorted(rows)]
 
 
