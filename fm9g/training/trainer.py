@@ -37,7 +37,9 @@ from fm9g.training.builders import build_loader, build_model, build_tokenizer, p
 from fm9g.training.checkpoint import (
     all_finite, get_rng_state, latest_checkpoint, list_checkpoints, read_lineage, save_checkpoint,
 )
+from fm9g.training.callbacks import Callback, CallbackList
 from fm9g.training.config import TrainConfig
+from fm9g.training.eval_loop import best_to_protect, build_evaluator, run_evaluation
 from fm9g.training.engine import Engine, StepOutput, build_engine, stage_batch
 from fm9g.training.metrics import MetricsLogger, flops_per_token, inspect_model, mfu
 from fm9g.training.resume import resume as resume_checkpoint
@@ -64,7 +66,8 @@ class TrainResult:
         skipped: skipped batches by reason (``nonfinite``, ``oom``).
         last_checkpoint: the folder written last, if any.
         stop_reason: ``"train_iters"``, ``"data_exhausted"``, ``"interrupted"`` (SIGINT / SIGTERM;
-            ``signal`` holds its number: the command exits with 128 + signal).
+            ``signal`` holds its number: the command exits with 128 + signal), ``"early_stopping"``
+            (``early_stopping_patience``), ``"requested"`` (:meth:`Trainer.request_stop`).
     """
 
     step: int
@@ -96,6 +99,9 @@ class Trainer:
         tokenizer: used to build the default loader (default: :func:`build_tokenizer`).
         engine: a ready engine (default: :func:`fm9g.training.engine.build_engine`).
         log_stream: where console lines go (default stdout).
+        callbacks: :class:`~fm9g.training.callbacks.Callback` objects (``on_step_end``,
+            ``on_eval``, ``on_save``, ``on_fit_end``); evaluation is built from the config
+            (``eval_iters``; :mod:`fm9g.training.evaluate`) as :attr:`evaluator`.
     """
 
     def __init__(
@@ -107,6 +113,7 @@ class Trainer:
         tokenizer: Any = None,
         engine: Engine | None = None,
         log_stream: Any = None,
+        callbacks: Iterable[Callback] | None = None,
     ) -> None:
         self.config = config
         seed_everything(config.seed)
@@ -154,6 +161,21 @@ class Trainer:
         self.max_length = int(getattr(loader, "max_length", None) or config.max_length)
         self.flops_per_token = flops_per_token(self.model, self.max_length)
         self.logger: MetricsLogger | None = None
+        self.callbacks = CallbackList(callbacks or (), is_main=self.engine.is_main)
+        self.evaluator = build_evaluator(self)  # None without eval_iters
+        self.stop_request: tuple[str, str] | None = None  # (stop_reason, why): see request_stop
+
+    def request_stop(self, why: str, *, reason: str = "requested") -> None:
+        """Stop :meth:`fit` after the step in hand (a final checkpoint is saved); ``why`` is printed.
+
+        Args:
+            why: the message for the console.
+            reason: the :attr:`TrainResult.stop_reason` (``"early_stopping"`` from evaluation).
+        """
+        if self.stop_request is None:
+            self.stop_request = (reason, why)
+            if self.logger is not None:
+                self.logger.print(f"stopping: {why}")
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -308,7 +330,10 @@ class Trainer:
             if result.stop_reason == "interrupted":
                 finish_interrupted(self)
             else:
+                run_evaluation(self, final=True)
                 self._maybe_save(final=True)
+                if self.stop_request is not None:
+                    result.stop_reason = self.stop_request[0]
         finally:
             self._write_log(pending)
             logger.close()
@@ -316,6 +341,7 @@ class Trainer:
             raise self._data_ran_out()
         result.step, result.tokens, result.skipped = self.step, self.tokens, dict(self.skipped)
         result.last_checkpoint = self.last_checkpoint
+        self.callbacks.call("on_fit_end", self, result)
         return result
 
     # ------------------------------------------------------------------ pieces of the loop
@@ -328,6 +354,10 @@ class Trainer:
             return None
         losses.append(out.loss)
         pending = (self.step, self._metrics_row(out, batches, *times), self._task_losses(out, batches))
+        if self.evaluator is not None and self.evaluator.due(self.step):  # before the save: keep_best saves
+            with self.clock.paused():
+                run_evaluation(self)
+            pending[1]["eval_time"] = self.clock.last_pause
         save_due = self._save_due()
         if save_due:  # the save's time is logged apart (save_time) and is no step's time
             with self.clock.paused():
@@ -385,15 +415,17 @@ class Trainer:
         return batches
 
     def _goes_on(self) -> bool:
-        """The loop trains another iteration: every run ends at ``train_iters``."""
-        return self.step < self.config.train_iters
+        """The loop trains another iteration: every run ends at ``train_iters`` (or a requested stop)."""
+        return self.step < self.config.train_iters and self.stop_request is None
 
     def _may_prefetch(self) -> bool:
         """Whether the next batches may be fetched before this step's figures are read: only when
         the loop surely goes on and no checkpoint can follow this step (a checkpoint saves the
         loader position, which must not include batches fetched ahead)."""
         cfg, k = self.config, self.step + 1
-        if k >= cfg.train_iters or self._stopping:
+        if k >= cfg.train_iters or self._stopping or self.stop_request is not None:
+            return False
+        if self.evaluator is not None and self.evaluator.due(k):  # reads the weights of step k; may save
             return False
         return not (cfg.run_dir is not None and cfg.save_iters and k % cfg.save_iters == 0)
 
@@ -413,12 +445,14 @@ class Trainer:
     def _save_due(self) -> bool:
         """A checkpoint is due after this step (every ``save_iters``)."""
         cfg = self.config
-        return cfg.run_dir is not None and bool(cfg.save_iters) and self.step % cfg.save_iters == 0
+        best = self.evaluator is not None and self.evaluator.wants_save(self.step)  # keep_best
+        return cfg.run_dir is not None and (bool(cfg.save_iters) and self.step % cfg.save_iters == 0 or best)
 
     def _write_log(self, pending: tuple[int, dict[str, Any], dict[str, float]] | None) -> None:
         """Write a deferred log line (step, metrics row, task losses); returns None (nothing pending)."""
         if pending is not None and self.logger is not None:
             self.logger.log(*pending)
+            self.callbacks.call("on_step_end", self, *pending)
         return None
 
     def _report_skip(self, out: StepOutput) -> None:
@@ -463,11 +497,12 @@ class Trainer:
         cfg = self.config
         if cfg.run_dir is None:
             return
-        if final:
-            due = cfg.save_final and self.step > 0 and (
+        if final:  # a stop (early stopping) and keep_best save even without save_final
+            wanted = cfg.save_final or self.stop_request is not None or self._save_due()
+            due = wanted and self.step > 0 and (
                 self.last_checkpoint is None or self.last_checkpoint.name != str(self.step))
         else:
-            due = bool(cfg.save_iters) and self.step % cfg.save_iters == 0
+            due = self._save_due()
         if due:
             self.save()
 
@@ -483,6 +518,8 @@ class Trainer:
         if self.is_lora:
             state["lora"] = lora_settings(self.model)
             state["pretrained"] = dict(self._base_identity or {})
+        if self.evaluator is not None:
+            state["evaluation"] = self.evaluator.state_dict()
         return state
 
     def save(self) -> Path:
@@ -519,12 +556,13 @@ class Trainer:
             barrier=self.engine.barrier,
             sharded_writer=getattr(self.engine, "save_sharded") if sharded else None,
             history=self._history,
-            protect=[self._resumed_from] if self._resumed_from is not None else [],
+            protect=([self._resumed_from] if self._resumed_from is not None else []) + best_to_protect(self),
         )
         self._history = read_lineage(path).chain
         self.last_checkpoint = path
         if self.logger is not None:
             self.logger.print(f"saved checkpoint {path}")
+        self.callbacks.call("on_save", self, path)
         return path
 
     def _check_finite_weights(self) -> None:
@@ -555,7 +593,10 @@ class Trainer:
                 or loader state (``resume_no_optimizer`` / ``load_dataloader_ckpt=false``
                 continue without them).
         """
-        return resume_checkpoint(self, spec)
+        path = resume_checkpoint(self, spec)
+        if self.evaluator is not None and not self.config.only_load_model:
+            self.evaluator.restore(path)  # the same evaluations and best as the run that wrote it
+        return path
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``[(step, folder), ...]`` of this run's complete checkpoints."""
