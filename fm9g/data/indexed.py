@@ -276,12 +276,7 @@ def build_index(
         tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     else:
         tok_name = getattr(tokenizer, "name_or_path", None) or (type(tokenizer).__name__ if tokenizer is not None else None)
-    if chat_template is not None:
-        if tokenizer is None:
-            raise ValueError("chat_template needs a tokenizer (--tokenizer): the template is rendered with it")
-        from fm9g.data.chat import ChatTokenizer
-
-        ChatTokenizer(tokenizer, chat_template=chat_template, fmt=format)  # a missing template fails before writing
+    _check_chat_template(tokenizer, chat_template, format)
     if num_workers is None:  # a tokenizer batch-encodes on all cores by itself: no need to fork it
         num_workers = 1 if tokenizer is not None else min(2, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +285,18 @@ def build_index(
         meta = _build_into(tmp, sources, language, tokenizer, tok_name, skip_invalid, num_workers, block_size,
                            format, chat_template)
     return meta
+
+
+def _check_chat_template(tokenizer: Any, chat_template: str | None, fmt: str) -> None:
+    """Raise before anything is written when `chat_template` cannot be used (no tokenizer, no
+    template in the tokenizer, a missing file)."""
+    if chat_template is None:
+        return
+    if tokenizer is None:
+        raise ValueError("chat_template needs a tokenizer (--tokenizer): the template is rendered with it")
+    from fm9g.data.chat import ChatTokenizer
+
+    ChatTokenizer(tokenizer, chat_template=chat_template, fmt=fmt)
 
 
 def _build_into(
