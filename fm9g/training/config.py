@@ -104,12 +104,6 @@ class TrainConfig:
     the per-task TensorBoard scalars ``Loss/train/<task>``; per-task losses are always on the console
     line and in train_stats), progress_bar (only ever drawn when stderr is a terminal), peak_flops (for MFU; None = detect from the GPU name).
 
-    Engine: engine (``"torch"``: one process, or FSDP2 under torchrun; ``"bmtrain"``: ZeRO-3 blocks and
-    optional optimizer offload, needs bmtrain, see docs/install.md), device (auto |
-    cpu | cuda | cuda:N), precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on
-    CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), cuda_graphs
-    (the compiled layers replay as CUDA graphs, one launch per layer and direction; ``"auto"`` = on
-    for compiled layers on one CUDA device without activation checkpointing), offload (bmtrain
     Evaluation (docs/training.md, "Evaluation"): eval_data (held-out datasets: a dataset config or
     a list of entries, like ``data``), eval_split (share of each training dataset's documents held
     out of training, in [0, 1); the same documents on every run, rank and resume), eval_iters
@@ -119,6 +113,12 @@ class TrainConfig:
     ``keep_last`` pruning; ``resume_ckpt: best``), early_stopping_patience (stop after K
     evaluations without improvement; 0 = off), early_stopping_min_delta (the improvement that counts).
 
+    Engine: engine (``"torch"``: one process, or FSDP2 under torchrun; ``"bmtrain"``: ZeRO-3 blocks and
+    optional optimizer offload, needs bmtrain, see docs/install.md), device (auto |
+    cpu | cuda | cuda:N), precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on
+    CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), cuda_graphs
+    (the compiled layers replay as CUDA graphs, one launch per layer and direction; ``"auto"`` = on
+    for compiled layers on one CUDA device without activation checkpointing), offload (bmtrain
     engine: the optimizer state and Adam step on the CPU; the torch engine keeps it on the device), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
@@ -192,6 +192,15 @@ class TrainConfig:
     log_task_loss: bool = True
     progress_bar: bool = True
     peak_flops: float | None = None
+    # --- evaluation (fm9g.training.evaluate; docs/training.md, "Evaluation") ---------------------
+    eval_data: list[DatasetEntry] | str | None = None
+    eval_split: float = 0.0
+    eval_iters: int = 0
+    eval_tokens: int | None = None
+    eval_prompts: list[str] = dataclasses.field(default_factory=list)
+    keep_best: bool = False
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
     # --- engine -------------------------------------------------------------------------------
     engine: str = "torch"
     device: str = "auto"
@@ -203,15 +212,6 @@ class TrainConfig:
     offload: bool = False
     num_workers: int = 0
     # --- several processes (torchrun; see docs/distributed.md) ---------------------------------
-    # --- evaluation (fm9g.training.evaluate; docs/training.md, "Evaluation") ---------------------
-    eval_data: list[DatasetEntry] | str | None = None
-    eval_split: float = 0.0
-    eval_iters: int = 0
-    eval_tokens: int | None = None
-    eval_prompts: list[str] = dataclasses.field(default_factory=list)
-    keep_best: bool = False
-    early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
     data_parallel_shard: str = "full"
     reshard_after_forward: bool = True
     checkpoint_format: str = "full"
@@ -316,6 +316,8 @@ class TrainConfig:
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         self.model = _model_value(self.model)
         self.data = _data_value(self.data, self.base_dir)
+        self.eval_data = _data_value(self.eval_data, self.base_dir)
+        _check_eval(self)
         self.lora = _lora_value(self.lora)
         try:
             self.lr_scheduler = normalise_name(self.lr_scheduler)
@@ -328,8 +330,6 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer != "adamw" and self.offload:
             raise ConfigError(f"optimizer={self.optimizer!r} keeps its state on the GPU; it does not combine with "
-        self.eval_data = _data_value(self.eval_data, self.base_dir)
-        _check_eval(self)
                               "offload=true (use optimizer=\"adamw\" with engine=\"bmtrain\" to offload)")
         for name in ("compile", "cuda_graphs"):
             value = getattr(self, name)
