@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHECKPOINT_NAME", "ConfigError", "atomic_dir", "find_model_file", "state_dict_mismatch", "atomic_file", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["DuplicateKeyError", "json_duplicate_keys", "duplicate_key_text", "nearby_hint", "CHECKPOINT_NAME", "ConfigError", "atomic_dir", "find_model_file", "state_dict_mismatch", "atomic_file", "atomic_write_bytes", "atomic_write_text",
            "default_permissions", "name_list", "parse_bool", "read_json"]
 
 # The original stack's file name of model weights: <folder>/fm9g_live_checkpoint-<step>.pt
@@ -242,7 +242,10 @@ def read_json(path: str | os.PathLike[str], *, expect: type = dict, error: type[
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except DuplicateKeyError as err:
+        raise error(f"{path}: {duplicate_key_text(text, err.key)}") from None
     except json.JSONDecodeError as err:
         raise error(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except UnicodeDecodeError as err:
@@ -251,6 +254,63 @@ def read_json(path: str | os.PathLike[str], *, expect: type = dict, error: type[
         kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
         raise error(f"{path}: expected {kind}, got {type(data).__name__}")
     return data
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object sets one key twice (``json`` would silently keep the last value)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(key)
+        seen[key] = value
+    return seen
+
+
+def json_duplicate_keys(text: str) -> list[str]:
+    """The keys that some object of the JSON `text` sets more than once (``[]`` when none), each
+    as :func:`duplicate_key_text` words it."""
+    found: list[str] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [k for k, _ in pairs]
+        found.extend(k for k in dict.fromkeys(names) if names.count(k) > 1)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=hook)
+    return [duplicate_key_text(text, k) for k in found]
+
+
+def duplicate_key_text(text: str, key: str) -> str:
+    """``key "tokenizer_path" is set twice in one object (lines 3, 9): JSON keeps only the last;
+    remove one``."""
+    pattern = re.compile(r'"' + re.escape(json.dumps(key)[1:-1]) + r'"\s*:')
+    lines = [text.count("\n", 0, m.start()) + 1 for m in pattern.finditer(text)]
+    where = f" (lines {', '.join(map(str, lines))})" if lines else ""
+    return (f"key {json.dumps(key)} is set more than once in one object{where}: JSON would keep only the last "
+            "value; remove the others")
+
+
+def nearby_hint(path: str | os.PathLike[str], levels: int = 3) -> str:
+    """Where a missing `path` may be meant: ``"; a folder of that name exists at /abs/x"``, found
+    by keeping the last one or two parts of the path and trying them under the folders above it
+    and the working directory (``""`` when none is found)."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    tails = [Path(p.name)] + ([Path(*p.parts[-2:])] if len(p.parts) > 2 else [])
+    roots = list(p.parents)[1:levels + 1] + [Path.cwd()]
+    for root in roots:
+        for tail in tails:
+            cand = root / tail
+            if cand != p and cand.exists():
+                kind = "folder" if cand.is_dir() else "file"
+                return f"; a {kind} of that name exists at {cand}"
+    return ""
 
 
 def name_list(names: list[str], limit: int = 10, *, quote: bool = False) -> str:

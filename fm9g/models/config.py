@@ -258,12 +258,14 @@ class FM9GConfig:
         """A preset by name: fm9g-4b, fm9g-7b, fm9g-70b, fm9g-2.4b, fm9g-8b or tiny.
 
         Args:
-            name: preset name (case-insensitive).
+            name: preset name (case-insensitive; the short ``"7b"`` is ``fm9g-7b``).
             **overrides: field values replacing the preset's.
         Raises:
             ConfigError: unknown preset (the message lists them) or a bad override.
         """
         key = name.lower()
+        if key not in PRESETS and f"fm9g-{key}" in PRESETS:  # the original configs' short names: "7b"
+            key = f"fm9g-{key}"
         if key not in PRESETS:
             close = difflib.get_close_matches(key, PRESETS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -15,12 +15,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fm9g._io import find_model_file
+from fm9g._io import find_model_file, nearby_hint
 from fm9g.convert.files import load_checkpoint_file
-from fm9g.convert.hf_config import load_model_config
 from fm9g.models.config import FM9GConfig
 from fm9g.training.checkpoint import CheckpointError, load_state_dict_checked
 from fm9g.training.config import TrainConfig
+from fm9g.training.model_source import lookup_paths, model_config_of
 
 __all__ = ["build_model", "pretrained_state", "build_tokenizer", "build_loader", "check_same_shape", "SHAPE_FIELDS"]
 
@@ -33,24 +33,8 @@ SHAPE_FIELDS = ("vocab_size", "dim_model", "num_layers", "num_heads", "num_kv_he
 def _resolve_model_config(config: TrainConfig) -> FM9GConfig | None:
     """``config.model`` as an FM9GConfig (a preset name or a model JSON is read here), with the
     ``attn_impl`` switch of the TrainConfig applied; None when ``model`` is not set."""
-    m = config.model
-    if m is None:
-        return None
-    if isinstance(m, FM9GConfig):
-        mc = m
-    else:
-        path = config.find_file(m, "model_configs")
-        if path is not None and os.path.isfile(path):
-            mc = load_model_config(path)  # an original model JSON or an HF config.json
-        else:
-            try:
-                mc = FM9GConfig.from_name(m)
-            except Exception as err:
-                raise FileNotFoundError(
-                    f"model={m!r} is neither a preset name nor a model config JSON "
-                    f"(looked for {m}, {m}.json and model_configs/{m}.json next to the train config): {err}"
-                ) from None
-    return _with_switches(mc, config)
+    mc = model_config_of(config)  # also the config.json beside a pretrained .pt; preset aliases ("7b")
+    return _with_switches(mc, config) if mc is not None else None
 
 
 def _with_switches(mc: FM9GConfig, config: TrainConfig) -> FM9GConfig:
@@ -62,10 +46,7 @@ def _pretrained_path(config: TrainConfig) -> Path | None:
     """``pretrained_model`` resolved against the config's folder (None when not set)."""
     if not config.pretrained_model:
         return None
-    pre = Path(config.resolve_path(config.pretrained_model))
-    if not pre.exists():
-        raise FileNotFoundError(f"pretrained_model {config.pretrained_model!r} does not exist")
-    return pre
+    return Path(config.require_path(config.pretrained_model, "pretrained_model"))
 
 
 def _model_file(folder: Path) -> Path | None:
@@ -158,7 +139,7 @@ def build_tokenizer(config: TrainConfig) -> Any:
                                      os.path.isdir(config.resolve_path(config.pretrained_model)) else None)
     if path is None:
         raise ValueError("tokenizer_path is not set (needed to tokenize the data)")
-    path = config.resolve_path(path)
+    path = config.require_path(path, "tokenizer_path")
     from fm9g.data.tokenizers import load_tokenizer
 
     return load_tokenizer(path, trust_remote_code=config.trust_remote_code)
@@ -176,7 +157,8 @@ def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_si
     if isinstance(data, str):
         found = config.find_file(data, "dataset_configs")
         if found is None:
-            raise FileNotFoundError(f"dataset config {data!r} not found (also looked for dataset_configs/{data}.json)")
+            raise FileNotFoundError(f"dataset config {data!r} not found: tried {', '.join(lookup_paths(config, data, 'dataset_configs'))}"
+                                    f"{nearby_hint(lookup_paths(config, data, 'dataset_configs')[0])}")
         data = found
     else:
         base_dir = config.base_dir

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fm9g._io import ConfigError, atomic_write_text, read_json
+from fm9g._io import ConfigError, atomic_write_text, nearby_hint, read_json
 from fm9g.data.mixture import DatasetEntry
 from fm9g.models.config import FM9GConfig
 from fm9g.models.lora import LoraConfig
@@ -39,6 +39,7 @@ from fm9g.training.schedules import SCHEDULERS, normalise_name
 
 __all__ = ["TrainConfig", "ConfigError", "ALIASES", "IGNORED_KEYS", "SCHEDULERS"]
 
+TRAIN_CONFIGS_FOLDER = "train_configs"  # the original layout: apps/<x>/train_configs/*.json, run from apps/<x>
 ENGINES = ("torch", "bmtrain")
 SHARDINGS = ("full", "hybrid")  # FSDP2 over all ranks / within a node, replicated across nodes
 CHECKPOINT_FORMATS = ("full", "sharded")  # one gathered .pt / torch.distributed.checkpoint shards
@@ -82,8 +83,12 @@ class TrainConfig:
     max_length tokens per micro-batch, seed, max_bad_steps (consecutive non-finite losses before
     stopping), ignore_cuda_oom (skip a batch that runs out of GPU memory).
 
-    Checkpoints: save (root directory; None disables; a relative path resolves against the
-    config file's folder, or the working directory for a config built in Python), model_unique
+    Relative paths (every path of this config, read or written): against the config file's
+    folder, or the folder above it for a file in ``train_configs/`` (the original
+    ``apps/<x>/train_configs/`` layout); the working directory for a config built in Python
+    (:func:`config_base_dir`, docs/training.md "Relative paths").
+
+    Checkpoints: save (root directory; None disables), model_unique
     (run name: checkpoints go to ``<save>/<model_unique>/<step>/``), save_iters (0: only at the
     end), save_final, keep_last (prune older checkpoints of the run's lineage), resume_ckpt (a
     step number, ``"latest"`` or a checkpoint path), only_load_model (resume weights only: step 0,
@@ -247,15 +252,15 @@ class TrainConfig:
 
         Accepted shapes: a flat object of keys; or the original ``{"pretrain": {...},
         "finetune": {...}}`` (sections merged in that order; pass ``section="pretrain"`` to read
-        only one). Relative paths inside are resolved against the JSON's directory (and, for the
-        original layout ``apps/x/train_configs/7b.json``, its parent's ``model_configs`` /
-        ``dataset_configs``).
+        only one). Relative paths inside resolve against :func:`config_base_dir` of the file (the
+        one rule, docs/training.md "Relative paths"). A key set twice in one object is an error
+        naming the key and its lines.
         """
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"train config {path} does not exist")
+            raise FileNotFoundError(f"train config {path.resolve()} does not exist{nearby_hint(path)}")
         raw = merge_sections(read_json(path, error=ConfigError), str(path), section)
-        return cls.from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()))
+        return cls.from_dict(raw, source=str(path), base_dir=str(config_base_dir(path)))
 
     def override(self, updates: dict[str, Any] | list[str]) -> "TrainConfig":
         """Return a copy with some keys changed (``--set key=value``).
@@ -380,35 +385,39 @@ class TrainConfig:
         return Path(self.output_path(self.save)) / self.model_unique
 
     def output_path(self, p: str | os.PathLike) -> str:
-        """Resolve a path the run writes to (``save``, ``tensorboard``, ``stats_dir``): absolute as
-        is, else relative to ``base_dir`` (the config file's folder) when the config came from a
-        file, else relative to the working directory. Unlike :meth:`resolve_path` it never depends
-        on what already exists."""
+        """Resolve a path the run writes to (``save``, ``tensorboard``, ``stats_dir``) by the one
+        rule: absolute as is, else relative to ``base_dir`` (:func:`config_base_dir` of the config
+        file), else (a config built in Python) relative to the working directory."""
         p = os.path.expanduser(str(p))
         if os.path.isabs(p) or self.base_dir is None:
             return p
-        return os.path.join(self.base_dir, p)
+        return os.path.normpath(os.path.join(self.base_dir, p))
 
     def resolve_path(self, p: str | os.PathLike) -> str:
-        """Resolve a path from the config: absolute as is, else relative to ``base_dir`` if the
-        file exists there, else relative to the working directory."""
-        p = os.path.expanduser(str(p))
-        if os.path.isabs(p) or self.base_dir is None:
-            return p
-        cand = os.path.join(self.base_dir, p)
-        return cand if os.path.exists(cand) else p
+        """Resolve a path the run reads (``pretrained_model``, ``tokenizer_path``, ...) by the same
+        rule as :meth:`output_path`; whether it exists is not looked at (see :meth:`require_path`)."""
+        return self.output_path(p)
+
+    def require_path(self, p: str | os.PathLike, what: str) -> str:
+        """:meth:`resolve_path`, and a FileNotFoundError naming the absolute path tried (and a
+        folder of that name nearby, if any) when nothing is there."""
+        found = self.resolve_path(p)
+        if not os.path.exists(found):
+            raise FileNotFoundError(f"{what} {str(p)!r} not found: tried {os.path.abspath(found)} "
+                                    f"(relative paths are resolved against {self.base_dir or os.getcwd()}, "
+                                    f"docs/training.md \"Relative paths\"){nearby_hint(found)}")
+        return found
 
     def find_file(self, value: str, folder: str) -> str | None:
         """Look a model / dataset config up the way the original launcher did.
 
-        A path (with a ``/`` or ending in ``.json``) is taken relative to the train config's
-        directory, else the working directory. A bare name ``X`` is looked up as
-        ``<folder>/X.json`` next to the train config, one level above it (the original
-        ``apps/<x>/train_configs`` layout) and in the working directory. Returns None if absent.
+        A path (with a ``/`` or ending in ``.json``) resolves by the one rule (:meth:`resolve_path`).
+        A bare name ``X`` is ``<folder>/X.json`` (or ``<folder>/X``) in ``base_dir``: for the
+        original ``apps/<x>/train_configs/7b.json`` that is ``apps/<x>/<folder>/X.json``. Returns
+        None if absent.
         """
         value = os.path.expanduser(value)
-        roots = [r for r in ([self.base_dir, os.path.dirname(self.base_dir)] if self.base_dir else []) if r]
-        roots.append(os.getcwd())
+        roots = [self.base_dir or os.getcwd()]
         if os.path.isabs(value):
             return value if os.path.isfile(value) else None
         if "/" in value or value.endswith(".json"):
@@ -423,6 +432,24 @@ class TrainConfig:
                 if os.path.isfile(p):
                     return p
         return None
+
+
+def config_base_dir(path: str | os.PathLike) -> Path:
+    """The folder every relative path of the train config file `path` resolves against (the one
+    rule): the file's own folder, except for a file in a folder named ``train_configs`` (the
+    original ``apps/<x>/train_configs/`` layout, whose scripts ran from ``apps/<x>``), whose
+    base is the folder above it."""
+    folder = Path(path).resolve().parent
+    return folder.parent if folder.name == TRAIN_CONFIGS_FOLDER else folder
+
+
+def config_base_dir(path: str | os.PathLike) -> Path:
+    """The folder every relative path of the train config file `path` resolves against (the one
+    rule): the file's own folder, except for a file in a folder named ``train_configs`` (the
+    original ``apps/<x>/train_configs/`` layout, whose scripts ran from ``apps/<x>``), whose
+    base is the folder above it."""
+    folder = Path(path).resolve().parent
+    return folder.parent if folder.name == TRAIN_CONFIGS_FOLDER else folder
 
 
 def resolve_iters(value: float, train_iters: int) -> float:

@@ -27,8 +27,9 @@ Names are case-insensitive (``"Cosine"`` works; the original crashed on it).
 from __future__ import annotations
 
 import math
+from typing import Any
 
-__all__ = ["lr_at", "SCHEDULERS", "normalise_name"]
+__all__ = ["lr_at", "SCHEDULERS", "normalise_name", "schedule_text", "schedule_warnings"]
 
 SCHEDULERS = ("cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant")
 
@@ -88,3 +89,52 @@ def lr_at(
         return 0.0
     start = max(W, 1.0)  # the first step at full lr
     return base_lr * (E - k + 1.0) / max(1.0, E - start + 1.0)
+
+
+# ---------------------------------------------------------------------------------- words
+def _schedule_values(cfg: Any) -> tuple[str, float, float, float, float]:
+    """(name, lr, W, D, E) of a TrainConfig-like object (W and D resolved to steps)."""
+    return normalise_name(cfg.lr_scheduler), float(cfg.lr), float(cfg.warmup_steps), float(cfg.drop_steps), \
+        float(cfg.train_iters)
+
+
+def _lr_of(cfg: Any, step: float) -> float:
+    name, lr, W, D, E = _schedule_values(cfg)
+    return lr_at(int(step), lr, scheduler=name, warmup_iters=W, drop_iters=D, train_iters=int(E),
+                 drop_begin=cfg.drop_begin, drop_rate=cfg.drop_rate)
+
+
+def schedule_text(cfg: Any) -> str:
+    """The schedule in whole steps, naming only the phases it has, e.g. ``lr 0.01 cosine: warmup to
+    step 20, then down to 10% at step 10000``."""
+    name, lr, W, D, E = _schedule_values(cfg)
+    parts = [f"warmup to step {math.ceil(W)}"] if W > 0 else []
+    if name == "cosine":
+        parts.append(f"cosine down to 10% at step {int(E)}")
+    elif name == "linear":
+        parts.append(f"linear down to 0 after step {int(E)}")
+    elif name == "warmupstabledrop":
+        parts.append(f"constant, then from step {math.floor(E - D)} down to 10% at step {int(E)}" if D > 0 else "constant")
+    elif name == "warmupstableexp":
+        parts.append(f"constant, then x{cfg.drop_rate:g} every {math.ceil(D)} steps from step {int(cfg.drop_begin)}"
+                     if cfg.drop_begin >= 0 and D > 0 else "constant")
+    else:
+        parts.append("constant")
+    return f"lr {lr:g} {name}: " + ", then ".join(parts) + f"; {int(E)} steps"
+
+
+def schedule_warnings(cfg: Any) -> list[str]:
+    """What the learning rate will do when the schedule is not what its numbers suggest: a warmup
+    as long as the run, a decay that never starts."""
+    name, lr, W, D, E = _schedule_values(cfg)
+    out = []
+    if W >= E and W > 0:
+        out.append(f"warmup_iters is {math.ceil(W)} steps, not shorter than train_iters={int(E)}: the learning rate "
+                   f"only rises, from {_lr_of(cfg, 1):.3g} at step 1 to {_lr_of(cfg, E):.3g} at the last step, and "
+                   f"never reaches lr={lr:g}; lower warmup_iters (a fraction in (0, 1) is a share of train_iters)")
+    if name == "warmupstabledrop" and D <= 0:
+        out.append(f"warmupstabledrop with drop_iters 0: the learning rate stays at lr={lr:g} to the end (no drop)")
+    if name == "warmupstableexp" and (cfg.drop_begin < 0 or D <= 0 or cfg.drop_begin >= E):
+        out.append(f"warmupstableexp with drop_begin {cfg.drop_begin:g} and drop_iters {D:g}: the decay never starts "
+                   f"within {int(E)} steps, the learning rate stays at lr={lr:g}; set drop_begin >= 0 and drop_iters > 0")
+    return out
