@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "plot": "plot",
     "inspect-data": "inspect_data",
+    "chat": "chat",
 }
 
 # exit status of a user-facing error (argparse uses 2 for a bad command line, too)

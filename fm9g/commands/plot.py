@@ -10,7 +10,7 @@ from fm9g._io import atomic_file
 
 
 def plot_run(path: str | os.PathLike, out: str | os.PathLike, *, tasks: bool = True) -> Path:
-    """Draw loss (and per-task losses) and lr against the iteration into a PNG.
+    """Draw loss (and per-task losses, and the eval loss of each evaluation) and lr against the iteration into a PNG.
 
     Args:
         path: a run folder (``<save>/<model_unique>``, its ``train_stats/`` is read), a
@@ -40,6 +40,9 @@ def plot_run(path: str | os.PathLike, out: str | os.PathLike, *, tasks: bool = T
         for name in names:
             pts = [(r["iteration"], r[name]) for r in rows if name in r]
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=name[len("task_loss/"):], lw=0.8, alpha=0.7)
+    ev = [(r["iteration"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if ev:  # held-out loss of each evaluation (eval_iters)
+        ax1.plot([p[0] for p in ev], [p[1] for p in ev], "o-", color="black", label="eval loss", lw=1.2, ms=3)
     ax1.set_ylabel("loss")
     ax1.legend(loc="upper right")
     ax1.grid(alpha=0.3)

@@ -74,12 +74,10 @@ class PromptFormat:
     def stop_ids(self) -> list[int]:
         """Ids that end an answer: EOS, and ``<|im_end|>`` when the vocabulary has it."""
         stops = [] if self.encoder.eos_id is None else [int(self.encoder.eos_id)]
-        convert = getattr(self.tokenizer, "convert_tokens_to_ids", None)
-        if convert is not None:
-            im_end = convert("<|im_end|>")
-            unk = getattr(self.tokenizer, "unk_token_id", None)
-            if isinstance(im_end, int) and im_end != unk and im_end not in stops:
-                stops.append(im_end)
+        im_end = self.encoder.encode("<|im_end|>")
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if len(im_end) == 1 and im_end[0] != unk and im_end[0] not in stops:  # one token: a special of the vocabulary
+            stops.append(int(im_end[0]))
         return stops
 
     def decode(self, ids: Sequence[int]) -> str:
