@@ -1,8 +1,22 @@
-"""Shared fixtures. GPU tests are marked `gpu` and skipped (reported as skipped) without CUDA."""
+"""Shared fixtures and the test session's rules.
+
+* Compiles are private to the session: torch inductor's and Triton's caches live in a fresh
+  temporary folder (``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR``, set before anything compiles
+  and inherited by every subprocess a test starts), so another process compiling on the same
+  machine, in the default ``/tmp/torchinductor_<user>``, cannot break a test, nor a test it.
+* GPU tests are marked ``gpu`` and skipped (reported as skipped) without CUDA.
+* Tests that need an optional package carry its marker (`OPTIONAL_MARKERS`: ``bmtrain``, ``fa4``):
+  they run only when the ``-m`` expression names that marker (``pytest -m bmtrain``), so
+  ``pytest -m gpu`` needs only the core dependencies; selected without their package they fail,
+  saying how to install it.
+"""
 from __future__ import annotations
 
+import atexit
+import importlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,15 +25,59 @@ import pytest
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: marker -> (the module its tests import, how to install it)
+OPTIONAL_MARKERS = {
+    "bmtrain": ("bmtrain", "bash scripts/install_bmtrain.sh (docs/install.md)"),
+    "fa4": ("flash_attn.cute.interface", "pip install 'fm9g[fa4]' (docs/install.md)"),
+}
+
+
+def _private_compile_caches() -> Path:
+    """Point inductor's and Triton's caches at a new folder of this session (removed at exit)."""
+    root = Path(tempfile.mkdtemp(prefix="fm9g-tests-compile-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+COMPILE_CACHE = _private_compile_caches()  # at import: before any test module is collected
 
 
 def pytest_collection_modifyitems(config, items):
+    _deselect_unnamed_optional(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA: run `pytest -m gpu` on a GPU machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _deselect_unnamed_optional(config, items) -> None:
+    """Drop the tests of an optional package unless the ``-m`` expression names its marker."""
+    expr = config.getoption("markexpr", "") or ""
+    named = {m for m in OPTIONAL_MARKERS if re.search(rf"\b{m}\b", expr)}
+    keep, dropped = [], []
+    for item in items:
+        needs = {m for m in OPTIONAL_MARKERS if item.get_closest_marker(m) is not None}
+        (dropped if needs - named else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A selected test of an optional package fails (not skips) when the package does not import."""
+    for marker, (module, install) in OPTIONAL_MARKERS.items():
+        if pyfuncitem.get_closest_marker(marker) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # ImportError, or a broken build failing at import
+            pytest.fail(f"this test needs {marker} ({module} does not import: {type(err).__name__}: {err}); "
+                        f"install it with {install}")
 
 
 def smollm2_package_dir() -> Path | None:

@@ -153,6 +153,7 @@ def test_gpu_varlen_backends_skip_the_empty_documents_of_a_static_layout() -> No
 
 
 @pytest.mark.gpu
+@pytest.mark.fa4
 def test_gpu_flash_attn_4_matches_torch_varlen_eager_compiled_and_graphed() -> None:
     """flash-attn-4's kernels (installed on the device run) compute what torch's varlen kernels do,
     forward and backward, at a real head size with GQA and mixed document lengths; inside a compiled

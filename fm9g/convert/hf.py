@@ -386,33 +386,41 @@ def bmt_to_hf(
     _check_choices(format, lora_mode)
     ckpt_path, out = resolve_ckpt(ckpt), Path(out_dir)
     ref = check_hf_dir(reference_dir) if reference_dir is not None else None
-    refuse_replacing_inputs({"out_dir": out}, _input_paths(ckpt, ckpt_path, config, reference_dir, lora,
-                                                                lora_config))
+    refuse_replacing_inputs({"out_dir": out}, _input_paths(ckpt, ckpt_path, config, reference_dir, lora, lora_config))
     cfg = resolve_config(config, ckpt_path, ref)
-    cast = _as_dtype(dtype)
     with ExitStack() as stack:
         sd = _read_base(ckpt_path, cfg, stack)
         pairs, lora_cfg = read_lora_for_export(lora, sd, lora_config=lora_config, lora_alpha=lora_alpha,
                                                lora_r=lora_r) if lora is not None else ({}, None)
-        out_dtype = cast or sd["input_embedding.weight"].dtype
-        merge = pairs if lora_mode == "merge" else {}
-        plans = _export_plans(sd, cfg, format, out_dtype, merge, lora_cfg.scaling if lora_cfg else 0.0)
+        out_dtype = _as_dtype(dtype) or sd["input_embedding.weight"].dtype
+        plans = _export_plans(sd, cfg, format, out_dtype, pairs if lora_mode == "merge" else {},
+                              lora_cfg.scaling if lora_cfg else 0.0)
         ref_config = read_conversion_json(ref / "config.json") if ref is not None else None
         hf_config = hf_config_from_fm9g(cfg, format=format, dtype=out_dtype, reference=ref_config)
+        adapter = (pairs, lora_cfg) if lora_cfg is not None and lora_mode == "adapter" else None
         with output_dir(out, overwrite=overwrite) as tmp:
             save_safetensors_sharded(tmp, plans, max_shard_size=max_shard_size)
-            atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")
-            for name in REMOTE_FILES if format == "fm9g" else ():
-                shutil.copy2(REMOTE_CODE_DIR / name, tmp / name)
-            if ref is not None and copy_reference_files(ref, tmp):
-                from fm9g.data.tokenizers import make_tokenizer_dir_compatible
-
-                make_tokenizer_dir_compatible(tmp)  # transformers 5's tokenizer files load in 4.44 too
-            if lora_cfg is not None and lora_mode == "adapter":
-                fp32 = {m: (a.float(), b.float()) for m, (a, b) in pairs.items()}
-                write_peft_adapter(tmp / "adapter", fp32, lora_cfg, factors=export_factors(cfg, format),
-                                   base_model_name_or_path=str(out))
+            _write_export_files(tmp, hf_config, cfg, format, ref, adapter, base_name=str(out))
     return out
+
+
+def _write_export_files(tmp: Path, hf_config: dict[str, Any], cfg: FM9GConfig, format: str, ref: Path | None,
+                        adapter: tuple[LoraPairs, Any] | None, *, base_name: str) -> None:
+    """What an export holds beside its weights: ``config.json``, the remote code (``format="fm9g"``),
+    the reference directory's tokenizer files, and the PEFT adapter (``lora_mode="adapter"``:
+    ``adapter`` = the LoRA pairs and their `LoraConfig`; ``base_name`` goes into its config)."""
+    atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    for name in REMOTE_FILES if format == "fm9g" else ():
+        shutil.copy2(REMOTE_CODE_DIR / name, tmp / name)
+    if ref is not None and copy_reference_files(ref, tmp):
+        from fm9g.data.tokenizers import make_tokenizer_dir_compatible
+
+        make_tokenizer_dir_compatible(tmp)  # transformers 5's tokenizer files load in 4.44 too
+    if adapter is not None:
+        pairs, lora_cfg = adapter
+        fp32 = {m: (a.float(), b.float()) for m, (a, b) in pairs.items()}
+        write_peft_adapter(tmp / "adapter", fp32, lora_cfg, factors=export_factors(cfg, format),
+                           base_model_name_or_path=base_name)
 
 
 # ================================================================================================
