@@ -293,3 +293,30 @@ def test_step_clock_counts_neither_pauses_nor_a_queued_step_short():
     # a step queued 1.5 s after the previous launch, before that one settled, that settles at once
     assert clock.settled(launch + 1.5)[0] == pytest.approx(1.5)
     assert clock.settled(launch + 4.0, launch + 7.0)[0] == pytest.approx(3.0)  # the next one is queued already
+
+
+# ----------------------------------------------------------------------------- nothing silent
+DROPPING_TRANSFORM = ("def transform(data, num_sample, r):\n"
+                      "    if 'Poseidonia' in data['output']:\n"
+                      "        return None\n"
+                      "    return {'input': data.get('input', ''), 'output': data['output']}\n")
+
+
+def test_dropped_records_a_long_warmup_and_the_schedule_are_said(tmp_path, monkeypatch):
+    import io
+
+    from fm9g.training.config import TrainConfig
+    from fm9g.training.trainer import Trainer
+
+    config = _config(tmp_path, train_iters=3, warmup_iters=20, stats_dir="auto")
+    (tmp_path / "slow.py").write_text(DROPPING_TRANSFORM)
+    out = io.StringIO()
+    result = Trainer(TrainConfig.from_json(config), log_stream=out).fit()
+    text = out.getvalue()
+    assert "lr 0.001 cosine: warmup to step 20, then cosine down to 10% at step 3; 3 steps" in text
+    assert "warning: warmup_iters is 20 steps, not shorter than train_iters=3: the learning rate only rises" in text
+    rows = read_train_stats(tmp_path / "ckpt" / "fm9g")
+    dropped = sum(r.get("dropped", {}).get("t", 0) for r in rows)
+    assert dropped > 0 and result.dropped == {"t": dropped}
+    assert "dropped: t " in text and "(transform or tokenizer)" in text
+    assert "max|x|" not in text  # no parameter table unless inspect_iters asks

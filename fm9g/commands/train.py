@@ -101,5 +101,6 @@ def _train(cfg: Any, args: argparse.Namespace) -> int:
     if not main_rank:  # under torchrun only rank 0 reports
         return 0
     print(f"done: step {result.step}, {result.tokens} tokens, stop: {result.stop_reason}, "
-          f"skipped: {result.skipped}, last checkpoint: {result.last_checkpoint}")
+          f"skipped: {result.skipped}, dropped records: {result.dropped or 'none'}, "
+          f"last checkpoint: {result.last_checkpoint}")
     return 0

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["flops_per_token", "mfu", "MetricsLogger", "format_tokens", "read_train_stats", "inspect_model"]
+__all__ = ["flops_per_token", "mfu", "MetricsLogger", "format_tokens", "read_train_stats", "inspect_model",
+           "dropped_records", "dropped_since"]
 
 STATS_ROLL_BYTES = 19 * 2**20
 
@@ -207,7 +208,7 @@ class MetricsLogger:
         if s.get("save_time") is not None:
             parts.append(f"save_time: {s['save_time']:.3f}s")
         if s.get("dropped"):
-            parts.append("dropped: " + ", ".join(f"{k} {v}" for k, v in s["dropped"].items()))
+            parts.append("dropped: " + ", ".join(f"{k} {v} (transform or tokenizer)" for k, v in s["dropped"].items()))
         if s.get("token_pass") is not None:
             parts.append(f"token_pass: {format_tokens(s['token_pass'])}")
         if s.get("mem_gb") is not None:
@@ -280,3 +281,25 @@ def inspect_model(model: nn.Module, max_rows: int = 12) -> str:
     if len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more parameters")
     return "\n".join(lines)
+
+
+def dropped_records(loader: Any) -> dict[str, int]:
+    """Records the loader read and dropped so far, per task (``{}`` for a loader without
+    ``stats()``): a transform returned None, the sample had nothing to train on or was too long."""
+    stats = getattr(loader, "stats", None)
+    if not callable(stats):
+        return {}
+    try:
+        per_task = stats()
+    except Exception:  # noqa: BLE001 - a user's loader whose stats() fails only loses this figure
+        return {}
+    return {str(k): int(v.get("dropped_lines", 0)) for k, v in per_task.items() if isinstance(v, dict)}
+
+
+def dropped_since(loader: Any, seen: dict[str, int]) -> dict[str, int]:
+    """The records dropped per task since `seen` (updated in place to the new totals); only tasks
+    that dropped some."""
+    now = dropped_records(loader)
+    delta = {k: n - seen.get(k, 0) for k, n in now.items() if n > seen.get(k, 0)}
+    seen.update(now)
+    return delta

@@ -41,11 +41,11 @@ from fm9g.training.callbacks import Callback, CallbackList
 from fm9g.training.config import TrainConfig
 from fm9g.training.eval_loop import best_to_protect, build_evaluator, run_evaluation
 from fm9g.training.engine import Engine, StepOutput, build_engine, stage_batch
-from fm9g.training.metrics import MetricsLogger, flops_per_token, inspect_model, mfu
+from fm9g.training.metrics import MetricsLogger, dropped_records, dropped_since, flops_per_token, inspect_model, mfu
 from fm9g.training.resume import resume as resume_checkpoint
 from fm9g.training.run_checks import base_identity, check_device, check_start, fresh_start_text, has_lora, lora_settings
 from fm9g.training.run_guard import DEFAULT_RESUME_HINT, finish_interrupted, guard_run, stop_agreed
-from fm9g.training.schedules import lr_at
+from fm9g.training.schedules import lr_at, schedule_text, schedule_warnings
 from fm9g.training.step_clock import StepClock
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "build_model", "build_tokenizer", "build_loader", "pretrained_state",
@@ -65,6 +65,8 @@ class TrainResult:
         tokens: real tokens trained on over the whole run (resumes included).
         skipped: skipped batches by reason (``nonfinite``, ``oom``).
         last_checkpoint: the folder written last, if any.
+        dropped: records the loader read and dropped over the run (a transform returned None, nothing
+            to train on, too long), per task; only tasks that dropped some.
         stop_reason: ``"train_iters"``, ``"data_exhausted"``, ``"interrupted"`` (SIGINT / SIGTERM;
             ``signal`` holds its number: the command exits with 128 + signal), ``"early_stopping"``
             (``early_stopping_patience``), ``"requested"`` (:meth:`Trainer.request_stop`).
@@ -75,6 +77,7 @@ class TrainResult:
     tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     last_checkpoint: Path | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
     stop_reason: str = "train_iters"
     signal: int | None = None
 
@@ -212,10 +215,9 @@ class Trainer:
             f"fm9g train: {total / 1e6:,.2f}M parameters, {trainable / 1e6:,.2f}M trainable"
             f"{' (LoRA)' if self.is_lora else ''}; {where}\n"
             f"  {c.train_iters} iterations of {c.grad_accum} x {self.batch_size} x {self.max_length} tokens; "
-            f"lr {c.lr:g} {c.lr_scheduler} (warmup {c.warmup_steps:g}, drop {c.drop_steps:g}); "
-            f"starting after step {self.step}; checkpoints: {c.run_dir or 'off'}\n"
+            f"{schedule_text(c)}; starting after step {self.step}; checkpoints: {c.run_dir or 'off'}\n"
             f"  start: {self.resume_summary or fresh_start_text(self)}"
-        )
+        ) + "".join(f"\n  warning: {w}" for w in schedule_warnings(c))
 
     def train_step(self, batches: list[dict[str, Any]]) -> StepOutput:
         """The Trainer's half of iteration ``self.step + 1`` over ``batches`` (grad_accum micro-batches).
@@ -286,6 +288,7 @@ class Trainer:
         if self._data_iter is None:
             self._data_iter = iter(self.loader)
         self.logger = logger = self._open_logger()
+        self.dropped = dropped_records(self._loader)  # records dropped per task (the loader's state keeps them)
         result = TrainResult(step=self.step)
         logger.print(self.describe())
         # Per iteration: launch the step; write the PREVIOUS step's log line while the device runs
@@ -341,6 +344,7 @@ class Trainer:
             raise self._data_ran_out()
         result.step, result.tokens, result.skipped = self.step, self.tokens, dict(self.skipped)
         result.last_checkpoint = self.last_checkpoint
+        result.dropped = {k: n for k, n in self.dropped.items() if n}
         self.callbacks.call("on_fit_end", self, result)
         return result
 
@@ -481,6 +485,9 @@ class Trainer:
             "num_tokens": out.num_tokens, "num_label_tokens": out.num_label_tokens,
             "mask_max": out.num_label_tokens / max(1, slots),
         }
+        dropped = dropped_since(self._loader, self.dropped)
+        if dropped:  # records a transform or the tokenizer dropped since the last step, per task
+            row["dropped"] = dropped
         mem = self.engine.memory_stats()
         if mem:
             row["mem_gb"], row["peak_mem_gb"] = mem["allocated"], mem["peak"]
