@@ -345,12 +345,15 @@ def test_cli_build_index(tmp_path, capsys):
 
     write_jsonl(tmp_path / "a.jsonl", make_records(12))
     assert main(["build-index", str(tmp_path / "a.jsonl"), str(tmp_path / "idx"), "--language", "en"]) == 0
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and line.startswith("indexed 12 lines") and '"nlines": 12' in line  # one line
+    assert main(["build-index", str(tmp_path / "a.jsonl"), str(tmp_path / "idx1"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["nlines"] == 12
     (tmp_path / "b.jsonl").write_bytes(b'{"output": "x"}\n{"input": 1, "output": "y"}\n')
     assert main(["build-index", str(tmp_path / "b.jsonl"), str(tmp_path / "idx2")]) == 2
     err = capsys.readouterr().err
     assert "b.jsonl:2:" in err and "'input' must be a string" in err
-    assert main(["build-index", str(tmp_path / "b.jsonl"), str(tmp_path / "idx2"), "--skip-invalid"]) == 0
+    assert main(["build-index", str(tmp_path / "b.jsonl"), str(tmp_path / "idx2"), "--skip-invalid", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_invalid"] == 1
 
 

@@ -93,6 +93,9 @@ def test_a_resume_while_the_run_trains_is_refused_within_seconds(tmp_path):
     assert first.poll() is None, first.communicate()[1][-2000:]
     holder = read_lock(run)
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+    from fm9g.commands.inspect import inspect_path
+
+    assert f"training now (host {socket.gethostname()}, pid {first.pid}" in inspect_path(run)
     t0 = time.time()
     second = _train(config, "resume_ckpt=latest")
     out, err = second.communicate(timeout=120)
@@ -161,7 +164,13 @@ def test_sigterm_during_a_step_saves_it_exits_143_and_resumes_exactly(tmp_path, 
     assert f"interrupted at step {step}; checkpoint {run / str(step)}; resume with: {resume}" in out, out[-2000:]
     assert "SIGTERM received during step" in out and "Traceback" not in err
     assert ck.latest_checkpoint(run) == run / str(step)
+    from fm9g.commands.inspect import inspect_path
+
+    shown = inspect_path(run)
+    assert f"run folder {run}: step {step} of train_iters=8; not finished" in shown
+    assert f"last loss {_losses(run)[step]:.4f} at step {step}" in shown and f"latest: {run / str(step)}" in shown
     assert main(resume.split()[1:]) == 0
+    assert f"step 8 of train_iters=8; finished" in inspect_path(run)
     assert _losses(run) == straight
     a, b = (torch.load(d / "8" / "fm9g_live_checkpoint-8.pt", weights_only=True)
             for d in (tmp_path / "ckpt" / "straight", run))

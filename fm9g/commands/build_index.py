@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from fm9g.commands._args import positional_or_flag
@@ -42,12 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "is a bad line")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count bad lines instead of stopping at the first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print the whole meta.json (default: a one-line summary)")
     p.add_argument("--workers", type=int, default=None, help="validating processes (default: min(2, CPU count))")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the index and print a one-line summary plus meta.json."""
+    """Build the index and print a one-line summary (or, with ``--json``, meta.json)."""
     from fm9g.data.indexed import build_index
 
     t0 = time.perf_counter()
@@ -63,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
     )
     dt = time.perf_counter() - t0
-    print(
-        f"indexed {meta['nlines']} lines ({meta['nbytes'] / 1e6:.1f} MB) into {args.out} in {dt:.1f} s "
-        f"({meta['nbytes'] / 1e6 / max(dt, 1e-9):.0f} MB/s); invalid skipped: {meta['n_invalid']}, blank: {meta['n_blank']}",
-        file=sys.stderr,
-    )
-    print(json.dumps(meta, ensure_ascii=False, indent=1))
+    if args.json:
+        print(json.dumps(meta, ensure_ascii=False, indent=1))
+        return 0
+    print(f"indexed {meta['nlines']} lines ({meta['nbytes'] / 1e6:.1f} MB) into {args.out} in {dt:.1f} s; "
+          f"invalid skipped: {meta['n_invalid']}, blank: {meta['n_blank']}; for the dataset config: "
+          f"\"nlines\": {meta['nlines']}, \"ave_tokens_per_line\": {meta.get('avg_token_per_line', 0):.0f} "
+          f"(all of meta.json: fm9g inspect {args.out})")
     return 0

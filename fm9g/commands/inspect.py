@@ -43,7 +43,8 @@ def inspect_path(path: str | Path) -> str:
     """The text ``fm9g inspect`` prints for ``path``."""
     import torch
 
-    from fm9g.training.checkpoint import list_checkpoints, load_checkpoint
+    from fm9g.commands.run_summary import summarize_run
+    from fm9g.training.checkpoint import load_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -70,11 +71,9 @@ def inspect_path(path: str | Path) -> str:
                     "lr", "lr_scheduler", "train_iters", "batch_size", "max_length", "grad_accum")))
             lines.append(summarize_state_dict(ck.model_state))
             return "\n".join(lines)
-        cks = list_checkpoints(p)
-        if cks:
-            lines = [f"run folder {p}: {len(cks)} checkpoints"]
-            lines += [f"  step {s:>8d}  {c}" for s, c in cks]
-            return "\n".join(lines)
+        run = summarize_run(p)  # step / train_iters, last loss, finished, latest and best
+        if run is not None:
+            return run
         raise ValueError(f"{p}: not an index folder (meta.json), a checkpoint folder or a run folder with checkpoints")
     if p.suffix in (".pt", ".bin", ".opt"):
         obj = torch.load(p, map_location="cpu", weights_only=True)
