@@ -109,3 +109,118 @@ def test_allowed_imports_pass(tmp_path):
         (pkg / room / "m.py").write_text(src)
     (pkg / "__init__.py").write_text("")
     assert violations(pkg) == []
+
+
+# ---------------------------------------------------------------------------------- fm9g/training
+TRAINING = PKG / "training"
+MAX_FUNCTION_LINES = 60
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    """Line numbers of the statements under ``if TYPE_CHECKING:`` (imports there may point back)."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            for stmt in node.body:
+                lines.update(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
+    return lines
+
+
+def import_cycles(folder: Path = TRAINING, pkg: Path = PKG) -> list[list[str]]:
+    """Cycles among the modules of ``folder`` through their imports (module level and inside
+    functions, but not those under ``if TYPE_CHECKING:``)."""
+    mods = {_module_name(p, pkg): p for p in sorted(folder.glob("*.py")) if p.name != "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        skip = _type_checking_lines(ast.parse(path.read_text(encoding="utf-8")))
+        graph[name] = {m for line, m in imported_modules(path, pkg) if line not in skip and m in mods and m != name}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return cycles
+
+
+def trainer_attribute_writes(folder: Path = TRAINING, owner: str = "trainer.py") -> list[str]:
+    """Assignments to an attribute of a Trainer outside its own module: ``trainer.x = ...``,
+    ``trainer.x += ...`` or ``setattr(trainer, ...)`` where ``trainer`` is a parameter named so or
+    annotated ``Trainer``."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        if path.name == owner:
+            continue
+        for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+            names = {a.arg for a in args if a.arg == "trainer" or "Trainer" in ast.unparse(a.annotation or ast.Constant(""))}
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                    node, (ast.AugAssign, ast.AnnAssign)) else []
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
+                    targets = [ast.Attribute(value=node.args[0], attr="?")]
+                for t in targets:
+                    for sub in ast.walk(t):
+                        if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in names:
+                            found.append(f"{path.name}:{node.lineno}: {ast.unparse(sub)}")
+    return found
+
+
+def longest_functions(folder: Path = TRAINING) -> list[tuple[int, str]]:
+    """``(lines, "file:line name")`` of every function of ``folder``, longest first."""
+    rows = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                rows.append((node.end_lineno - node.lineno + 1, f"{path.name}:{node.lineno} {node.name}"))
+    return sorted(rows, reverse=True)
+
+
+def test_training_has_no_import_cycle():
+    assert import_cycles() == []
+
+
+def test_only_the_trainer_writes_trainer_fields():
+    assert trainer_attribute_writes() == []
+
+
+def test_no_function_in_training_passes_60_lines():
+    too_long = [r for r in longest_functions() if r[0] > MAX_FUNCTION_LINES]
+    assert not too_long, too_long
+
+
+def _copy_training(tmp_path: Path) -> Path:
+    """A copy of fm9g/training under a package root of its own (for planting faults)."""
+    import shutil
+
+    root = tmp_path / "fm9g"
+    shutil.copytree(TRAINING, root / "training")
+    (root / "__init__.py").write_text("")
+    return root
+
+
+def test_a_planted_import_cycle_is_caught(tmp_path):
+    root = _copy_training(tmp_path)
+    (root / "training" / "step_math.py").write_text(
+        (root / "training" / "step_math.py").read_text() + "\ndef _back():\n    from fm9g.training.trainer import Trainer\n")
+    cycles = import_cycles(root / "training", root)
+    assert cycles and any("fm9g.training.step_math" in c for c in cycles), cycles
+
+
+def test_a_planted_trainer_write_is_caught(tmp_path):
+    root = _copy_training(tmp_path)
+    (root / "training" / "planted.py").write_text(
+        "def restore(trainer, n):\n    trainer.step = n\n\ndef other(t: 'Trainer'):\n    t.tokens += 1\n"
+        "    setattr(t, 'skipped', {})\n")
+    found = trainer_attribute_writes(root / "training")
+    assert len(found) == 3 and all(f.startswith("planted.py") for f in found), found

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fm9g.training.config import TrainConfig
-from fm9g.training.engine import build_engine
+from fm9g.training.builders import build_engine
 from fm9g.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def _bare_engine(model, *, dtype=torch.bfloat16, offload=False):
     bmtrain's one-process shards are, holding the optimizer state in bmtrain's layout. Exercises
     the engine's own state code (model / optimizer state in both directions)."""
     from fm9g.training.bmtrain_engine import BMTrainEngine
-    from fm9g.training.engine import param_groups
+    from fm9g.training.step_math import param_groups
 
     e = object.__new__(BMTrainEngine)
     e.world_size, e.rank, e.offload, e.weight_decay = 1, 0, offload, 0.1
@@ -277,7 +277,7 @@ def _bare_engine(model, *, dtype=torch.bfloat16, offload=False):
 def test_bmtrain_state_round_trips_with_the_torch_engine_on_cpu(offload):
     from fm9g.models.config import FM9GConfig
     from fm9g.models.fm9g import FM9GModel
-    from fm9g.training.engine import TorchEngine
+    from fm9g.training.torch_engine import TorchEngine
 
     torch.manual_seed(0)
     model = FM9GModel(FM9GConfig.from_name("tiny"))

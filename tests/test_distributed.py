@@ -118,12 +118,11 @@ def _final(run_dir: Path, step: int) -> dict:
     return torch.load(run_dir / str(step) / f"fm9g_live_checkpoint-{step}.pt", weights_only=True)
 
 
-def _reference(d: Path, base: dict, trace: Path | None = None) -> Path:
+def _reference(d: Path, base: dict) -> Path:
     """The 2-rank reference run (4 steps, checkpoints at 2 and 4), made once for the module."""
     run = d / "runs" / "two"
     if not (run / "4").exists():
-        _torchrun(_write_cfg(d, base, "two", save_iters=2),
-                  env=_env(FM9G_TRACE_BATCHES=str(trace)) if trace else None)
+        _torchrun(_write_cfg(d, base, "two", save_iters=2))
     return run
 
 
@@ -134,19 +133,36 @@ def test_two_ranks_match_one_process_and_read_disjoint_data(setup):
     one = _write_cfg(d, base, "one", batch_size=2)
     _one_process(one)
     t1 = time.perf_counter()
-    trace = d / "trace"
-    _reference(d, base, trace)
+    _reference(d, base)
     t2 = time.perf_counter()
     a, b = _losses(d / "runs" / "one"), _losses(d / "runs" / "two")
     print(f"one process {t1 - t0:.1f}s, 2 ranks {t2 - t1:.1f}s; losses {a} vs {b}")
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x - y) <= REL_TOL * abs(x), (a, b)
-    # (d) every rank traced what it trained on through the real loader: disjoint, one doc per row
-    r0 = (trace / "rank-0.txt").read_text().split()
-    r1 = (trace / "rank-1.txt").read_text().split()
+    # (d) what each rank's loader (the Trainer's, built the same way) gives for the 4 steps: disjoint, one doc per row
+    r0, r1 = (_documents_read(d / "two.json", rank, 2, steps=4) for rank in (0, 1))
     assert len(r0) == len(r1) == 4
     assert not set(r0) & set(r1)
+
+
+def _documents_read(cfg_path: Path, rank: int, world: int, *, steps: int) -> list[str]:
+    """Hashes of the documents rank `rank` of `world` trains on in its first `steps` steps, read
+    through the loader the Trainer builds (fm9g.training.builders.build_loader)."""
+    import hashlib
+
+    from fm9g.training.builders import build_loader, build_tokenizer
+    from fm9g.training.config import TrainConfig
+
+    cfg = TrainConfig.from_json(cfg_path)
+    loader = iter(build_loader(cfg, build_tokenizer(cfg), rank=rank, world_size=world))
+    out = []
+    for _ in range(steps * cfg.grad_accum):
+        b = next(loader)
+        flat, lab, cu = b["input_ids"].reshape(-1), b["labels"].reshape(-1) != -100, b["cu_seqlens"].tolist()
+        out += [hashlib.sha1(flat[x:y].numpy().tobytes()).hexdigest() for x, y in zip(cu[:-1], cu[1:])
+                if y > x and bool(lab[x:y].any())]
+    return out
 
 
 def test_two_nodes_give_the_same_losses(setup):
@@ -191,7 +207,7 @@ def test_mismatched_configs_and_an_unreachable_master_are_named(tmp_path):
     script.write_text('''
 import os
 from fm9g.training.config import TrainConfig
-from fm9g.training.engine import build_engine
+from fm9g.training.builders import build_engine
 from fm9g.training.distributed import DistributedError
 lr = 1e-3 if os.environ["RANK"] == "0" else 2e-3
 try:
@@ -269,8 +285,7 @@ def sample():
     while not stop.is_set():
         peak[0] = max(peak[0], anon())
         time.sleep(0.002)
-import fm9g.training.fsdp_engine
-from fm9g.training.engine import build_engine
+from fm9g.training.builders import build_engine
 cfg = TrainConfig(model={mc!r}, pretrained_model={str(tmp_path / "big.pt")!r}, device="cpu",
                   compile=False, save=None)
 before, before_anon = hwm(), anon()
@@ -348,3 +363,49 @@ def test_a_timed_out_collective_is_one_error_saying_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="not a collective"):   # other errors pass unchanged
         with explain_collective_errors():
             raise ValueError("not a collective")
+
+
+@pytest.mark.parametrize("optimizer, rel_tol", [("adamw_master", REL_TOL), ("adamw_bf16", 2e-3)])
+def test_flat_optimizers_on_two_ranks_match_one_process_and_resume_exactly(setup, optimizer, rel_tol):
+    """The flat-buffer optimizers over each rank's FSDP2 shard: 2 ranks x batch 1 = one process x
+    batch 2 (adamw_master: fp32 reduction order only; adamw_bf16: its stochastic rounding draws
+    per position in a rank's own buffer, so weights differ by bf16 rounding noise: 2e-3 relative on
+    the loss); a save at step 2 on 2 ranks resumes on 2 ranks bit-exactly."""
+    d, base = setup
+    one = _write_cfg(d, base, f"one_{optimizer}", batch_size=2, optimizer=optimizer)
+    two = _write_cfg(d, base, f"two_{optimizer}", optimizer=optimizer, save_iters=2)
+    _one_process(one)
+    _torchrun(two)
+    a, b = _losses(d / "runs" / f"one_{optimizer}"), _losses(d / "runs" / f"two_{optimizer}")
+    assert len(a) == len(b) == 4 and all(abs(x - y) <= rel_tol * abs(x) for x, y in zip(a, b)), (a, b)
+    again = _write_cfg(d, base, f"again_{optimizer}", optimizer=optimizer, save_iters=2,
+                       resume_ckpt=str(d / "runs" / f"two_{optimizer}" / "2"))
+    _torchrun(again)
+    assert _losses(d / "runs" / f"again_{optimizer}") == b[2:]
+    sa, sb = _final(d / "runs" / f"two_{optimizer}", 4), _final(d / "runs" / f"again_{optimizer}", 4)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fsdp_in_one_process_is_the_one_process_engine(tmp_path):
+    """data_parallel="fsdp" without torchrun (one process, FSDP2 over a mesh of one: the offload
+    path on one GPU) trains bit-identically to the plain one-process engine, for every optimizer."""
+    script = tmp_path / "one.py"
+    script.write_text(f'''
+import json, sys, tempfile, pathlib
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from test_trainer import ToyLoader, _cfg
+from fm9g.training.trainer import Trainer
+out = {{}}
+for opt in ("adamw", "adamw_master", "adamw_bf16"):
+    for dp in ("none", "fsdp"):
+        cfg = _cfg(pathlib.Path(tempfile.mkdtemp(dir={str(tmp_path)!r})), optimizer=opt, train_iters=4, save=None,
+                   data_parallel=dp, progress_bar=False)
+        t = Trainer(cfg, loader=ToyLoader(fixed=True), log_stream=open("/dev/null", "w"))
+        out[opt + "/" + dp] = [t.fit().losses, type(t.engine.model).__name__]
+print("RESULT", json.dumps(out))
+''')
+    res = _run([sys.executable, str(script)])
+    got = json.loads(res.stdout.split("RESULT ", 1)[1])
+    for opt in ("adamw", "adamw_master", "adamw_bf16"):
+        assert got[f"{opt}/fsdp"][0] == got[f"{opt}/none"][0], (opt, got)
+        assert got[f"{opt}/fsdp"][1].startswith("FSDP"), got  # sharded for real (fully_shard's class)

@@ -15,7 +15,7 @@ from torch import nn
 
 from fm9g.training import checkpoint as ck
 from fm9g.training.config import TrainConfig
-from fm9g.training.engine import TorchEngine
+from fm9g.training.torch_engine import TorchEngine
 from fm9g.training.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -471,7 +471,7 @@ def test_engine_clips_like_clip_grad_norm(device):
 
     from fm9g.models.config import FM9GConfig
     from fm9g.models.fm9g import FM9GModel
-    from fm9g.training.engine import TorchEngine
+    from fm9g.training.torch_engine import TorchEngine
 
     torch.manual_seed(0)
     model = FM9GModel(FM9GConfig.from_name("tiny", scale=False, scale_depth=-1.0, attn_impl="sdpa"))

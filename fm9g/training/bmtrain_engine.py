@@ -45,8 +45,10 @@ import torch
 from torch import nn
 
 from fm9g._io import state_dict_mismatch
-from fm9g.training import engine as _engine
-from fm9g.training.engine import StepOutput, check_optimizer_state, param_groups
+from fm9g.models.lora import is_lora_name
+from fm9g.training import step_math
+from fm9g.training.engine import REDUCE_OPS, StepOutput
+from fm9g.training.step_math import check_optimizer_state, param_groups
 
 __all__ = ["BMTrainEngine", "require_bmtrain", "INSTALL_HINT"]
 
@@ -241,13 +243,14 @@ class BMTrainEngine:
         wrap_model(bmt, model, dtype=self.dtype, use_checkpoint=bool(use_ckpt))
         self.model = model
         self._params = dict(model.named_parameters())
-        self._lora_keys = [k for k in self._shapes if k.endswith((".lora.lora_A", ".lora.lora_B"))]
+        self._lora_keys = [k for k in self._shapes if is_lora_name(k)]
+        self._setup_optimizer(config, masters)
 
-        scale_width = 1.0
-        mc = getattr(model, "config", None)
-        if mc is not None and getattr(mc, "scale", False):
-            scale_width = float(getattr(mc, "scale_width", 1.0))
-        self.groups = param_groups(model, scale_width)
+    def _setup_optimizer(self, config: Any, masters: dict[str, torch.Tensor]) -> None:
+        """muP groups and bmtrain's Adam (offloaded with ``offload``), its state created now with the
+        fp32 masters of the built model (each original is freed as its state is made)."""
+        bmt = self._bmt
+        self.groups = param_groups(self.model, step_math.lr_scale_width(self.model))
         if not self.groups:
             raise ValueError("the model has no trainable parameters")
         # fp32 parameters go through torch's Adam inside bmtrain, whose weight decay is L2
@@ -265,7 +268,7 @@ class BMTrainEngine:
         self._order = [(n, p) for g in self.optimizer.param_groups for n, p in zip(g["names"], g["params"])]
         for name, p in self._order:  # optimizer state now, with the fp32 master from the built model
             self._init_state(p, masters.pop(name, None))  # popping frees the original as we go
-        del masters
+        masters.clear()
         torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ protocol basics
@@ -280,12 +283,15 @@ class BMTrainEngine:
             self._bmt.synchronize()
 
     def all_reduce(self, values: dict[str, float], op: str = "sum") -> dict[str, float]:
-        """``values`` reduced across ranks (``sum`` | ``max`` | ``min`` | ``avg``)."""
+        """``values`` reduced across ranks (``op``: one of :data:`fm9g.training.engine.REDUCE_OPS`,
+        as in every engine; ``"mean"`` is bmtrain's ``"avg"``)."""
+        if op not in REDUCE_OPS:
+            raise ValueError(f"all_reduce op={op!r}: expected one of {', '.join(REDUCE_OPS)}")
         if self.world_size == 1 or not values:
             return dict(values)
         keys = list(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        t = self._bmt.distributed.all_reduce(t, op)
+        t = self._bmt.distributed.all_reduce(t, "avg" if op == "mean" else op)
         return dict(zip(keys, t.tolist()))
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -302,11 +308,7 @@ class BMTrainEngine:
         """Dense bf16 peak FLOP/s of the GPU (for MFU), or None if unknown."""
         if self._peak:
             return self._peak
-        name = torch.cuda.get_device_name(self.device)
-        for key, value in _engine._PEAKS:
-            if key in name:
-                return value
-        return None
+        return step_math.peak_flops_of(self.device)
 
     # ------------------------------------------------------------------ optimizer state
     def _init_state(self, p: torch.Tensor, master_full: torch.Tensor | None) -> None:
@@ -413,7 +415,7 @@ class BMTrainEngine:
         does). Raises ValueError when the state belongs to another model / LoRA setting or to a
         run with another number of ranks (sharded moments).
         """
-        check_optimizer_state(state, self.optimizer)
+        check_optimizer_state(state, self.optimizer.param_groups)
         groups, mine = state.get("param_groups", []), self.optimizer.param_groups
         meta = state.get("fm9g_bmtrain") or {"world_size": 1}
         sharded = int(meta.get("world_size", 1)) > 1
@@ -525,8 +527,8 @@ class BMTrainEngine:
         step on ALL ranks; the gradients are summed across ranks by the blocks' reduce-scatter.
         The figures returned are global.
         """
-        n_local = torch.tensor([float(sum(_engine._num_label_tokens(b) for b in micro_batches)),
-                                float(sum(_engine._num_tokens(b) for b in micro_batches))],
+        n_local = torch.tensor([float(sum(step_math.num_label_tokens(b) for b in micro_batches)),
+                                float(sum(step_math.num_tokens(b) for b in micro_batches))],
                                dtype=torch.float64, device=self.device)
         n_label, n_tokens = (int(x) for x in self._sum(n_local).tolist())
         denom = float(max(n_label, 1))
@@ -545,9 +547,9 @@ class BMTrainEngine:
             loss_sum += s.detach()
             if b.get("task_ids") is not None:
                 n_tasks = len(b["task_names"]) if b.get("task_names") else None
-                task_sums.append(_engine._task_sums(out.token_loss.detach(), b["labels"], b["task_ids"], n_tasks))
+                task_sums.append(step_math.task_sums(out.token_loss.detach(), b["labels"], b["task_ids"], n_tasks))
         loss = float(self._sum(loss_sum.reshape(1)).item()) / denom
-        task_loss, task_lab, task_tok = _engine._merge_task_sums(self._global_task_sums(task_sums, n_tasks))
+        task_loss, task_lab, task_tok = step_math.merge_task_sums(self._global_task_sums(task_sums, n_tasks))
         result = StepOutput(loss=loss, num_label_tokens=n_label, num_tokens=n_tokens,
                             task_loss_sum=task_loss, task_label_tokens=task_lab, task_tokens=task_tok)
         if not math.isfinite(loss):

@@ -352,24 +352,40 @@ def save_checkpoint(
     ]
     tmp = _shared_tmp_for_ranks(run_dir, step, rank, sync, own_files, sharded_writer) if world_size > 1 else None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if tmp is None:
-            _remove_stale(run_dir)
-        existing = _lineages(run_dir)
-        lineage = _new_lineage(existing, step, history)
-        files = own_files + _shared_files(step, lineage, model_state if sharded_writer is None else None,
-                                          trainer_state, model_config, train_config)
-        final = run_dir / str(step)
-        mine = {i for i, _ in lineage.ancestors}
-        for path, lin in existing.items():
-            if lin.id not in mine:  # another branch (a same-step folder of it included): keep it aside
-                _move_aside(run_dir, path)
-        _commit(final, step, files, tmp)
-        _fsync_dir(run_dir)
-        if keep_last is not None:
-            _prune(existing, mine, final, keep_last, {Path(p).resolve() for p in protect})
+        shared = _shared_files_of(step, model_state if sharded_writer is None else None, trainer_state,
+                                  model_config, train_config)
+        _write_on_main(run_dir, step, own_files, shared, tmp, history, keep_last, protect)
     sync()
     return run_dir / str(step)
+
+
+def _shared_files_of(step: int, model_state: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any] | None,
+                     model_config: dict[str, Any] | None, train_config: dict[str, Any] | None
+                     ) -> Callable[[Lineage], list[tuple[str, Callable[[Any], None], bool]]]:
+    """The files only the main rank writes, once the checkpoint's lineage is known."""
+    return lambda lineage: _shared_files(step, lineage, model_state, trainer_state, model_config, train_config)
+
+
+def _write_on_main(run_dir: Path, step: int, own_files: list[tuple[str, Callable[[Any], None], bool]],
+                   shared: Callable[[Lineage], list[tuple[str, Callable[[Any], None], bool]]], tmp: Path | None,
+                   history: Sequence[tuple[str, int]] | None, keep_last: int | None,
+                   protect: Iterable[str | os.PathLike]) -> None:
+    """The main rank's part of :func:`save_checkpoint`: the lineage, other branches moved aside, the
+    folder committed (renamed into place), then pruning to ``keep_last``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tmp is None:
+        _remove_stale(run_dir)
+    existing = _lineages(run_dir)
+    lineage = _new_lineage(existing, step, history)
+    final = run_dir / str(step)
+    mine = {i for i, _ in lineage.ancestors}
+    for path, lin in existing.items():
+        if lin.id not in mine:  # another branch (a same-step folder of it included): keep it aside
+            _move_aside(run_dir, path)
+    _commit(final, step, own_files + shared(lineage), tmp)
+    _fsync_dir(run_dir)
+    if keep_last is not None:
+        _prune(existing, mine, final, keep_last, {Path(p).resolve() for p in protect})
 
 
 def _shared_tmp_for_ranks(run_dir: Path, step: int, rank: int, sync: Callable[[], None],

@@ -31,6 +31,7 @@ __all__ = [
     "world_size_from_env",
     "torchrun_args_from_env",
     "init_distributed",
+    "dead_ranks",
     "check_same_config",
     "build_mesh",
     "estimate_memory",
@@ -108,11 +109,67 @@ def explain_collective_errors() -> Iterator[None]:
         limit = _timeout().total_seconds()
         timed_out = "timed out" in text.lower() or "timeout" in text.lower()
         what = (f"a collective timed out after {limit:.0f}s" if timed_out else "a collective failed")
+        dead = dead_ranks()
+        if dead:
+            raise DistributedError(
+                f"rank {rank}: {', '.join(dead)} died (killed or crashed: look for the OOM killer or a "
+                f"preemption); {what} ({text.strip().splitlines()[0][:160]}). Resume from the last complete "
+                "checkpoint with resume_ckpt=latest") from err
         raise DistributedError(
             f"rank {rank}: {what} ({text.strip().splitlines()[0][:200]}). Another rank is stuck, died or "
             "runs a different config: read the first error in the other ranks' logs; for a slow step "
             "(a large checkpoint save, a first compile) raise FM9G_DIST_TIMEOUT (seconds, now "
             f"{limit:.0f}); for NCCL set NCCL_DEBUG=INFO to see which link failed") from err
+
+
+_RANK_KEY = "fm9g/rank-process/"  # + rank -> "<host> <pid>", in the process group's store
+
+
+def _register_process() -> None:
+    """Write this rank's host and pid into the process group's store, for :func:`dead_ranks`."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{_RANK_KEY}{dist.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
+    except (RuntimeError, ValueError, AttributeError):  # no store (another init method): nothing to name later
+        pass
+
+
+def _process_gone(pid: int) -> bool:
+    """True when ``pid`` does not run on this host (absent, or a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+
+
+def dead_ranks() -> list[str]:
+    """``["rank 1 (pid 4242 on host-a)", ...]``: the ranks of this process group on this host whose
+    process is gone (what can be told from here; ranks on other hosts are not judged). Empty when
+    no group is initialised or its store cannot be read."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        keys = [f"{_RANK_KEY}{r}" for r in range(dist.get_world_size()) if r != dist.get_rank()]
+        found = [(k, store.get(k).decode()) for k in keys if store.check([k])]
+    except (RuntimeError, ValueError, AttributeError):  # the store went away with the launcher
+        return []
+    here = socket.gethostname()
+    return [f"rank {k[len(_RANK_KEY):]} (pid {pid} on {host})" for k, (host, pid) in
+            ((k, v.split()) for k, v in found) if host == here and _process_gone(int(pid))]
 
 
 def _timeout() -> datetime.timedelta:
@@ -138,7 +195,8 @@ def _check_master_reachable(addr: str, port: int, timeout_s: float) -> None:
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
-    """Initialise the default process group from torchrun's environment (idempotent).
+    """Initialise the default process group from torchrun's environment (idempotent); without
+    torchrun (no ``WORLD_SIZE``), a group of this one process.
 
     Args:
         backend: ``"nccl"`` | ``"gloo"``; default NCCL when CUDA is available, else gloo.
@@ -160,6 +218,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         if addr and port and rank != 0 and not os.environ.get("TORCHELASTIC_RUN_ID"):
             _check_master_reachable(addr, int(port), timeout.total_seconds())
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        if "WORLD_SIZE" not in os.environ:  # one process without torchrun (data_parallel="fsdp" on one device)
+            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_local_port()}", rank=0, world_size=1)
         if cuda:
             torch.cuda.set_device(device)
             kwargs["device_id"] = device
@@ -172,7 +232,15 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
                 f"that WORLD_SIZE={os.environ.get('WORLD_SIZE')} processes are started in all"
             ) from err
         atexit.register(_destroy_at_exit)
+        _register_process()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _free_local_port() -> int:
+    """A TCP port free on this machine now (for a one-process group's store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _destroy_at_exit() -> None:
@@ -238,66 +306,79 @@ def build_mesh(sharding: str, world_size: int, *, device_type: str, local_world_
     raise ConfigError(f"data_parallel_shard={sharding!r}: expected 'full' or 'hybrid'")
 
 
-def estimate_memory(
-    config: Any,
-    world_size: int,
-    *,
-    sharding: str = "full",
-    offload: bool = False,
-    gpus_per_node: int = 8,
-    batch_size: int = 1,
-    max_length: int = 4096,
-    use_checkpoint: bool = True,
-    precision: str = "bf16",
-) -> dict[str, float]:
-    """Per-GPU memory (bytes) of full training with the FSDP2 engine, estimated from the shapes.
+# bytes per trained parameter of each optimizer: (weights, gradients, optimizer state)
+OPTIMIZER_BYTES = {"adamw": (4, 4, 8), "adamw_master": (2, 2, 12), "adamw_bf16": (2, 2, 4)}
 
-    Model: fp32 master weights (4 B/param), fp32 gradients (4 B), AdamW moments (8 B), all divided
-    by the shard group (``world_size`` for ``"full"``, ``min(world_size, gpus_per_node)`` for
-    ``"hybrid"``); with ``offload`` the optimizer moments live in CPU memory (0 on the GPU).
-    Transient: one gathered layer in bf16 (2 B/param of the largest layer, x2 for prefetch) and the
-    activations: with checkpointing one ``[B, T, d]`` bf16 input per layer plus one layer's full
-    activations (about ``B*T*(34*d + 5*heads*T_attn)``, flash attention: no ``T^2`` term) and the
-    logits chunk; without checkpointing every layer's activations. A planning figure, not a promise:
-    allocator fragmentation and NCCL buffers add a few GB.
 
-    Args:
-        config: an ``FM9GConfig`` (or a preset name such as ``"7b"``).
-        world_size: number of GPUs.
-    Returns:
-        ``{"weights", "grads", "optimizer", "gathered", "activations", "total"}`` in bytes per GPU,
-        and ``"params"`` (the parameter count).
-    """
-    if isinstance(config, str):
-        from fm9g.models.config import FM9GConfig
-
-        config = FM9GConfig.from_name(config)
+def _shapes(config: Any) -> tuple[int, int, int]:
+    """``(parameters, parameters of one decoder layer, parameters of the root unit)`` of a model
+    config (the root: input embedding and, when untied, lm_head)."""
     d, L, V, ff = config.dim_model, config.num_layers, config.vocab_size, config.dim_ff
     kv = config.num_kv_heads * config.dim_head
     per_layer = d * config.num_heads * config.dim_head * 2 + d * kv * 2 + (3 if config.ffn_gated else 2) * d * ff + 2 * d
     if config.qkv_bias:
         per_layer += config.num_heads * config.dim_head + 2 * kv
     embed = V * d * (1 if config.tie_lm_head else 2)
-    params = L * per_layer + embed + d
-    if sharding == "full":
-        group = world_size
-    elif sharding == "hybrid":
-        group = min(world_size, gpus_per_node)
-    else:
+    return L * per_layer + embed + d, per_layer, embed
+
+
+def _activation_bytes(config: Any, tokens: int, act_bytes: int, use_checkpoint: bool) -> float:
+    """Activations of ``tokens`` tokens: with checkpointing one [T, d] input per layer plus one
+    layer's full activations (flash attention: no T^2 term) and the logits chunk; else every layer's."""
+    d, L = config.dim_model, config.num_layers
+    one_layer = tokens * (34 * d + 2 * config.dim_ff) * act_bytes / 2
+    logits = min(tokens, 8192) * config.vocab_size * 4.0
+    return (L * tokens * d * act_bytes + one_layer + logits) if use_checkpoint else (L * one_layer + logits)
+
+
+def estimate_memory(
+    config: Any,
+    world_size: int,
+    *,
+    sharding: str = "full",
+    offload: bool = False,
+    optimizer: str = "adamw",
+    gpus_per_node: int = 8,
+    batch_size: int = 1,
+    max_length: int = 4096,
+    use_checkpoint: bool = True,
+    precision: str = "bf16",
+) -> dict[str, float]:
+    """Per-GPU memory (bytes) of full training with the torch engine's FSDP2, estimated from the shapes.
+
+    Model state per trained parameter (:data:`OPTIMIZER_BYTES`): ``adamw`` fp32 weights, fp32
+    gradients and two fp32 moments (16 B); ``adamw_master`` bf16 weights and gradients, fp32 masters
+    and moments (16 B); ``adamw_bf16`` bf16 everything (8 B); divided by the shard group
+    (``world_size`` for ``"full"``, ``min(world_size, gpus_per_node)`` for ``"hybrid"``). With
+    ``offload`` (FSDP2's CPU offload) all of it lives in host memory (``"host"``, per rank) and the
+    GPU holds only the gathered layers and the activations. Transient: one gathered layer in bf16
+    (x2 for prefetch) and the activations of ``batch_size`` x ``max_length`` tokens
+    (:func:`_activation_bytes`). A planning figure, not a promise: allocator fragmentation, the
+    CUDA context and NCCL buffers add a few GB.
+
+    Args:
+        config: an ``FM9GConfig`` (or a preset name such as ``"fm9g-7b"``).
+        world_size: number of GPUs.
+    Returns:
+        ``{"weights", "grads", "optimizer", "gathered", "activations", "total", "host"}`` in bytes
+        (GPU figures per GPU, ``host`` per rank) and ``"params"`` (the parameter count).
+    """
+    if isinstance(config, str):
+        from fm9g.models.config import FM9GConfig
+
+        config = FM9GConfig.from_name(config)
+    if sharding not in ("full", "hybrid"):
         raise ConfigError(f"sharding={sharding!r}: expected 'full' or 'hybrid'")
-    group = max(1, group)
-    weights = 4.0 * params / group
-    grads = 4.0 * params / group
-    optimizer = 0.0 if offload else 8.0 * params / group
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ConfigError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZER_BYTES)}")
+    params, per_layer, root = _shapes(config)
+    group = max(1, world_size if sharding == "full" else min(world_size, gpus_per_node))
+    w, g, o = (b * params / group for b in OPTIMIZER_BYTES[optimizer])
+    host = (w + g + o) if offload else 0.0
+    weights, grads, opt = (0.0, 0.0, 0.0) if offload else (w, g, o)
     act_bytes = 2 if precision == "bf16" else 4
-    gathered = 2.0 * act_bytes * max(per_layer, embed if not config.tie_lm_head else V * d) if group > 1 else 0.0
-    tokens = batch_size * max_length
-    one_layer = tokens * (34 * d + 2 * ff) * act_bytes / 2
-    logits = min(tokens, 8192) * V * 4.0
-    if use_checkpoint:
-        activations = L * tokens * d * act_bytes + one_layer + logits
-    else:
-        activations = L * one_layer + logits
-    total = weights + grads + optimizer + gathered + activations
-    return {"params": float(params), "weights": weights, "grads": grads, "optimizer": optimizer,
-            "gathered": gathered, "activations": activations, "total": total}
+    gathered = 2.0 * act_bytes * max(per_layer, root) if (group > 1 or offload) else 0.0
+    activations = _activation_bytes(config, batch_size * max_length, act_bytes, use_checkpoint)
+    total = weights + grads + opt + gathered + activations
+    return {"params": float(params), "weights": weights, "grads": grads, "optimizer": opt,
+            "gathered": gathered, "activations": activations, "total": total, "host": host}

@@ -1,12 +1,13 @@
-"""Engines: what runs forward, backward and the optimizer step for the Trainer.
+"""The `Engine` protocol: what runs forward, backward and the optimizer step for the Trainer.
 
 The Trainer owns the loop (data, schedule, logging, checkpoints); an :class:`Engine` owns the
 model on its device(s) and the optimizer. The Trainer talks to an engine only through the
-:class:`Engine` protocol below, so an engine that shards the model over several processes fits
-without changes to the Trainer. Engines: ``torch`` — one process on CPU or one GPU
-(:class:`~fm9g.training.torch_engine.TorchEngine`), or PyTorch FSDP2 across the processes of a
-torchrun launch (:class:`~fm9g.training.fsdp_engine.FSDPEngine`); ``bmtrain`` — ZeRO-3 blocks and
-optional optimizer offload (:class:`~fm9g.training.bmtrain_engine.BMTrainEngine`).
+:class:`Engine` protocol below and reads each step's figures from a :class:`StepOutput`. Engines:
+``torch`` (:class:`~fm9g.training.torch_engine.TorchEngine`: one step for one process and for
+FSDP2 across processes, the parallelism applied to the built model by
+:mod:`fm9g.training.parallelize`) and ``bmtrain`` (:class:`~fm9g.training.bmtrain_engine.BMTrainEngine`).
+Which one runs is decided in one place, :func:`fm9g.training.builders.build_engine`; the arithmetic
+every step shares lives in :mod:`fm9g.training.step_math`.
 
 The loss of one optimizer step is the mean over ALL labelled tokens of its ``grad_accum``
 micro-batches (across all ranks): every micro-batch backpropagates ``sum(token_loss) / N`` where N
@@ -20,22 +21,15 @@ The model an engine trains follows :class:`TrainableLM`:
 from __future__ import annotations
 
 import math
-import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from fm9g.training.checkpoint import load_state_dict_checked
+__all__ = ["Engine", "LMOutput", "StepOutput", "TrainableLM", "deferred_step_output", "REDUCE_OPS"]
 
-if TYPE_CHECKING:
-    from fm9g.training.config import TrainConfig
-    from fm9g.training.torch_engine import TorchEngine
-
-__all__ = ["Engine", "LMOutput", "StepOutput", "TrainableLM", "TorchEngine", "param_groups", "build_engine",
-           "load_state_dict_checked"]
-
-_NO_LR_SCALE = ("layernorm", "embedding", "lm_head")
+# the reductions Engine.all_reduce accepts, in every engine
+REDUCE_OPS = ("sum", "max", "min", "mean")
 
 
 _STEP_FIELDS = ("loss", "num_label_tokens", "num_tokens", "grad_norm", "skipped", "task_loss_sum",
@@ -204,7 +198,8 @@ class Engine(Protocol):
         ...
 
     def all_reduce(self, values: dict[str, float], op: str = "sum") -> dict[str, float]:
-        """Reduce metric values across ranks (``op``: ``"sum"``, ``"max"``, ``"min"``); identity in one process."""
+        """Reduce metric values across ranks (``op``: one of :data:`REDUCE_OPS`: ``"sum"``, ``"max"``,
+        ``"min"``, ``"mean"``); identity in one process."""
         ...
 
     def memory_stats(self) -> dict[str, float]:
@@ -214,139 +209,6 @@ class Engine(Protocol):
     def peak_flops(self) -> float | None:
         """Dense bf16 peak FLOP/s of one device (for MFU), or None if unknown."""
         ...
-
-
-def param_groups(model: nn.Module, lr_scale_width: float = 1.0) -> list[dict[str, Any]]:
-    """Optimizer groups with muP learning-rate scaling (docs/training.md, "muP").
-
-    Every trainable parameter whose name ends with ``.weight`` and does not contain
-    ``layernorm``, ``embedding`` or ``lm_head`` gets ``lr_scale = 1 / lr_scale_width``; all others
-    (norms, embeddings, lm_head, biases, LoRA ``lora_A``/``lora_B``) get ``lr_scale = 1``.
-
-    Args:
-        model: the model (names as in ``named_parameters()``).
-        lr_scale_width: ``config.scale_width`` (``dim_model / dim_model_base`` when ``scale``, else 1).
-    Returns:
-        One or two groups ``{"params", "names", "lr_scale"}`` (empty groups omitted).
-    """
-    scaled: list[tuple[str, nn.Parameter]] = []
-    plain: list[tuple[str, nn.Parameter]] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if lr_scale_width != 1.0 and name.endswith(".weight") and not any(s in name for s in _NO_LR_SCALE):
-            scaled.append((name, p))
-        else:
-            plain.append((name, p))
-    groups = []
-    for items, scale in ((plain, 1.0), (scaled, 1.0 / lr_scale_width)):
-        if items:
-            groups.append({"params": [p for _, p in items], "names": [n for n, _ in items], "lr_scale": scale})
-    return groups
-
-
-def lr_scale_width(model: nn.Module) -> float:
-    """The muP width ratio of ``model`` (``config.scale_width`` when ``config.scale``, else 1)."""
-    mc = getattr(model, "config", None)
-    if mc is not None and getattr(mc, "scale", False):
-        return float(getattr(mc, "scale_width", 1.0))
-    return 1.0
-
-
-# Shared by every engine's step: dense bf16 peak FLOP/s by GPU name (for MFU), token counts, per-task sums.
-_PEAKS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-          ("L40S", 362e12), ("4090", 165e12))
-
-
-def _num_label_tokens(batch: dict[str, Any]) -> int:
-    n = batch.get("num_label_tokens")
-    if n is None:
-        return int((batch["labels"] != -100).sum())
-    return int(n)
-
-
-def _num_tokens(batch: dict[str, Any]) -> int:
-    n = batch.get("num_tokens")
-    if n is None:
-        return int(batch["input_ids"].numel())
-    return int(n)
-
-
-def _task_sums(token_loss: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor,
-               n_tasks: int | None = None) -> torch.Tensor:
-    """[K, 3] per task id: summed loss, labelled tokens, real tokens (computed on the device;
-    K = n_tasks when known, which avoids a device sync)."""
-    ids = task_ids.reshape(-1).long()
-    if n_tasks is not None:
-        k = n_tasks
-        ids = torch.where(ids < k, ids, torch.full_like(ids, -1))
-    else:
-        k = int(ids.max().item()) + 1 if ids.numel() else 0
-    out = torch.zeros(max(k, 0) + 1, 3, device=token_loss.device, dtype=torch.float64)
-    if k <= 0:
-        return out[:0]
-    real = ids >= 0
-    slot = torch.where(real, ids, torch.full_like(ids, k))
-    lab = (labels.reshape(-1) != -100) & real
-    out[:, 0].index_add_(0, slot, (token_loss.reshape(-1).double() * lab))
-    out[:, 1].index_add_(0, slot, lab.double())
-    out[:, 2].index_add_(0, slot, real.double())
-    return out[:k]
-
-
-def _merge_task_sums(parts: Iterable[torch.Tensor]) -> tuple[dict[int, float], dict[int, int], dict[int, int]]:
-    loss: dict[int, float] = {}
-    lab: dict[int, int] = {}
-    tok: dict[int, int] = {}
-    for t in parts:
-        for i, (s, n, r) in enumerate(t.cpu().tolist()):
-            if r == 0:
-                continue
-            loss[i] = loss.get(i, 0.0) + s
-            lab[i] = lab.get(i, 0) + int(n)
-            tok[i] = tok.get(i, 0) + int(r)
-    return loss, lab, tok
-
-
-def _n_tasks(micro_batches: list[dict[str, Any]]) -> int:
-    """Task slots of a step's per-task sums: ``len(task_names)``, else the largest task id + 1
-    (read from the host copy of ``task_ids``), 0 when no batch has ``task_ids``."""
-    if not any(b.get("task_ids") is not None for b in micro_batches):
-        return 0
-    names = next((b["task_names"] for b in micro_batches if b.get("task_names")), None)
-    if names:
-        return len(names)
-    return max((int(b["task_ids"].max()) + 1 for b in micro_batches if b.get("task_ids") is not None
-                and b["task_ids"].numel()), default=0)
-
-
-def stage_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """``batch`` with its tensors on ``device``, copied without blocking the host.
-
-    On CUDA a CPU tensor is pinned first and copied ``non_blocking`` (the copy queues behind the
-    work already on the stream, so a batch can be staged while the previous step still runs);
-    tensors already on the device are kept as they are.
-    """
-    cuda = device.type == "cuda"
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.device.type != device.type:
-            if cuda and v.device.type == "cpu" and not v.is_pinned():
-                v = v.pin_memory()
-            v = v.to(device, non_blocking=cuda)
-        out[k] = v
-    return out
-
-
-def _max_seqlen(batch: dict[str, Any]) -> int | None:
-    """The batch's longest document as a Python int (the packer gives one), or None (the model
-    then derives it); a tensor value is only read when it lives on the host."""
-    m = batch.get("max_seqlen")
-    if m is None:
-        return None
-    if isinstance(m, torch.Tensor):
-        return int(m) if m.device.type == "cpu" else None
-    return int(m) or None
 
 
 def deferred_step_output(figures: torch.Tensor, n_tasks: int, *, counts: tuple[int, int] | None = None) -> StepOutput:
@@ -391,64 +253,3 @@ def deferred_step_output(figures: torch.Tensor, n_tasks: int, *, counts: tuple[i
     out = StepOutput.deferred(read)
     out.device_finite = figures[4] > 0  # read by a step queued behind this one (launch ahead), never synced
     return out
-
-
-def check_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    """Refuse an optimizer state whose groups do not match `optimizer` (another model or LoRA
-    setting), naming the sizes and the option that skips it."""
-    groups = state.get("param_groups", [])
-    mine = optimizer.param_groups
-    if len(groups) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, mine)):
-        raise ValueError(
-            "the optimizer state in the checkpoint does not match this model's trainable parameters "
-            f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in mine]} per group); "
-            "was it saved by a run with another model or LoRA setting? Use only_load_model=true to skip it"
-        )
-
-
-def build_engine(config: "TrainConfig", model: nn.Module | None, *, lora_only: bool = False) -> Engine:
-    """The engine named by ``config.engine`` for ``model`` (a built, weight-loaded model; under
-    torchrun also None: the FSDP2 engine then builds it on the meta device, see docs/distributed.md).
-
-    Args:
-        config: the run's TrainConfig (``engine``, optimizer, precision, device, compile, use_checkpoint).
-        model: the model to train (follows :class:`TrainableLM`).
-        lora_only: only the LoRA tensors train and are saved.
-    Raises:
-        RuntimeError: ``engine="bmtrain"`` without bmtrain installed (naming the install command).
-    """
-    if config.optimizer != "adamw" and (config.engine != "torch" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise ValueError(
-            f"optimizer={config.optimizer!r} runs under the one-process torch engine only; with "
-            f"engine={config.engine!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE', '1')} use optimizer=\"adamw\" "
-            "(bmtrain: offload=true moves its state to the CPU; FSDP2 shards it across the ranks)"
-        )
-    if config.engine == "bmtrain":
-        from fm9g.training.bmtrain_engine import BMTrainEngine  # fails at once without bmtrain, naming the install command
-
-        return BMTrainEngine(config, model, lora_only=lora_only)
-    if config.engine != "torch":
-        raise ValueError(f"engine={config.engine!r}: expected 'torch' or 'bmtrain'")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: FSDP2 across the processes
-        from fm9g.training.fsdp_engine import FSDPEngine
-
-        return FSDPEngine(config, model, lora_only=lora_only)  # model None: built on meta there
-    from fm9g.training.torch_engine import TorchEngine
-
-    return TorchEngine(
-        model, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
-        clip_grad=config.clip_grad, device=config.device, precision=config.precision,
-        lr_scale_width=lr_scale_width(model), use_checkpoint=config.use_checkpoint, compile=config.compile,
-        lora_only=lora_only, peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed,
-        cuda_graphs=config.cuda_graphs,
-    )
-
-
-def __getattr__(name: str) -> Any:
-    # `from fm9g.training.engine import TorchEngine` keeps working; imported lazily because
-    # torch_engine imports this module.
-    if name == "TorchEngine":
-        from fm9g.training.torch_engine import TorchEngine
-
-        return TorchEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

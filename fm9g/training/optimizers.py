@@ -41,6 +41,8 @@ from typing import Any, Iterable
 
 import torch
 
+from fm9g.training.parallelize import local_view
+
 __all__ = ["AdamWBF16", "AdamWMaster", "round_stochastic"]
 
 _LOW16 = -65536  # 0xFFFF0000 as int32: keeps sign, exponent and the 7 mantissa bits bf16 holds
@@ -145,10 +147,12 @@ class _FlatBucket:
     """
 
     def __init__(self, params: list[torch.Tensor], *, compute_dtype: torch.dtype | None = None,
-                 moment_dtype: torch.dtype = torch.bfloat16, master: bool = False) -> None:
-        first = params[0]
+                 moment_dtype: torch.dtype = torch.bfloat16, master: bool = False, external: bool = False) -> None:
+        first = local_view(params[0])
         self.params = params
-        self.numels = [p.numel() for p in params]
+        self.external = external
+        self.shapes = [local_view(p).shape for p in params]
+        self.numels = [local_view(p).numel() for p in params]
         self.offsets = [0, *itertools.accumulate(self.numels)][:-1]
         total = sum(self.numels)
         kw = dict(device=first.device)
@@ -173,16 +177,23 @@ class _FlatBucket:
         self.exp_avg_sq = torch.zeros(total, dtype=moment_dtype, **kw)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return flat[self.offsets[i]:self.offsets[i] + self.numels[i]].view(p.shape)
+        return flat[self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.shapes[i])
 
     def _adopt_weight(self, i: int) -> None:
-        p = self.params[i]
+        p = local_view(self.params[i])
         v = self.view(self.weights, i)
         if self.master is not None and self.master is not self.weights:
-            self.view(self.master, i).copy_(p.data.reshape(p.shape))  # before rounding: exact
-        v.copy_(p.data.reshape(p.shape))
-        p.data = v
+            self.view(self.master, i).copy_(p.data.reshape(v.shape))  # before rounding: exact
+        v.copy_(p.data.reshape(v.shape))
+        if not self.external:
+            p.data = v
+
+    def write_back(self) -> None:
+        """External buckets: copy the updated weights into the parameters' own storage (each
+        rank's FSDP2 shard) in one multi-tensor copy."""
+        with torch.no_grad():
+            torch._foreach_copy_([local_view(p) for p in self.params],
+                                 [self.view(self.weights, i) for i in range(len(self.params))])
 
     def release_grads(self) -> None:
         """Drop the gradients (``.grad`` = None); :meth:`sync` copies the next ones into the buffer."""
@@ -196,7 +207,11 @@ class _FlatBucket:
         buffer in one multi-tensor copy, and a gradient that is None counts as zero.
 
         Runs every step over every parameter, so the views and their addresses are made once
-        (again only if a buffer is replaced)."""
+        (again only if a buffer is replaced). External buckets copy each parameter's (local)
+        gradient into the buffer and leave the parameters as they are."""
+        if self.external:
+            self._copy_external_grads()
+            return
         key = (self.weights.data_ptr(), self.grads.data_ptr())
         if self._layout_key != key:
             self._layout_key = key
@@ -226,6 +241,23 @@ class _FlatBucket:
                 torch._foreach_zero_(zero)
 
 
+    def _copy_external_grads(self) -> None:
+        views = [self.view(self.grads, i) for i in range(len(self.params))]
+        copy_to, copy_from, zero = [], [], []
+        for p, v in zip(self.params, views):
+            g = p.grad
+            if g is None:
+                zero.append(v)
+            else:
+                copy_to.append(v)
+                copy_from.append(local_view(g).reshape(v.shape))
+        with torch.no_grad():
+            if copy_to:
+                torch._foreach_copy_(copy_to, copy_from)
+            if zero:
+                torch._foreach_zero_(zero)
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW with bf16 weights, bf16 moments and stochastically rounded updates.
 
@@ -248,6 +280,9 @@ class AdamWBF16(torch.optim.Optimizer):
             temporaries).
         compile: ``torch.compile`` the update of a chunk into one kernel: ``"auto"`` on CUDA only
             (on CPU the eager update is used; the results agree to fp32 rounding).
+        external: the parameters keep their own storage (FSDP2 shards, whose DTensor parameters
+            cannot become views of a flat buffer): the buffers hold copies, each step copies the
+            (local) gradients in and the updated weights back (:meth:`_FlatBucket.write_back`).
     """
 
     # The engine keeps this optimizer's gradients in the buffer between steps (zeroed in place)
@@ -257,7 +292,7 @@ class AdamWBF16(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, seed: int = 0,
-                 chunk_elements: int | None = None, compile: bool | str = "auto") -> None:
+                 chunk_elements: int | None = None, compile: bool | str = "auto", external: bool = False) -> None:
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
             raise ValueError(f"AdamWBF16: lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
         if not all(0 <= b < 1 for b in betas):
@@ -265,6 +300,7 @@ class AdamWBF16(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.seed = int(seed)
         self.compile = compile
+        self.external = external
         self._chunk = chunk_elements
         self._compiled: Any = None
         self.grad_scale: torch.Tensor | None = None  # set per step by the engine (clip coefficient)
@@ -280,7 +316,7 @@ class AdamWBF16(torch.optim.Optimizer):
             self._buckets.append([self._bucket(ps) for ps in by_kind.values()])
 
     def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:
-        return _FlatBucket(params)
+        return _FlatBucket(params, external=self.external)
 
     def _use_compile(self, device: torch.device) -> bool:
         return bool(self.compile if self.compile != "auto" else device.type == "cuda")
@@ -316,6 +352,15 @@ class AdamWBF16(torch.optim.Optimizer):
                     continue
                 b.sync()  # first: a gradient assigned since the last step is re-attached, then zeroed
                 b.grads.zero_()
+
+    @torch.no_grad()
+    def reload_weights(self) -> None:
+        """External buckets: take the parameters' current values into the flat weights (after the
+        parameters were loaded from a checkpoint; the masters of ``AdamWMaster`` are left as they are)."""
+        for buckets in self._buckets:
+            for b in buckets:
+                for i, p in enumerate(b.params):
+                    b.view(b.weights, i).copy_(local_view(p).reshape(b.shapes[i]))
 
     @torch.no_grad()
     def flat_grads(self) -> list[torch.Tensor]:
@@ -370,6 +415,8 @@ class AdamWBF16(torch.optim.Optimizer):
             for c, start in enumerate(range(0, bucket.weights.numel(), size)):
                 self._run(kernel, bucket, slice(start, start + size), lrs_dev[g_idx], scale, keep,
                           keys_dev[first + c], beta1, beta2, group["eps"], group["weight_decay"])
+            if bucket.external:
+                bucket.write_back()
         return loss
 
     @staticmethod
@@ -448,13 +495,14 @@ class AdamWMaster(AdamWBF16):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, compute_dtype: torch.dtype = torch.bfloat16,
-                 chunk_elements: int | None = None, compile: bool | str = "auto") -> None:
+                 chunk_elements: int | None = None, compile: bool | str = "auto", external: bool = False) -> None:
         self.compute_dtype = compute_dtype
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         chunk_elements=chunk_elements, compile=compile)
+                         chunk_elements=chunk_elements, compile=compile, external=external)
 
     def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:
-        return _FlatBucket(params, compute_dtype=self.compute_dtype, moment_dtype=torch.float32, master=True)
+        return _FlatBucket(params, compute_dtype=self.compute_dtype, moment_dtype=torch.float32, master=True,
+                           external=self.external)
 
     @staticmethod
     def _run(kernel: Any, bucket: _FlatBucket, part: slice, lr: torch.Tensor, scale: torch.Tensor,
@@ -486,5 +534,5 @@ class AdamWMaster(AdamWBF16):
         masters = self._masters()
         for name, p in named:
             if p in masters and name in state:
-                masters[p].copy_(state[name].reshape(p.shape))
-                p.data.copy_(masters[p])
+                masters[p].copy_(state[name].reshape(masters[p].shape))
+                local_view(p).copy_(masters[p])

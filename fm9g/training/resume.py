@@ -9,6 +9,7 @@ The rules are in docs/checkpoints.md; resuming on another number of processes in
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,17 +29,37 @@ from fm9g.training.run_checks import lora_settings
 if TYPE_CHECKING:
     from fm9g.training.trainer import Trainer
 
-__all__ = ["resume"]
+__all__ = ["resume", "Resumed"]
 
 
-def resume(trainer: Trainer, spec: int | str | os.PathLike) -> Path:
-    """Restore `trainer` from checkpoint ``spec`` (step number, ``"latest"`` or a path).
+@dataclass(frozen=True)
+class Resumed:
+    """What :func:`resume` restored, for the Trainer to take over (it owns its fields).
 
-    Weights always; with ``only_load_model`` nothing else (step 0). Otherwise also the
-    optimizer, the loader position, counters and RNG states.
+    Attributes:
+        path: the checkpoint folder.
+        summary: the run header's account of what was restored and what not.
+        trainer_state: the checkpoint's Trainer state (step, counters, RNG; see
+            :meth:`Trainer.load_state_dict`), None with ``only_load_model`` (a new run at step 0).
+        history: the checkpoint lineage the run continues.
+        data_restored: the loader's position was restored (the Trainer restarts its iterator).
+    """
 
-    Returns:
-        The checkpoint folder resumed from.
+    path: Path
+    summary: str
+    trainer_state: dict[str, Any] | None
+    history: tuple[tuple[str, int], ...] = ()
+    data_restored: bool = False
+
+
+def resume(trainer: Trainer, spec: int | str | os.PathLike) -> Resumed:
+    """Load checkpoint ``spec`` (step number, ``"latest"`` or a path) into `trainer`'s engine and
+    loader, after checking that it fits the run; the Trainer takes over the returned values.
+
+    Weights always; with ``only_load_model`` nothing else (a new run at step 0). Otherwise also the
+    optimizer, the loader position and the RNG states; the step and counters come back in
+    :attr:`Resumed.trainer_state`.
+
     Raises:
         CheckpointError: see :meth:`fm9g.training.trainer.Trainer.resume`.
     """
@@ -52,19 +73,16 @@ def resume(trainer: Trainer, spec: int | str | os.PathLike) -> Path:
     notes = check_lora_resume(trainer, ck) if trainer.is_lora else []
     loader = None if cfg.only_load_model else check_resumable(trainer, ck, sharded)
     _load_weights(trainer, ck, path, sharded)
-    trainer._resumed = True
-    trainer._resumed_from = path
     if cfg.only_load_model:  # a new run (new lineage) from these weights
-        trainer.resume_summary = (f"loaded the weights of {path} (only_load_model): a new run from step 0 with "
-                                  "a fresh optimizer, data position and RNG")
-        return path
+        return Resumed(path, f"loaded the weights of {path} (only_load_model): a new run from step 0 with a fresh "
+                             "optimizer, data position and RNG", None)
     restored, missing = restore_run_state(trainer, ck, loader, sharded)
-    trainer._history = read_lineage(path).chain
-    trainer.last_checkpoint = path
-    trainer.resume_summary = (f"resumed from {path}: restored {', '.join(['weights'] + restored)}"
-                              + (f"; NOT restored: {'; '.join(missing)}" if missing else "; exact resume")
-                              + "".join(f"; {n}" for n in notes))
-    return path
+    summary = (f"resumed from {path}: restored {', '.join(['weights'] + restored)}"
+               + (f"; NOT restored: {'; '.join(missing)}" if missing else "; exact resume")
+               + "".join(f"; {n}" for n in notes))
+    state = dict(ck.trainer_state)
+    state.setdefault("step", ck.step)
+    return Resumed(path, summary, state, read_lineage(path).chain, data_restored=loader is not None)
 
 
 def _check_same_kind(trainer: Trainer, ck: Checkpoint, path: Path) -> None:
@@ -95,8 +113,8 @@ def _load_weights(trainer: Trainer, ck: Checkpoint, path: Path, sharded: bool) -
 
 
 def restore_run_state(trainer: Trainer, ck: Checkpoint, loader: Any, sharded: bool) -> tuple[list[str], list[str]]:
-    """Optimizer, data position (into `loader`, None: skipped), counters and RNG from `ck`;
-    returns what was restored and what was not, for the run header."""
+    """Optimizer, data position (into `loader`, None: skipped) and RNG from `ck`; returns what was
+    restored and what was not, for the run header (the counters are the Trainer's to load)."""
     restored, missing = [], []
     if trainer.config.resume_no_optimizer:
         missing.append("optimizer (resume_no_optimizer: fresh AdamW moments)")
@@ -107,16 +125,11 @@ def restore_run_state(trainer: Trainer, ck: Checkpoint, loader: Any, sharded: bo
         restored.append("optimizer")
     if loader is not None:
         loader.load_state_dict(ck.loader_state)
-        trainer._data_iter = None
         restored.append("data position")
     else:
         missing.append("data position (load_dataloader_ckpt=false: the data starts from the beginning)")
     ts = ck.trainer_state
-    trainer.step = int(ts.get("step", ck.step))
-    trainer.tokens = int(ts.get("tokens", 0))
-    trainer.task_tokens = dict(ts.get("task_tokens", {}))
-    trainer.skipped.update(ts.get("skipped", {}))
-    restored.append(f"step {trainer.step} and token counters")
+    restored.append(f"step {int(ts.get('step', ck.step))} and token counters")
     if "rng" in ts:
         set_rng_state(ts["rng"])
         restored.append("RNG")

@@ -1,0 +1,176 @@
+"""Parallelism as functions applied to a built model (torchtitan's ``parallelize`` pattern).
+
+The torch engine (:class:`~fm9g.training.torch_engine.TorchEngine`) has one training step; what
+changes between one process and many is only what these functions did to the model before the
+engine took it:
+
+- :func:`apply_activation_checkpointing` — recompute each decoder layer in backward;
+- :func:`apply_compile` — ``torch.compile`` each decoder layer (optionally replayed as CUDA graphs);
+- :func:`apply_fsdp` — PyTorch FSDP2: every decoder layer one ``fully_shard`` unit and the root
+  (embedding, final norm, lm_head) another, over a 1-D mesh (``"fsdp"``) or a 2-D
+  ``(replicate, shard)`` mesh (``"hybrid"``), with an optional ``CPUOffloadPolicy``.
+
+:func:`data_parallel_mode` decides, in one place, which of ``"none"``, ``"fsdp"`` and ``"hybrid"`` a
+run uses (``TrainConfig.data_parallel``; ``"auto"`` = FSDP2 under torchrun). FSDP2 runs the same
+way on one GPU as on N (no world-size-1 shortcut skips ``fully_shard``), so its CPU offload is
+available on one GPU too.
+
+Parameters sharded by FSDP2 are DTensors; the engine's optimizer works on each rank's local piece
+(:func:`local_view`), and full tensors go in and out through :func:`local_slice` /
+:func:`gather_full` (:func:`load_full_state_into_shards` reads only a rank's own rows of a
+memory-mapped checkpoint).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from fm9g._io import ConfigError, state_dict_mismatch
+
+__all__ = ["DATA_PARALLEL", "data_parallel_mode", "decoder_layers", "apply_activation_checkpointing",
+           "apply_compile", "apply_fsdp", "local_view", "local_slice", "gather_full", "is_sharded",
+           "load_full_state_into_shards"]
+
+DATA_PARALLEL = ("auto", "none", "fsdp", "hybrid")
+
+
+def data_parallel_mode(value: str, world_size: int, *, shard: str = "full") -> str:
+    """The data parallelism a run uses: ``"none"`` (one process), ``"fsdp"`` or ``"hybrid"``.
+
+    Args:
+        value: ``TrainConfig.data_parallel``: ``"auto"`` (FSDP2 when ``world_size > 1``; hybrid
+            when ``shard == "hybrid"``), ``"none"``, ``"fsdp"``, ``"hybrid"``.
+        world_size: processes of the launch (``WORLD_SIZE``; 1 without torchrun).
+        shard: ``TrainConfig.data_parallel_shard`` (``"full"`` | ``"hybrid"``), read by ``"auto"``.
+    Raises:
+        ConfigError: ``"none"`` with several processes, or an unknown value.
+    """
+    if value not in DATA_PARALLEL:
+        raise ConfigError(f"data_parallel={value!r}: expected one of {', '.join(DATA_PARALLEL)}")
+    if value == "auto":
+        if world_size <= 1:
+            return "none"
+        return "hybrid" if shard == "hybrid" else "fsdp"
+    if value == "none" and world_size > 1:
+        raise ConfigError(f"data_parallel='none' but torchrun started {world_size} processes: each would train "
+                          "alone on its own data; set data_parallel to \"fsdp\" or \"hybrid\" (or \"auto\")")
+    return value
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """``model.encoder.layers`` as a list ([] for a model without them)."""
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def apply_activation_checkpointing(model: nn.Module, enabled: bool | None) -> None:
+    """Switch activation checkpointing of the decoder layers (None leaves the model's setting)."""
+    if enabled is not None and hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(bool(enabled))
+
+
+def apply_compile(model: nn.Module, *, cuda_graphs: bool = False) -> None:
+    """``torch.compile`` each decoder layer in place (the whole model when it has none). With
+    ``cuda_graphs`` (one CUDA device, FM9GModel) each layer's forward and backward are recorded
+    once per packing shape and replayed with one launch (``mode="reduce-overhead"``; the model pads
+    its layout to a few shapes, :func:`fm9g.models.fm9g.static_layout`)."""
+    layers = decoder_layers(model)
+    if not layers:
+        model.compile()
+        return
+    kw = {"mode": "reduce-overhead"} if cuda_graphs else {}
+    if cuda_graphs:
+        model.graphed_layers = True
+    for layer in layers:
+        layer.compile(**kw)
+
+
+def apply_fsdp(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
+               reshard_after_forward: bool = True, offload: bool = False) -> None:
+    """Shard ``model`` with FSDP2 in place: each decoder layer one unit, the root another.
+
+    Args:
+        mesh: a 1-D ``("shard",)`` or 2-D ``("replicate", "shard")`` DeviceMesh.
+        param_dtype: the dtype weights are gathered in (None: their own).
+        reduce_dtype: the dtype gradients are reduced in (None: the gathered one).
+        reshard_after_forward: free each layer's gathered weights after its forward (re-gathered
+            for backward): less memory, more communication. The root is never resharded.
+        offload: keep the sharded weights and gradients in pinned CPU memory (the optimizer
+            then steps on the CPU).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    policy = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=policy,
+                    reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy, reshard_after_forward=False)
+    for module in [*layers, model]:
+        # gradients are SUMMED over ranks: the loss is already divided by the step's global label count
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or gradient sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_view(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (the plain tensor FSDP2 gathers from and the optimizer
+    updates in place); a plain tensor as it is."""
+    return t._local_tensor if is_sharded(t) else t
+
+
+def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of the full tensor ``full`` that this rank holds of the DTensor ``like`` (its
+    rows; no copy, no communication); ``full`` itself when ``like`` is not sharded."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def gather_full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The full tensor whose local pieces (``local`` on this rank) are laid out like the DTensor
+    ``like`` (collective: every rank calls it); ``local`` itself when ``like`` is not sharded."""
+    if not is_sharded(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
+                              run_check=False).full_tensor()
+
+
+def load_full_state_into_shards(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+                                names: list[str] | None = None) -> None:
+    """Copy each rank's slice of a full state (original names; may be memory-mapped) into the
+    model's parameters and persistent buffers, sharded or not.
+
+    Only the rows a rank owns are read from ``state``, so a memory-mapped ``.pt`` never comes
+    into memory whole. Strict: missing / unexpected keys or other shapes raise ``ValueError``.
+
+    Args:
+        names: the keys to load (default: every parameter and buffer of the model).
+    """
+    own: dict[str, torch.Tensor] = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    wanted = list(own) if names is None else list(names)
+    expected = {k: tuple(own[k].shape) for k in wanted}
+    got = {k: tuple(v.shape) for k, v in state.items() if names is None or k in names}
+    problem = state_dict_mismatch(expected, got, source=source)
+    if problem:
+        raise ValueError(
+            f"the {source} does not fit the model ({problem}); check that the model config "
+            "(dims, layers, vocab, tie_lm_head, qkv_bias) is the one the weights were trained with")
+    with torch.no_grad():
+        for name in wanted:
+            local_view(own[name]).copy_(local_slice(state[name], own[name]))
