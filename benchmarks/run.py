@@ -39,7 +39,9 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     graphs[=0]    TrainConfig(cuda_graphs=True) (False with =0)
     opt=NAME      optimizer (adamw | adamw_master | adamw_bf16)
     engine=NAME   engine (torch | bmtrain)
-    offload       TrainConfig(offload=True) (the bmtrain engine's optimizer in host memory)
+    fsdp          TrainConfig(data_parallel="fsdp"): the FSDP2 path, also on one GPU (as a user sets it)
+    dp=NAME       TrainConfig(data_parallel=NAME) (auto | none | fsdp | hybrid)
+    offload       TrainConfig(offload=True) (bmtrain: its optimizer in host memory; torch: FSDP2's CPU offload)
     cap=GB        cap the process's GPU memory at GB (1e9 bytes); W3 default 80
     profile       torch.profiler over 3 steps after the warm-up: the top 20 kernels (ms per step) in
                   run.json, the Chrome trace as trace-<run>.json in the --out folder
@@ -82,7 +84,7 @@ SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
 TRAIN_WORKLOADS = ("W1", "W2", "W3")
 CPU_WORKLOADS = {"W4": "w4_build_index", "W5": "w5_mixture", "W6": "w6_convert"}
 FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "lorafuse", "workers", "graphs", "opt", "engine",
-         "offload", "cap", "profile"}
+         "offload", "cap", "profile", "dp", "fsdp"}
 
 
 # ---------------------------------------------------------------------------------- data
@@ -163,6 +165,8 @@ def train_config(spec: dict[str, Any], mc: Any, data: list[dict], flags: dict[st
     engine = flags.get("engine") or "torch"
     optimizer = flags.get("opt") or ("adamw_bf16" if workload == "W3" and engine == "torch" else "adamw")
     extra: dict[str, Any] = {"cuda_graphs": flags["graphs"] != "0"} if "graphs" in flags else {}
+    if "fsdp" in flags or "dp" in flags:
+        extra["data_parallel"] = flags.get("dp") or "fsdp"
     return TrainConfig(
         model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if workload == "W2" else None,
         lr=1e-4 if workload == "W2" else 1e-5, lr_scheduler="constant", warmup_iters=0,
@@ -249,6 +253,7 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
                 peak_mem_GB=round(peak, 2), step_s=round(dt, 4), row=row, doc_len=doc_len, grad_accum=accum,
                 steps=len(timed), attn=attn, engine=cfg.engine, optimizer=cfg.optimizer, cap_GB=cap,
                 loss=round(result.losses[-1], 3) if result.losses else None, skipped=result.skipped,
+                losses=[round(x, 4) for x in result.losses],
                 build_s=round(build_s, 1), fit_s=round(fit_s, 1),
                 iter_times=[round(r["iter_time"], 4) for r in rows], **({"kernels": kernels} if kernels else {}))
 

@@ -331,7 +331,7 @@ def test_sharded_checkpoint_format_resumes_exactly(setup):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     out = subprocess.run([sys.executable, "-m", "fm9g", "train", "--config", str(again)], capture_output=True,
                          text=True, cwd=ROOT, env=_env(), timeout=120)
-    assert out.returncode == 2 and "resume it under torchrun" in out.stderr
+    assert out.returncode == 2 and "resume it under FSDP2" in out.stderr
 
 
 def test_lora_on_two_ranks_matches_one_process(setup):

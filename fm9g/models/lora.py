@@ -288,6 +288,12 @@ def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tup
 # Model-level operations
 # ----------------------------------------------------------------------------------------------
 
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter / state-dict name is a LoRA tensor (``<module>.lora.lora_A`` / ``lora_B``,
+    the original FM9G names)."""
+    return name.endswith(("lora.lora_A", "lora.lora_B"))
+
+
 def _clean_name(name: str) -> str:
     """Module name as it appears in state-dict keys (wrapper infixes and a DDP ``module.`` removed)."""
     for infix in _WRAPPER_INFIXES:

@@ -15,14 +15,16 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fm9g._io import find_model_file, nearby_hint
+from fm9g._io import ConfigError, find_model_file, nearby_hint
 from fm9g.convert.files import load_checkpoint_file
 from fm9g.models.config import FM9GConfig
 from fm9g.training.checkpoint import CheckpointError, load_state_dict_checked
 from fm9g.training.config import TrainConfig
 from fm9g.training.model_source import lookup_paths, model_config_of
+from fm9g.training.engine import Engine
 
-__all__ = ["build_model", "pretrained_state", "build_tokenizer", "build_loader", "check_same_shape", "SHAPE_FIELDS"]
+__all__ = ["build_model", "pretrained_state", "build_tokenizer", "build_loader", "check_same_shape", "SHAPE_FIELDS",
+           "build_engine", "run_data_parallel", "seed_everything"]
 
 # model-config fields that must agree between a checkpoint and the model it is loaded into
 SHAPE_FIELDS = ("vocab_size", "dim_model", "num_layers", "num_heads", "num_kv_heads", "dim_head", "dim_ff",
@@ -176,3 +178,108 @@ def check_same_shape(a: Any, b: Any, what: str) -> None:
             if k in da and k in db and da[k] != db[k]]
     if diff:
         raise CheckpointError(f"{what} has another model shape ({'; '.join(diff)}); use the model config it was trained with")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_data_parallel(config: TrainConfig) -> str:
+    """The data parallelism of this run (``"none"``, ``"fsdp"`` or ``"hybrid"``), decided once from
+    ``config.data_parallel`` and the launch (``WORLD_SIZE``); see
+    :func:`fm9g.training.parallelize.data_parallel_mode`. Always ``"none"`` for the bmtrain engine."""
+    from fm9g.training.distributed import world_size_from_env
+    from fm9g.training.parallelize import data_parallel_mode
+
+    if config.engine == "bmtrain":
+        return "none"
+    return data_parallel_mode(config.data_parallel, world_size_from_env(), shard=config.data_parallel_shard)
+
+
+def build_engine(config: TrainConfig, model: nn.Module | None, *, lora_only: bool = False) -> Engine:
+    """The engine the config asks for, around ``model`` (built and weight-loaded).
+
+    ``engine="bmtrain"``: :class:`~fm9g.training.bmtrain_engine.BMTrainEngine`. Otherwise the torch
+    engine, with FSDP2 when :func:`run_data_parallel` says so (the process group is joined here,
+    also for one process). With FSDP2 ``model`` may be None: it is then built on the meta device,
+    sharded, and each rank loads only its rows of ``pretrained_model`` (or of the one-process
+    random initialisation; docs/distributed.md).
+
+    Raises:
+        RuntimeError: ``engine="bmtrain"`` without bmtrain installed (naming the install command).
+        ConfigError: ``data_parallel="none"`` under torchrun with several processes.
+    """
+    from fm9g.training.step_math import lr_scale_width
+    from fm9g.training.torch_engine import TorchEngine
+
+    if config.engine == "bmtrain":  # (TrainConfig refuses optimizers other than adamw for it)
+        from fm9g.training.bmtrain_engine import BMTrainEngine  # fails at once without bmtrain, naming the install command
+
+        return BMTrainEngine(config, model, lora_only=lora_only)
+    mode = run_data_parallel(config)
+    kw: dict[str, Any] = dict(
+        lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
+        clip_grad=config.clip_grad, device=config.device, precision=config.precision,
+        use_checkpoint=config.use_checkpoint, compile=config.compile, lora_only=lora_only,
+        peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed, cuda_graphs=config.cuda_graphs)
+    if mode == "none":
+        if model is None:
+            raise ValueError("build_engine: pass the built model (only FSDP2 builds it on the meta device)")
+        return TorchEngine(model, lr_scale_width=lr_scale_width(model), **kw)
+    from fm9g.training.distributed import build_mesh, check_same_config, init_distributed
+
+    _, world, device = init_distributed("gloo" if str(config.device) == "cpu" else None)
+    check_same_config(config.to_dict())
+    mesh = build_mesh("hybrid" if mode == "hybrid" else "full", world, device_type=device.type)
+    on_meta = model is None
+    if on_meta:
+        model = _build_on_meta(config)
+    kw["device"] = str(device)
+    engine = TorchEngine(model, lr_scale_width=lr_scale_width(model), mesh=mesh, on_meta=on_meta,
+                         reshard_after_forward=bool(config.reshard_after_forward), offload=config.offload, **kw)
+    if on_meta:
+        _load_initial_weights(engine, config)
+    return engine
+
+
+def _build_on_meta(config: TrainConfig) -> nn.Module:
+    """The model's structure on the meta device (no memory), LoRA applied when the config has it."""
+    model = build_model(config, device="meta", load_weights=False)
+    if config.lora is not None:
+        from fm9g.models.lora import apply_lora
+
+        with torch.device("meta"):
+            apply_lora(model, config.lora)
+    return model.train()
+
+
+def _load_initial_weights(engine: Engine, config: TrainConfig) -> None:
+    """Fill a meta-built engine's shards: ``pretrained_model`` (each rank reads its rows of a
+    memory-mapped file), and for what it does not hold (a fresh run, LoRA tensors) the one-process
+    random initialisation (every rank builds it on CPU from the seed, keeps its rows, frees the rest)."""
+    from fm9g.models.lora import is_lora_name
+
+    names = [n for n, _ in engine.model.named_parameters()]
+    lora = [n for n in names if is_lora_name(n)]
+    if config.pretrained_model is None or lora:
+        from fm9g.models.fm9g import FM9GModel
+
+        seed_everything(config.seed)
+        ref = FM9GModel(engine.model.config)
+        if lora:
+            from fm9g.models.lora import apply_lora
+
+            apply_lora(ref, config.lora)
+        engine.load_model_state_dict(ref.state_dict(), source="initial weights")
+        del ref
+    state = pretrained_state(config)
+    if state is not None:
+        base = [n for n in names if n not in lora]
+        engine.load_model_state_dict(state, names=base, source=f"pretrained_model {config.pretrained_model}")

@@ -35,6 +35,7 @@ from fm9g.data.mixture import DatasetEntry
 from fm9g.models.config import FM9GConfig
 from fm9g.models.lora import LoraConfig
 from fm9g.training.legacy import ALIASES, IGNORED_KEYS, coerce, lora_values, merge_sections, translate_keys
+from fm9g.training.parallelize import DATA_PARALLEL
 from fm9g.training.schedules import SCHEDULERS, normalise_name
 
 __all__ = ["TrainConfig", "ConfigError", "ALIASES", "IGNORED_KEYS", "SCHEDULERS"]
@@ -123,8 +124,10 @@ class TrainConfig:
     cpu | cuda | cuda:N), precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on
     CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), cuda_graphs
     (the compiled layers replay as CUDA graphs, one launch per layer and direction; ``"auto"`` = on
-    for compiled layers on one CUDA device without activation checkpointing), offload (bmtrain
-    engine: the optimizer state and Adam step on the CPU; the torch engine keeps it on the device), num_workers.
+    for compiled layers on one CUDA device without activation checkpointing or FSDP2), offload (bmtrain
+    engine: the optimizer state and Adam step on the CPU; torch engine: FSDP2's CPU offload, the
+    sharded weights, gradients and optimizer state in CPU memory and the update on the CPU; needs
+    ``data_parallel`` "fsdp" or "hybrid", also on one GPU), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
     parameter; ``"adamw_master"``: the same AdamW on fp32 master weights and moments held by the
@@ -139,7 +142,10 @@ class TrainConfig:
     model config (an original model JSON may carry ``use_checkpoint`` / ``attn_impl``); a value
     here wins (docs/training.md, "Training-time switches").
 
-    Several processes (``torchrun``, see docs/distributed.md): data_parallel_shard (``"full"``:
+    Data parallelism (see docs/distributed.md): data_parallel (``"auto"``: FSDP2 under torchrun with
+    several processes, one process otherwise; ``"fsdp"``: FSDP2 over all ranks, also for one process
+    on one GPU, e.g. for its offload; ``"hybrid"``: FSDP2 within a node, replicated across nodes;
+    ``"none"``: one process), data_parallel_shard (read by ``"auto"``: ``"full"``:
     shard weights, gradients and optimizer state over all ranks; ``"hybrid"``: shard within a
     node, replicate across nodes), reshard_after_forward (free each layer's gathered weights after
     its forward, re-gather for backward: less memory, more communication), checkpoint_format
@@ -217,6 +223,7 @@ class TrainConfig:
     offload: bool = False
     num_workers: int = 0
     # --- several processes (torchrun; see docs/distributed.md) ---------------------------------
+    data_parallel: str = "auto"
     data_parallel_shard: str = "full"
     reshard_after_forward: bool = True
     checkpoint_format: str = "full"
@@ -333,9 +340,13 @@ class TrainConfig:
         _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        if self.optimizer != "adamw" and self.offload:
-            raise ConfigError(f"optimizer={self.optimizer!r} keeps its state on the GPU; it does not combine with "
-                              "offload=true (use optimizer=\"adamw\" with engine=\"bmtrain\" to offload)")
+        _choice("data_parallel", self.data_parallel, DATA_PARALLEL)
+        if self.offload and self.engine == "torch" and self.data_parallel == "none":
+            raise ConfigError("offload=true with the torch engine runs under FSDP2: set data_parallel to \"fsdp\" "
+                              "(also on one GPU) or \"auto\" under torchrun")
+        if self.optimizer != "adamw" and self.engine == "bmtrain":
+            raise ConfigError(f"optimizer={self.optimizer!r} runs under the torch engine; with engine=\"bmtrain\" "
+                              "use optimizer=\"adamw\" (offload=true moves its state to the CPU)")
         for name in ("compile", "cuda_graphs"):
             value = getattr(self, name)
             if value not in (True, False, "auto"):
@@ -432,15 +443,6 @@ class TrainConfig:
                 if os.path.isfile(p):
                     return p
         return None
-
-
-def config_base_dir(path: str | os.PathLike) -> Path:
-    """The folder every relative path of the train config file `path` resolves against (the one
-    rule): the file's own folder, except for a file in a folder named ``train_configs`` (the
-    original ``apps/<x>/train_configs/`` layout, whose scripts ran from ``apps/<x>``), whose
-    base is the folder above it."""
-    folder = Path(path).resolve().parent
-    return folder.parent if folder.name == TRAIN_CONFIGS_FOLDER else folder
 
 
 def config_base_dir(path: str | os.PathLike) -> Path:

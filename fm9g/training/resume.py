@@ -68,8 +68,9 @@ def resume(trainer: Trainer, spec: int | str | os.PathLike) -> Resumed:
     ck = load_checkpoint(path, rank=trainer.engine.rank, weights_only_model=cfg.only_load_model)
     _check_same_kind(trainer, ck, path)
     sharded = (Path(path) / SHARDED_DIR).is_dir()  # checkpoint_format "sharded": model + optimizer in dcp/
-    if sharded and not hasattr(trainer.engine, "load_sharded"):
-        raise CheckpointError(f"checkpoint {path} is sharded (dcp/): resume it under torchrun (2 or more processes)")
+    if sharded and getattr(trainer.engine, "mesh", None) is None:
+        raise CheckpointError(f"checkpoint {path} is sharded (dcp/): resume it under FSDP2 (torchrun, or "
+                              "data_parallel: \"fsdp\" in one process)")
     notes = check_lora_resume(trainer, ck) if trainer.is_lora else []
     loader = None if cfg.only_load_model else check_resumable(trainer, ck, sharded)
     _load_weights(trainer, ck, path, sharded)

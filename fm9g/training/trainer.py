@@ -23,29 +23,30 @@ the run's lineage (docs/checkpoints.md).
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from fm9g.models.lora import apply_lora
-from fm9g.training.builders import build_loader, build_model, build_tokenizer, pretrained_state
+from fm9g.training.builders import (
+    build_engine, build_loader, build_model, build_tokenizer, pretrained_state, run_data_parallel, seed_everything,
+)
 from fm9g.training.checkpoint import (
     all_finite, get_rng_state, latest_checkpoint, list_checkpoints, read_lineage, save_checkpoint,
 )
 from fm9g.training.callbacks import Callback, CallbackList
 from fm9g.training.config import TrainConfig
 from fm9g.training.eval_loop import best_to_protect, build_evaluator, run_evaluation
-from fm9g.training.engine import Engine, StepOutput, build_engine, stage_batch
+from fm9g.training.engine import Engine, StepOutput
 from fm9g.training.metrics import MetricsLogger, dropped_records, dropped_since, flops_per_token, inspect_model, mfu
 from fm9g.training.resume import resume as resume_checkpoint
 from fm9g.training.run_checks import base_identity, check_device, check_start, fresh_start_text, has_lora, lora_settings
 from fm9g.training.run_guard import DEFAULT_RESUME_HINT, finish_interrupted, guard_run, stop_agreed
 from fm9g.training.schedules import lr_at, schedule_text, schedule_warnings
+from fm9g.training.step_math import stage_batch
 from fm9g.training.step_clock import StepClock
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "build_model", "build_tokenizer", "build_loader", "pretrained_state",
@@ -82,13 +83,6 @@ class TrainResult:
     signal: int | None = None
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python ``random``, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------ the trainer
 class Trainer:
     """Trains a model with a :class:`TrainConfig`.
@@ -100,7 +94,7 @@ class Trainer:
         loader: any iterable of packed batch dicts (default: :func:`build_loader`); its
             ``state_dict()`` / ``load_state_dict()`` are saved / restored when present.
         tokenizer: used to build the default loader (default: :func:`build_tokenizer`).
-        engine: a ready engine (default: :func:`fm9g.training.engine.build_engine`).
+        engine: a ready engine (default: :func:`fm9g.training.builders.build_engine`).
         log_stream: where console lines go (default stdout).
         callbacks: :class:`~fm9g.training.callbacks.Callback` objects (``on_step_end``,
             ``on_eval``, ``on_save``, ``on_fit_end``); evaluation is built from the config
@@ -123,7 +117,7 @@ class Trainer:
         if engine is None:
             check_device(config.device)
         self._model_from_config = model is None and engine is None
-        if model is None and engine is None and config.engine == "torch" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if model is None and engine is None and run_data_parallel(config) != "none":
             # torchrun: the FSDP2 engine builds the model on the meta device and loads each rank's shard
             engine = build_engine(config, None, lora_only=config.lora is not None)
         if model is None and engine is not None:
@@ -333,10 +327,7 @@ class Trainer:
             if result.stop_reason == "interrupted":
                 finish_interrupted(self)
             else:
-                run_evaluation(self, final=True)
-                self._maybe_save(final=True)
-                if self.stop_request is not None:
-                    result.stop_reason = self.stop_request[0]
+                self._end_of_run(result)
         finally:
             self._write_log(pending)
             logger.close()
@@ -349,6 +340,14 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _end_of_run(self, result: TrainResult) -> None:
+        """After the loop (not interrupted): the final evaluation and checkpoint, and the reason of
+        a requested stop (early stopping, a callback)."""
+        run_evaluation(self, final=True)
+        self._maybe_save(final=True)
+        if self.stop_request is not None:
+            result.stop_reason = self.stop_request[0]
+
     def _after_step(self, out: StepOutput, batches: list[dict[str, Any]], times: tuple[float, float],
                     losses: list[float]) -> tuple[int, dict[str, Any], dict[str, float]] | None:
         """After a settled step: report a skip, or keep its loss in `losses` and return its deferred
@@ -600,10 +599,26 @@ class Trainer:
                 or loader state (``resume_no_optimizer`` / ``load_dataloader_ckpt=false``
                 continue without them).
         """
-        path = resume_checkpoint(self, spec)
+        resumed = resume_checkpoint(self, spec)
+        path = resumed.path
+        self._resumed, self._resumed_from, self.resume_summary = True, path, resumed.summary
+        if resumed.trainer_state is not None:  # not only_load_model: this run continues that one
+            self.load_state_dict(resumed.trainer_state)
+            self._history, self.last_checkpoint = resumed.history, path
+        if resumed.data_restored:
+            self._data_iter = None  # the next batch comes from the restored position
         if self.evaluator is not None and not self.config.only_load_model:
             self.evaluator.restore(path)  # the same evaluations and best as the run that wrote it
         return path
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take over a :meth:`state_dict` (what a checkpoint's ``trainer_state.pt`` holds): the
+        step, token counters and skip counts (the RNG states are the process's: :meth:`resume`
+        restores them with the optimizer and the data position)."""
+        self.step = int(state.get("step", 0))
+        self.tokens = int(state.get("tokens", 0))
+        self.task_tokens = dict(state.get("task_tokens", {}))
+        self.skipped.update(state.get("skipped", {}))
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``[(step, folder), ...]`` of this run's complete checkpoints."""
