@@ -8,7 +8,7 @@ step (and with ``final=True`` at the end of ``fit``), :func:`best_to_protect` wh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -35,27 +35,38 @@ def build_evaluator(trainer: Trainer) -> Evaluator | None:
         raise ValueError("eval_iters is set but there is no held-out data: set eval_split (a share of the training "
                          "documents, e.g. 0.05) or eval_data (a dataset config of held-out data), or give the "
                          "Trainer an evaluator (trainer.evaluator = Evaluator(config, [(task_names, batches)]))")
-    eng = trainer.engine
+    eng, tokenizer = trainer.engine, _tokenizer_of(trainer)
 
     def loaders() -> list[Any]:
-        return build_eval_loaders(cfg, _tokenizer(trainer), rank=eng.rank, world_size=eng.world_size)
+        return build_eval_loaders(cfg, tokenizer(), rank=eng.rank, world_size=eng.world_size)
 
     def prompts() -> Any:
         from fm9g.training.evaluate import _entries
         from fm9g.training.prompts import PromptFormat
 
         entries = _entries(cfg, cfg.data)[0] if cfg.data is not None else None
-        return PromptFormat.from_entries(_tokenizer(trainer), entries, cfg.max_length)
+        return PromptFormat.from_entries(tokenizer(), entries, cfg.max_length)
 
     return Evaluator(cfg, loaders, world_size=eng.world_size, prompts=prompts if cfg.eval_prompts else None)
 
 
-def _tokenizer(trainer: Trainer) -> Any:
-    if trainer.tokenizer is None:
-        from fm9g.training.builders import build_tokenizer
+def _tokenizer_of(trainer: Trainer) -> Callable[[], Any]:
+    """A function giving the run's tokenizer: the trainer's (made with its data loader), else one
+    built from the config on first use and kept."""
+    kept: list[Any] = []
 
-        trainer.tokenizer = build_tokenizer(trainer.config)
-    return trainer.tokenizer
+    def get() -> Any:
+        if trainer.tokenizer is None and trainer.config.data is not None:
+            trainer.loader  # noqa: B018 - builds the training loader, and with it the trainer's tokenizer
+        if trainer.tokenizer is not None:
+            return trainer.tokenizer
+        if not kept:
+            from fm9g.training.builders import build_tokenizer
+
+            kept.append(build_tokenizer(trainer.config))
+        return kept[0]
+
+    return get
 
 
 def eval_autocast_dtype(engine: Any) -> torch.dtype | None:
