@@ -145,29 +145,15 @@ def smollm2_gguf(path: str | None = None) -> Path:
 
 
 def smollm2_hf_dir(cache: Path, gguf: str | Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 Hugging Face directory, converted once from the GGUF file.
-
-    The GGUF's Q4_1 weights are dequantised to fp32 by transformers (which needs the ``gguf`` and
-    ``accelerate`` packages for that) and saved as a plain, unquantised model with its tokenizer.
-    """
-    from fm9g._io import atomic_dir
+    """SmolLM2-135M-Instruct as an fp32 Hugging Face directory, converted once from the GGUF file
+    with :func:`fm9g.convert.gguf.gguf_to_hf` (what ``fm9g convert gguf2hf FILE OUT`` runs)."""
+    from fm9g.convert.gguf import gguf_to_hf
     from fm9g.data.tokenizers import save_tokenizer
 
     out = cache / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
         return out
-    src = smollm2_gguf(None if gguf is None else str(gguf))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with atomic_dir(out) as tmp:
-        save_tokenizer(AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name), tmp)  # loads in transformers 4.44 too
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-    return out
+    return gguf_to_hf(smollm2_gguf(None if gguf is None else str(gguf)), out, save_tokenizer=save_tokenizer)
 
 
 def chat_prompt(question: str) -> str:

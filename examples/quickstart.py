@@ -61,6 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         hf_dir = Path(args.hf_dir) if args.hf_dir else smollm2_hf_dir(SMOLLM2_CACHE, args.gguf)
+        print(f"model folder: {hf_dir} (a plain Hugging Face directory; `fm9g convert gguf2hf FILE OUT` makes one)")
         build_index(write_sft_jsonl(work / "raw" / "chat.jsonl", repeat=8), work / "index" / "chat",
                     language="en", overwrite=True)
         mix = work / "mix.json"

@@ -1,6 +1,7 @@
 """`fm9g convert`: checkpoint conversion between Hugging Face directories and fm9g / bmtrain `.pt` files.
 
-    fm9g convert hf2bmt HF_DIR OUT.pt [--dtype bf16] [--safetensors] [--overwrite]
+    fm9g convert hf2bmt HF_DIR OUT.pt [--dtype bf16] [--safetensors] [--overwrite]    (HF_DIR may be a .gguf)
+    fm9g convert gguf2hf FILE.gguf OUT_DIR [--overwrite]
     fm9g convert bmt2hf CKPT OUT_DIR [--reference-dir HF_DIR] [--config model.json]
                         [--lora LORA.pt [--lora-alpha A] [--lora-config train.json] [--lora-mode merge|adapter]]
                         [--format native|fm9g] [--dtype bf16] [--max-shard-size 5GB] [--overwrite]
@@ -11,7 +12,7 @@ The original ``bmtrain_2_hgface.py`` flags are aliases of the same options:
 for hf2bmt (the original ``hgface_2_bmtrain.py`` had its paths written in the script)
 ``--huggingface-dir`` (HF_DIR) and ``--bmtrain-ckpt-path`` (OUT).
 
-A thin view of `fm9g.convert.hf.hf_to_bmt` / `bmt_to_hf`.
+A thin view of `fm9g.convert.hf.hf_to_bmt` / `bmt_to_hf` and `fm9g.convert.gguf.gguf_to_hf`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 
 from fm9g.commands._args import positional_or_flag
 
@@ -41,7 +43,7 @@ def parse_size(text: str) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "convert",
-        help="convert checkpoints: hf2bmt (Hugging Face -> fm9g .pt) and bmt2hf (fm9g .pt -> Hugging Face)",
+        help="convert checkpoints: hf2bmt (Hugging Face -> fm9g .pt), bmt2hf (fm9g .pt -> Hugging Face), gguf2hf",
         description="Convert checkpoints between Hugging Face directories and fm9g / bmtrain .pt files.",
     )
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
@@ -55,6 +57,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     h2b.add_argument("--safetensors", action="store_true", help="write safetensors instead of a torch .pt")
     h2b.add_argument("--overwrite", action="store_true",
                      help="replace OUT (and another model's config.json beside it) if it exists; never an input")
+
+    g2h = sub.add_parser("gguf2hf", help="GGUF file (llama.cpp) -> plain Hugging Face directory (fp32 safetensors)")
+    g2h.add_argument("gguf", metavar="FILE", help="the .gguf file, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    g2h.add_argument("out_dir", metavar="OUT", help="the Hugging Face directory to write")
+    g2h.add_argument("--overwrite", action="store_true", help="replace OUT if it exists; never an input")
 
     b2h = sub.add_parser("bmt2hf", help="fm9g / bmtrain .pt -> Hugging Face directory")
     positional_or_flag(b2h, "ckpt", "-i", "--bmtrain-ckpt-path", metavar="CKPT",
@@ -80,13 +87,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _gguf_to_hf(gguf: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    from fm9g.convert.gguf import gguf_to_hf
+    from fm9g.data.tokenizers import save_tokenizer
+
+    return gguf_to_hf(gguf, out_dir, overwrite=overwrite, save_tokenizer=save_tokenizer)
+
+
 def run(args: argparse.Namespace) -> int:
     from fm9g.convert.hf import bmt_to_hf, hf_to_bmt
 
     start = time.perf_counter()
+    if args.direction == "gguf2hf":
+        out = _gguf_to_hf(args.gguf, args.out_dir, overwrite=args.overwrite)
+        print(f"wrote {out} (Hugging Face directory, fp32) in {time.perf_counter() - start:.1f}s")
+        return 0
     if args.direction == "hf2bmt":
-        cfg = hf_to_bmt(args.hf_dir, args.out, dtype=args.dtype, safetensors=args.safetensors,
-                        overwrite=args.overwrite)
+        hf_dir = args.hf_dir
+        if str(hf_dir).endswith(".gguf"):  # a GGUF file: through a temporary Hugging Face directory
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = hf_to_bmt(_gguf_to_hf(hf_dir, Path(tmp) / "hf"), args.out, dtype=args.dtype,
+                                safetensors=args.safetensors, overwrite=args.overwrite)
+        else:
+            cfg = hf_to_bmt(hf_dir, args.out, dtype=args.dtype, safetensors=args.safetensors,
+                            overwrite=args.overwrite)
         print(
             f"wrote {args.out} (+ config.json): {cfg.num_layers} layers, d={cfg.dim_model}, "
             f"heads={cfg.num_heads}/{cfg.num_kv_heads}, vocab={cfg.vocab_size}, tied={cfg.tie_lm_head}, "

@@ -48,16 +48,13 @@ def guard_run(trainer: Trainer) -> Iterator[StopSignals]:
                            say=lambda msg: _say(trainer, msg))
     try:
         with StopSignals(say=lambda msg: _say(trainer, msg), where=lambda: _where(trainer)) as stop:
-            trainer._stop = stop
             try:
-                yield stop
+                yield stop  # the Trainer keeps it as its _stop while the block runs
             except BaseException as err:
                 cut = _interrupt_in(err)
                 if cut is None:
                     raise
                 raise RunInterrupted(_cut_message(trainer, err, cut), cut.signum) from None
-            finally:
-                trainer._stop = None
     finally:
         if lock is not None:
             lock.release()
@@ -111,8 +108,6 @@ def finish_interrupted(trainer: Trainer) -> None:
     """After the loop stopped on a signal: save the step in hand (``save_on_interrupt``) unless it
     is saved already, and print the one line saying where it is and how to resume."""
     cfg, stop = trainer.config, trainer._stop
-    signum = stop.signum if stop is not None and stop.signum is not None else 15
-    trainer.interrupted_by = signum
     saved = trainer.last_checkpoint is not None and trainer.last_checkpoint.name == str(trainer.step)
     if not saved and cfg.run_dir is not None and getattr(cfg, "save_on_interrupt", True) and trainer.step > 0:
         trainer.save()

@@ -151,7 +151,6 @@ class Trainer:
         self._stop: Any = None
         self._stopping = False
         self.resume_hint = DEFAULT_RESUME_HINT
-        self.interrupted_by: int | None = None
         self.clock = StepClock()
         # rows come from the loader when one is given (it may pack other lengths than the config)
         self.batch_size = int(getattr(loader, "batch_size", None) or config.batch_size)
@@ -270,8 +269,11 @@ class Trainer:
             :class:`TrainResult`. Raises :class:`TrainingError` after ``max_bad_steps``
             consecutive skipped steps, naming the reason.
         """
-        with guard_run(self):
-            return self._fit()
+        with guard_run(self) as self._stop:
+            try:
+                return self._fit()
+            finally:
+                self._stop = None
 
     def _fit(self) -> TrainResult:
         """The loop of :meth:`fit` (the run folder's lock and the stop signals held)."""
@@ -315,19 +317,14 @@ class Trainer:
                     ahead, upcoming = (self._launch(upcoming, after=out), upcoming, t_next), None
                 self._settle(out, batches)
                 pending = self._after_step(out, batches, clock.settled(t0, ahead[2] if ahead else None), result.losses)
-                if ahead is None and not prefetched and (  # SIGINT / SIGTERM: stop here (no batches in hand)
-                        self._stopping or (self.engine.world_size == 1 and stop_agreed(self))):
-                    result.stop_reason, result.signal = "interrupted", getattr(self._stop, "signum", None)
+                if self._interrupted(result, ahead is None and not prefetched):
                     break
                 if ahead is None:
                     if not prefetched:  # fetched now only if the loop goes on (the loader state is saved at the end)
                         upcoming = self._next_batches() if self._goes_on() else None
                     batches = upcoming
             pending = self._write_log(pending)
-            if result.stop_reason == "interrupted":
-                finish_interrupted(self)
-            else:
-                self._end_of_run(result)
+            finish_interrupted(self) if result.stop_reason == "interrupted" else self._end_of_run(result)
         finally:
             self._write_log(pending)
             logger.close()
@@ -340,6 +337,15 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _interrupted(self, result: TrainResult, nothing_in_hand: bool) -> bool:
+        """SIGINT / SIGTERM asked to stop and no batches are in hand (none fetched or queued ahead,
+        so the saved data position is exact): mark `result` and stop after this step. Every rank
+        gets the same answer (:func:`~fm9g.training.run_guard.stop_agreed`)."""
+        if not nothing_in_hand or not (self._stopping or (self.engine.world_size == 1 and stop_agreed(self))):
+            return False
+        result.stop_reason, result.signal = "interrupted", getattr(self._stop, "signum", None)
+        return True
+
     def _end_of_run(self, result: TrainResult) -> None:
         """After the loop (not interrupted): the final evaluation and checkpoint, and the reason of
         a requested stop (early stopping, a callback)."""
