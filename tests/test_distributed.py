@@ -387,8 +387,9 @@ def test_flat_optimizers_on_two_ranks_match_one_process_and_resume_exactly(setup
 
 
 def test_fsdp_in_one_process_is_the_one_process_engine(tmp_path):
-    """data_parallel="fsdp" without torchrun (one process, FSDP2 over a mesh of one: the offload
-    path on one GPU) trains bit-identically to the plain one-process engine, for every optimizer."""
+    """data_parallel="fsdp" without torchrun (one process, FSDP2 over a mesh of one) trains
+    bit-identically to the plain one-process engine, for every optimizer; so does FSDP2 with
+    offload (the optimizer's state and update on the CPU) against plain fused AdamW."""
     script = tmp_path / "one.py"
     script.write_text(f'''
 import json, sys, tempfile, pathlib
@@ -396,16 +397,17 @@ sys.path.insert(0, {str(ROOT / "tests")!r})
 from test_trainer import ToyLoader, _cfg
 from fm9g.training.trainer import Trainer
 out = {{}}
-for opt in ("adamw", "adamw_master", "adamw_bf16"):
+for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
     for dp in ("none", "fsdp"):
-        cfg = _cfg(pathlib.Path(tempfile.mkdtemp(dir={str(tmp_path)!r})), optimizer=opt, train_iters=4, save=None,
-                   data_parallel=dp, progress_bar=False)
+        kw = dict(optimizer="adamw", offload=dp == "fsdp") if opt == "offload" else dict(optimizer=opt)
+        cfg = _cfg(pathlib.Path(tempfile.mkdtemp(dir={str(tmp_path)!r})), train_iters=4, save=None,
+                   data_parallel=dp, progress_bar=False, **kw)
         t = Trainer(cfg, loader=ToyLoader(fixed=True), log_stream=open("/dev/null", "w"))
         out[opt + "/" + dp] = [t.fit().losses, type(t.engine.model).__name__]
 print("RESULT", json.dumps(out))
 ''')
     res = _run([sys.executable, str(script)])
     got = json.loads(res.stdout.split("RESULT ", 1)[1])
-    for opt in ("adamw", "adamw_master", "adamw_bf16"):
+    for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
         assert got[f"{opt}/fsdp"][0] == got[f"{opt}/none"][0], (opt, got)
         assert got[f"{opt}/fsdp"][1].startswith("FSDP"), got  # sharded for real (fully_shard's class)

@@ -132,6 +132,38 @@ def test_config_names_the_optimizer_choices_and_conflicts():
         TrainConfig(model="tiny", optimizer="adamw_bf16", offload=True, engine="bmtrain")
     with pytest.raises(ConfigError, match='runs under the torch engine; with engine="bmtrain"'):
         TrainConfig(model="tiny", optimizer="adamw_bf16", engine="bmtrain", save=None)
+    with pytest.raises(ConfigError, match='adamw_bf16 keeps its 8 bytes per parameter on the GPU'):
+        TrainConfig(model="tiny", offload=True, optimizer="adamw_bf16", save=None)
+
+
+def test_offload_trains_like_adamw_master_with_its_state_in_host_memory():
+    """AdamWOffload (offload: true): the fp32 masters and moments on the CPU, streamed in chunks
+    smaller than a bucket; the same losses and weights as AdamWMaster within fp32 rounding (the CPU
+    fused AdamW against the chunk kernel), and a skipped step changes nothing."""
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel
+    from fm9g.training.optimizers import AdamWOffload
+
+    torch.manual_seed(0)
+    ref = FM9GModel(FM9GConfig.from_name("tiny"))
+    model = FM9GModel(FM9GConfig.from_name("tiny"))
+    model.load_state_dict(ref.state_dict())
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, compute_dtype=torch.float32)
+    a = AdamWMaster(ref.parameters(), **kw)
+    b = AdamWOffload(model.parameters(), chunk_elements=1000, **kw)
+    assert b._buckets[0][0].exp_avg.device.type == "cpu"
+    ids = torch.randint(0, ref.config.vocab_size, (2, 16))
+    for step in range(3):
+        for m, opt in ((ref, a), (model, b)):
+            m(ids, labels=ids).loss.backward()
+            opt.grad_scale = torch.tensor(2.0)
+            opt.found_inf = torch.tensor(1.0 if step == 1 else 0.0)  # step 2 is skipped
+            opt.step()
+            opt.zero_grad()
+    for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+    assert float(b._buckets[0][0].step) == 2.0
+
 
 
 def test_trainer_on_cpu_keeps_weights_on_the_bf16_grid_and_learns(tmp_path):

@@ -228,7 +228,8 @@ def build_engine(config: TrainConfig, model: nn.Module | None, *, lora_only: boo
         lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
         clip_grad=config.clip_grad, device=config.device, precision=config.precision,
         use_checkpoint=config.use_checkpoint, compile=config.compile, lora_only=lora_only,
-        peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed, cuda_graphs=config.cuda_graphs)
+        peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed, cuda_graphs=config.cuda_graphs,
+        offload=config.offload)
     if mode == "none":
         if model is None:
             raise ValueError("build_engine: pass the built model (only FSDP2 builds it on the meta device)")
@@ -243,7 +244,7 @@ def build_engine(config: TrainConfig, model: nn.Module | None, *, lora_only: boo
         model = _build_on_meta(config)
     kw["device"] = str(device)
     engine = TorchEngine(model, lr_scale_width=lr_scale_width(model), mesh=mesh, on_meta=on_meta,
-                         reshard_after_forward=bool(config.reshard_after_forward), offload=config.offload, **kw)
+                         reshard_after_forward=bool(config.reshard_after_forward), **kw)
     if on_meta:
         _load_initial_weights(engine, config)
     return engine

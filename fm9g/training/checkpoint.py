@@ -315,16 +315,15 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` under ``run_dir`` atomically; prune to ``keep_last`` afterwards.
 
-    Before writing, every checkpoint of ``run_dir`` outside the new checkpoint's history is moved
-    to ``<run>/abandoned/<step>-<time>/`` (a branch left by a resume from an earlier step; never
-    deleted). ``keep_last`` then deletes only older checkpoints of that history.
+    First every checkpoint of ``run_dir`` outside the new one's history moves to
+    ``<run>/abandoned/<step>-<time>/`` (a branch left by a resume from an earlier step; never
+    deleted); ``keep_last`` then deletes only older checkpoints of that history.
 
-    With several ranks (``world_size > 1``; a collective: every rank calls it, with ``barrier``)
-    every rank writes its optimizer file (``*.rank-<r>.opt``) and loader state into one temporary
-    folder on a file system all ranks see; rank 0 then writes the shared files (the gathered model
-    ``.pt``, trainer state, configs) and renames the folder, exactly as one process does. With
-    ``sharded_writer`` (``checkpoint_format: "sharded"``) every rank writes its shards of the model
-    and optimizer into ``<step>/dcp/`` (``torch.distributed.checkpoint``) and no ``.pt`` is written.
+    With several ranks (a collective, with ``barrier``) every rank writes its optimizer file
+    (``*.rank-<r>.opt``) and loader state into one temporary folder all ranks see; rank 0 then writes
+    the shared files (model ``.pt``, trainer state, configs) and renames the folder, as one process
+    does. With ``sharded_writer`` (``checkpoint_format: "sharded"``) every rank writes its model and
+    optimizer shards into ``<step>/dcp/`` (``torch.distributed.checkpoint``), and no ``.pt``.
 
     Args:
         run_dir: ``<save>/<model_unique>``.
@@ -337,9 +336,8 @@ def save_checkpoint(
         keep_last: keep only the newest N checkpoints of this history (None keeps all).
         rank / world_size / barrier: the data-parallel position and a barrier across the ranks.
         sharded_writer: ``f(folder)`` writing this rank's model and optimizer shards (collective).
-        history: ``(id, step)`` of the checkpoints the state descends from (:attr:`Lineage.chain`
-            of the checkpoint a run resumed from, then of each one it saved; ``()`` for a fresh
-            run). None: continue the folder's ``latest`` (its history up to ``step``).
+        history: ``(id, step)`` of the checkpoints the state descends from (:attr:`Lineage.chain`;
+            ``()`` for a fresh run; None: continue the folder's ``latest`` up to ``step``).
         protect: checkpoint folders that pruning never deletes (the one the run resumed from).
     Returns:
         The final checkpoint folder ``run_dir/<step>``.

@@ -124,10 +124,10 @@ class TrainConfig:
     cpu | cuda | cuda:N), precision (auto = bf16 autocast with fp32 master weights on GPU, fp32 on
     CPU), compile (torch.compile each layer; ``"auto"`` = on for CUDA, off on CPU), cuda_graphs
     (the compiled layers replay as CUDA graphs, one launch per layer and direction; ``"auto"`` = on
-    for compiled layers on one CUDA device without activation checkpointing or FSDP2), offload (bmtrain
-    engine: the optimizer state and Adam step on the CPU; torch engine: FSDP2's CPU offload, the
-    sharded weights, gradients and optimizer state in CPU memory and the update on the CPU; needs
-    ``data_parallel`` "fsdp" or "hybrid", also on one GPU), num_workers.
+    for compiled layers on one CUDA device without activation checkpointing or FSDP2), offload (the
+    optimizer in host memory: fp32 masters and moments there and the Adam step on the CPU, the GPU
+    keeping bf16 weights and gradients; both engines; the torch engine with ``adamw`` or
+    ``adamw_master``, in one process or under FSDP2), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
     parameter; ``"adamw_master"``: the same AdamW on fp32 master weights and moments held by the
@@ -144,7 +144,7 @@ class TrainConfig:
 
     Data parallelism (see docs/distributed.md): data_parallel (``"auto"``: FSDP2 under torchrun with
     several processes, one process otherwise; ``"fsdp"``: FSDP2 over all ranks, also for one process
-    on one GPU, e.g. for its offload; ``"hybrid"``: FSDP2 within a node, replicated across nodes;
+    on one GPU; ``"hybrid"``: FSDP2 within a node, replicated across nodes;
     ``"none"``: one process), data_parallel_shard (read by ``"auto"``: ``"full"``:
     shard weights, gradients and optimizer state over all ranks; ``"hybrid"``: shard within a
     node, replicate across nodes), reshard_after_forward (free each layer's gathered weights after
@@ -341,9 +341,9 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("data_parallel", self.data_parallel, DATA_PARALLEL)
-        if self.offload and self.engine == "torch" and self.data_parallel == "none":
-            raise ConfigError("offload=true with the torch engine runs under FSDP2: set data_parallel to \"fsdp\" "
-                              "(also on one GPU) or \"auto\" under torchrun")
+        if self.offload and self.engine == "torch" and self.optimizer == "adamw_bf16":
+            raise ConfigError("offload=true keeps fp32 masters and moments in host memory (optimizer adamw or "
+                              "adamw_master); adamw_bf16 keeps its 8 bytes per parameter on the GPU: choose one of the two")
         if self.optimizer != "adamw" and self.engine == "bmtrain":
             raise ConfigError(f"optimizer={self.optimizer!r} runs under the torch engine; with engine=\"bmtrain\" "
                               "use optimizer=\"adamw\" (offload=true moves its state to the CPU)")

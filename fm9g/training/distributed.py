@@ -18,7 +18,9 @@ import datetime
 import hashlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Any, Iterator, Mapping
 
@@ -105,6 +107,10 @@ def explain_collective_errors() -> Iterator[None]:
         collective = isinstance(err, torch.distributed.DistError) or "gloo" in text or "NCCL" in text
         if not collective:
             raise
+        if os.environ.get("TORCHELASTIC_RUN_ID") and threading.current_thread() is threading.main_thread():
+            # torchrun sends SIGTERM to the other ranks the moment it sees one die: let this report reach
+            # the log first (torchrun's SIGKILL after its grace period still ends the process)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         rank = os.environ.get("RANK", "?")
         limit = _timeout().total_seconds()
         timed_out = "timed out" in text.lower() or "timeout" in text.lower()
@@ -306,8 +312,10 @@ def build_mesh(sharding: str, world_size: int, *, device_type: str, local_world_
     raise ConfigError(f"data_parallel_shard={sharding!r}: expected 'full' or 'hybrid'")
 
 
-# bytes per trained parameter of each optimizer: (weights, gradients, optimizer state)
+# bytes per trained parameter of each optimizer on the GPU: (weights, gradients, optimizer state)
 OPTIMIZER_BYTES = {"adamw": (4, 4, 8), "adamw_master": (2, 2, 12), "adamw_bf16": (2, 2, 4)}
+OFFLOAD_BYTES = (2, 2, 0)  # offload: bf16 weights and gradients stay on the GPU ...
+OFFLOAD_HOST_BYTES = 12  # ... the fp32 masters and two moments are host memory
 
 
 def _shapes(config: Any) -> tuple[int, int, int]:
@@ -350,8 +358,8 @@ def estimate_memory(
     gradients and two fp32 moments (16 B); ``adamw_master`` bf16 weights and gradients, fp32 masters
     and moments (16 B); ``adamw_bf16`` bf16 everything (8 B); divided by the shard group
     (``world_size`` for ``"full"``, ``min(world_size, gpus_per_node)`` for ``"hybrid"``). With
-    ``offload`` (FSDP2's CPU offload) all of it lives in host memory (``"host"``, per rank) and the
-    GPU holds only the gathered layers and the activations. Transient: one gathered layer in bf16
+    ``offload`` the GPU keeps bf16 weights and gradients (4 B) and the fp32 masters and moments
+    (12 B) are host memory (``"host"``, per rank). Transient: one gathered layer in bf16
     (x2 for prefetch) and the activations of ``batch_size`` x ``max_length`` tokens
     (:func:`_activation_bytes`). A planning figure, not a promise: allocator fragmentation, the
     CUDA context and NCCL buffers add a few GB.
@@ -373,9 +381,8 @@ def estimate_memory(
         raise ConfigError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZER_BYTES)}")
     params, per_layer, root = _shapes(config)
     group = max(1, world_size if sharding == "full" else min(world_size, gpus_per_node))
-    w, g, o = (b * params / group for b in OPTIMIZER_BYTES[optimizer])
-    host = (w + g + o) if offload else 0.0
-    weights, grads, opt = (0.0, 0.0, 0.0) if offload else (w, g, o)
+    weights, grads, opt = (b * params / group for b in (OFFLOAD_BYTES if offload else OPTIMIZER_BYTES[optimizer]))
+    host = OFFLOAD_HOST_BYTES * params / group if offload else 0.0
     act_bytes = 2 if precision == "bf16" else 4
     gathered = 2.0 * act_bytes * max(per_layer, root) if (group > 1 or offload) else 0.0
     activations = _activation_bytes(config, batch_size * max_length, act_bytes, use_checkpoint)

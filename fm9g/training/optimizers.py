@@ -43,7 +43,7 @@ import torch
 
 from fm9g.training.parallelize import local_view
 
-__all__ = ["AdamWBF16", "AdamWMaster", "round_stochastic"]
+__all__ = ["AdamWBF16", "AdamWMaster", "AdamWOffload", "round_stochastic"]
 
 _LOW16 = -65536  # 0xFFFF0000 as int32: keeps sign, exponent and the 7 mantissa bits bf16 holds
 _MASK32 = 0xFFFFFFFF
@@ -147,7 +147,8 @@ class _FlatBucket:
     """
 
     def __init__(self, params: list[torch.Tensor], *, compute_dtype: torch.dtype | None = None,
-                 moment_dtype: torch.dtype = torch.bfloat16, master: bool = False, external: bool = False) -> None:
+                 moment_dtype: torch.dtype = torch.bfloat16, master: bool = False, external: bool = False,
+                 state_device: torch.device | None = None) -> None:
         first = local_view(params[0])
         self.params = params
         self.external = external
@@ -159,7 +160,8 @@ class _FlatBucket:
         dtype = compute_dtype or first.dtype
         self.weights = torch.empty(total, dtype=dtype, **kw)
         self.grads = torch.zeros(total, dtype=dtype, **kw)
-        self.step = torch.zeros((), dtype=torch.float32, **kw)
+        state = dict(device=state_device or first.device)  # the masters and moments (the CPU with offload)
+        self.step = torch.zeros((), dtype=torch.float32, **state)
         # made by sync() (the views and addresses it checks every step), keyed by the buffers' addresses
         self._layout_key: tuple[int, int] | None = None
         self._grad_views: list[torch.Tensor] = []
@@ -168,13 +170,14 @@ class _FlatBucket:
         # fp32 master weights (AdamWMaster): a separate buffer unless the compute weights are fp32
         self.master: torch.Tensor | None = None
         if master:
-            self.master = self.weights if dtype == torch.float32 else torch.empty(total, dtype=torch.float32, **kw)
+            same = dtype == torch.float32 and state["device"] == first.device
+            self.master = self.weights if same else torch.empty(total, dtype=torch.float32, **state)
         for i in range(len(params)):  # one at a time: a parameter's old storage is freed as the next is copied
             self._adopt_weight(i)
         self.sync()  # the gradients: views into the buffer, holding any gradient a parameter had
         # the moments last, once the parameters' old storage is gone (a lower peak while building)
-        self.exp_avg = torch.zeros(total, dtype=moment_dtype, **kw)
-        self.exp_avg_sq = torch.zeros(total, dtype=moment_dtype, **kw)
+        self.exp_avg = torch.zeros(total, dtype=moment_dtype, **state)
+        self.exp_avg_sq = torch.zeros(total, dtype=moment_dtype, **state)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         return flat[self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.shapes[i])
@@ -536,3 +539,118 @@ class AdamWMaster(AdamWBF16):
             if p in masters and name in state:
                 masters[p].copy_(state[name].reshape(masters[p].shape))
                 local_view(p).copy_(masters[p])
+
+
+class AdamWOffload(AdamWMaster):
+    """:class:`AdamWMaster` with the fp32 masters and moments in host memory and the update on the
+    CPU (``offload: true``): the GPU keeps only the bf16 compute weights and gradients (4 bytes per
+    trained parameter instead of 16), host memory the other 12.
+
+    A step streams each flat gradient buffer to the host in chunks (pinned staging buffers, copied on
+    a side stream one chunk ahead of the CPU), runs ``torch._fused_adamw_`` on the CPU over the
+    chunk's fp32 master and moments (the same update as fused AdamW: clip coefficient as
+    ``grad_scale``), and copies the master rounded to bf16 back into the compute weights. The step
+    waits for the gradients and reads the non-finite flag on the host (a skipped step changes
+    nothing). The state dict has ``torch.optim.AdamW``'s layout, as :class:`AdamWMaster`'s.
+
+    Args:
+        chunk_elements: elements per streamed chunk (default 2**26: 128 MB of bf16 per staging buffer).
+        (the others as :class:`AdamWMaster`)
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, *, compute_dtype: torch.dtype = torch.bfloat16,
+                 chunk_elements: int | None = None, external: bool = False) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compute_dtype=compute_dtype,
+                         chunk_elements=chunk_elements or 1 << 26, compile=False, external=external)
+        self._staging: dict[str, list[torch.Tensor]] = {}
+
+    def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:
+        return _FlatBucket(params, compute_dtype=self.compute_dtype, moment_dtype=torch.float32, master=True,
+                           external=self.external, state_device=torch.device("cpu"))
+
+    def _stage(self, kind: str, dtype: torch.dtype, cuda: bool) -> list[torch.Tensor]:
+        """Two host buffers of one chunk (pinned when the weights are on a GPU), made once."""
+        if kind not in self._staging:
+            n = int(self._chunk or 1 << 26)
+            self._staging[kind] = [torch.empty(n, dtype=dtype, pin_memory=cuda) for _ in range(2)]
+        return self._staging[kind]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.found_inf is not None and bool(self.found_inf.item() > 0):  # a skipped step changes nothing
+            return loss
+        scale = None if self.grad_scale is None else self.grad_scale.detach().float().cpu().reshape(1)
+        for g_idx, group in enumerate(self.param_groups):
+            for bucket in self._buckets[g_idx]:
+                bucket.sync()
+                if bucket.params[0] not in self.state:
+                    self._state_views(bucket)
+                bucket.step.add_(1)
+                self._update_bucket(bucket, group, scale)
+                if bucket.external:
+                    bucket.write_back()
+        return loss
+
+    def _update_bucket(self, bucket: _FlatBucket, group: dict[str, Any], scale: torch.Tensor | None) -> None:
+        """Stream one bucket through the CPU update, a chunk at a time (the next chunk's gradients are
+        copied to the host while the CPU updates this one)."""
+        assert bucket.master is not None
+        cuda = bucket.weights.device.type == "cuda"
+        size = int(self._chunk or 1 << 26)
+        grads_in = self._stage("grads", bucket.grads.dtype, cuda)
+        weights_out = self._stage("weights", bucket.weights.dtype, cuda)
+        g32 = self._stage("fp32", torch.float32, False)[0]
+        spans = [(a, min(a + size, bucket.weights.numel())) for a in range(0, bucket.weights.numel(), size)]
+        side = torch.cuda.Stream(bucket.weights.device) if cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(bucket.weights.device))  # the gradients are ready
+        fetched = self._fetch(bucket.grads, spans[0], grads_in[0], side)
+        sent: list[Any] = [None, None]
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"]) if not isinstance(group["lr"], torch.Tensor) else float(group["lr"].item())
+        for j, (a, b) in enumerate(spans):
+            if fetched is not None:
+                fetched.synchronize()
+            g32[:b - a].copy_(grads_in[j % 2][:b - a])
+            if j + 1 < len(spans):
+                fetched = self._fetch(bucket.grads, spans[j + 1], grads_in[(j + 1) % 2], side)
+            torch._fused_adamw_([bucket.master[a:b]], [g32[:b - a]], [bucket.exp_avg[a:b]], [bucket.exp_avg_sq[a:b]],
+                                [], [bucket.step], lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                eps=group["eps"], amsgrad=False, maximize=False, grad_scale=scale, found_inf=None)
+            if sent[j % 2] is not None:
+                sent[j % 2].synchronize()  # the staging buffer's last copy to the GPU is done
+            out = weights_out[j % 2][:b - a]
+            out.copy_(bucket.master[a:b])
+            sent[j % 2] = self._send(out, bucket.weights[a:b], side)
+        if side is not None:
+            torch.cuda.current_stream(bucket.weights.device).wait_stream(side)
+
+    @staticmethod
+    def _fetch(src: torch.Tensor, span: tuple[int, int], dst: torch.Tensor, side: Any) -> Any:
+        """Copy ``src[span]`` into the host buffer ``dst`` (on the side stream); returns its event."""
+        a, b = span
+        if side is None:
+            dst[:b - a].copy_(src[a:b])
+            return None
+        with torch.cuda.stream(side):
+            dst[:b - a].copy_(src[a:b], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return done
+
+    @staticmethod
+    def _send(src: torch.Tensor, dst: torch.Tensor, side: Any) -> Any:
+        """Copy the host chunk ``src`` into ``dst`` on the device (on the side stream); returns its event."""
+        if side is None:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(side):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return done

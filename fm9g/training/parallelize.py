@@ -8,12 +8,11 @@ engine took it:
 - :func:`apply_compile` — ``torch.compile`` each decoder layer (optionally replayed as CUDA graphs);
 - :func:`apply_fsdp` — PyTorch FSDP2: every decoder layer one ``fully_shard`` unit and the root
   (embedding, final norm, lm_head) another, over a 1-D mesh (``"fsdp"``) or a 2-D
-  ``(replicate, shard)`` mesh (``"hybrid"``), with an optional ``CPUOffloadPolicy``.
+  ``(replicate, shard)`` mesh (``"hybrid"``).
 
 :func:`data_parallel_mode` decides, in one place, which of ``"none"``, ``"fsdp"`` and ``"hybrid"`` a
 run uses (``TrainConfig.data_parallel``; ``"auto"`` = FSDP2 under torchrun). FSDP2 runs the same
-way on one GPU as on N (no world-size-1 shortcut skips ``fully_shard``), so its CPU offload is
-available on one GPU too.
+way on one GPU as on N (no world-size-1 shortcut skips ``fully_shard``).
 
 Parameters sharded by FSDP2 are DTensors; the engine's optimizer works on each rank's local piece
 (:func:`local_view`), and full tensors go in and out through :func:`local_slice` /
@@ -88,7 +87,7 @@ def apply_compile(model: nn.Module, *, cuda_graphs: bool = False) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
-               reshard_after_forward: bool = True, offload: bool = False) -> None:
+               reshard_after_forward: bool = True) -> None:
     """Shard ``model`` with FSDP2 in place: each decoder layer one unit, the root another.
 
     Args:
@@ -97,18 +96,14 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None, 
         reduce_dtype: the dtype gradients are reduced in (None: the gathered one).
         reshard_after_forward: free each layer's gathered weights after its forward (re-gathered
             for backward): less memory, more communication. The root is never resharded.
-        offload: keep the sharded weights and gradients in pinned CPU memory (the optimizer
-            then steps on the CPU).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    policy = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
     layers = decoder_layers(model)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=policy,
-                    reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     for module in [*layers, model]:
         # gradients are SUMMED over ranks: the loss is already divided by the step's global label count
         module.set_gradient_divide_factor(1.0)
@@ -146,6 +141,7 @@ def gather_full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return local
     from torch.distributed.tensor import DTensor
 
+    local = local.to(like.to_local().device)  # a master kept in host memory (offload) joins its shard's device
     return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
                               run_check=False).full_tensor()
 

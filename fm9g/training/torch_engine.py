@@ -2,7 +2,7 @@
 
 The engine takes a built model and applies what the run asks for (:mod:`fm9g.training.parallelize`):
 activation checkpointing, compiled layers (replayed as CUDA graphs on one GPU) and, with a device
-mesh, FSDP2 (``fully_shard`` per decoder layer; optional CPU offload). The step is the same in every
+mesh, FSDP2 (``fully_shard`` per decoder layer). The step is the same in every
 case; with a mesh it adds the collectives (the step's label count and figures summed over the
 ranks, the gradient norm over the shards) and the optimizer works on each rank's shard.
 
@@ -20,8 +20,10 @@ The step never waits for the device: clipping and the non-finite skip are folded
 (``grad_scale`` divides each gradient as the kernel reads it; ``found_inf`` makes the kernel leave
 weights, moments and step counts untouched), and the figures come back as a deferred
 :class:`~fm9g.training.engine.StepOutput`; on CUDA the Trainer may queue the next step before
-reading them (:attr:`TorchEngine.launch_ahead`). With CPU offload the update runs on the CPU and
-waits for the gradients.
+reading them (:attr:`TorchEngine.launch_ahead`). With ``offload`` the fp32 masters and moments live
+in host memory and the update runs on the CPU (:class:`~fm9g.training.optimizers.AdamWOffload`):
+the GPU keeps 4 bytes per trained parameter (bf16 weights and gradients, sharded under FSDP2), and
+the step waits for the gradients.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from torch import nn
 
 from fm9g.training.config import OPTIMIZERS
 from fm9g.training.engine import StepOutput, deferred_step_output
-from fm9g.training.optimizers import AdamWBF16, AdamWMaster, _to_device
+from fm9g.training.optimizers import AdamWBF16, AdamWMaster, AdamWOffload, _to_device
 from fm9g.training.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
@@ -149,7 +151,8 @@ class TorchEngine:
             on one CUDA device without activation checkpointing or FSDP2.
         mesh: a DeviceMesh: shard the model with FSDP2 over it (None: one process, no sharding).
         reshard_after_forward: FSDP2: free each layer's gathered weights after its forward.
-        offload: FSDP2: sharded weights, gradients and the optimizer on the CPU.
+        offload: the optimizer (fp32 masters and moments, the update) in host memory and on the CPU;
+            with ``adamw`` or ``adamw_master`` (the same numerics), one process or FSDP2.
         on_meta: the model was built on the meta device (``mesh`` required).
     """
 
@@ -165,15 +168,18 @@ class TorchEngine:
                  offload: bool = False, on_meta: bool = False) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-        if (offload or on_meta) and mesh is None:
-            raise ValueError("offload and a model on the meta device need FSDP2: pass a mesh "
-                             "(TrainConfig.data_parallel: \"fsdp\")")
+        if on_meta and mesh is None:
+            raise ValueError("a model on the meta device needs FSDP2: pass a mesh (TrainConfig.data_parallel: \"fsdp\")")
+        if offload and optimizer == "adamw_bf16":
+            raise ValueError("offload=true keeps fp32 masters and moments in host memory (adamw / adamw_master); "
+                             "adamw_bf16 keeps its 8 bytes per parameter on the GPU: choose one of the two")
         self.device = _resolve_device(device)
         self.precision = precision if precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.optimizer_name, self._seed, self.clip_grad, self.lora_only = optimizer, seed, clip_grad, lora_only
         self._peak, self.mesh, self.offload = peak_flops, mesh, offload
         self.rank, self.world_size, self._shard_group = _mesh_position(mesh)
-        masters = _compute_dtypes(model, self.precision, optimizer, mesh is not None)
+        # offload trains bf16 compute weights against fp32 masters in host memory, as adamw_master
+        masters = _compute_dtypes(model, self.precision, "adamw_master" if offload else optimizer, mesh is not None)
         if not on_meta:  # before sharding: a 7B goes to the GPU in bf16, never in fp32
             model.to(self.device)
         apply_activation_checkpointing(model, use_checkpoint)
@@ -196,13 +202,12 @@ class TorchEngine:
     # ------------------------------------------------------------------ building
     def _shard(self, model: nn.Module, reshard_after_forward: bool, on_meta: bool) -> None:
         """FSDP2 over ``self.mesh``: gathered in bf16 and reduced in fp32 for fp32 shards (``adamw``),
-        no cast for bf16 shards (the flat optimizers)."""
-        fp32_shards = self.precision == "bf16" and self.optimizer_name == "adamw"
+        no cast for bf16 shards (the flat optimizers, offload)."""
+        fp32_shards = self.precision == "bf16" and self.optimizer_name == "adamw" and not self.offload
         apply_fsdp(model, self.mesh, param_dtype=torch.bfloat16 if fp32_shards else None,
-                   reduce_dtype=torch.float32 if fp32_shards else None,
-                   reshard_after_forward=reshard_after_forward, offload=self.offload)
+                   reduce_dtype=torch.float32 if fp32_shards else None, reshard_after_forward=reshard_after_forward)
         if on_meta:
-            model.to_empty(device="cpu" if self.offload else self.device)
+            model.to_empty(device=self.device)
 
     def _setup_optimizer(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                          lr_scale_width: float) -> None:
@@ -214,17 +219,19 @@ class TorchEngine:
             raise ValueError("the model has no trainable parameters")
         self.params = [p for g in self.groups for p in g["params"]]
         sharded = self.mesh is not None
-        flat = self.optimizer_name != "adamw"
+        flat = self.optimizer_name != "adamw" or self.offload
         self._shards = [local_view(p) for p in self.params] if sharded and not flat else None
         opt_params = iter(self._shards or self.params)
         opt_groups = [{"params": [next(opt_params) for _ in g["params"]], "lr": lr * g["lr_scale"],
                        "lr_scale": g["lr_scale"]} for g in self.groups]
         kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self._skip_on_device = True  # the update reads grad_scale / found_inf: no host sync
-        if self.optimizer_name == "adamw_bf16":
+        compute = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        if self.offload:  # the update on the CPU (it reads found_inf there: one wait per step)
+            self.optimizer = AdamWOffload(opt_groups, compute_dtype=compute, external=sharded, **kw)
+        elif self.optimizer_name == "adamw_bf16":
             self.optimizer = AdamWBF16(opt_groups, seed=self._seed, external=sharded, **kw)
         elif self.optimizer_name == "adamw_master":
-            compute = torch.bfloat16 if self.precision == "bf16" else torch.float32
             self.optimizer = AdamWMaster(opt_groups, compute_dtype=compute, external=sharded, **kw)
         else:
             try:  # fused AdamW: one kernel per step on CUDA, and about 2x the single-tensor speed on CPU
