@@ -187,6 +187,18 @@ def evaluate_loss(model: torch.nn.Module, batches: Sequence[dict[str, Any]], tas
     return ({n: total[f"sum/{n}"] for n in names}, {n: int(round(total[f"count/{n}"])) for n in names})
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """Free the weights FSDP2 gathered for the evaluation's forwards: a forward without a backward
+    leaves the root module unsharded, and a checkpoint or the next step expects sharded weights."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: nothing can be sharded
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _merge(parts: Iterable[tuple[dict[str, float], dict[str, int]]]) -> tuple[dict[str, float], dict[str, int]]:
     """Per-task sums of several eval sets added by task name."""
     sums: dict[str, float] = {}
@@ -271,6 +283,7 @@ class Evaluator:
         finally:
             model.train(was_training)
             set_rng_state(rng)
+            _reshard(model)
         self._record(result)
         return result
 
