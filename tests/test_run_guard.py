@@ -329,3 +329,36 @@ def test_dropped_records_a_long_warmup_and_the_schedule_are_said(tmp_path, monke
     assert dropped > 0 and result.dropped == {"t": dropped}
     assert "dropped: t " in text and "(transform or tokenizer)" in text
     assert "max|x|" not in text  # no parameter table unless inspect_iters asks
+
+
+def test_no_mfu_above_peak_and_no_progress_bar_off_a_terminal(tmp_path):
+    import io
+
+    from fm9g.training.metrics import MetricsLogger, mfu
+
+    assert mfu(1000.0, 1e6, 1e12) == pytest.approx(1e-3)
+    assert mfu(49_612_983.0, 1e9, 989e12) is None  # the 247643.9%: a wrong time, never shown
+    out = io.StringIO()  # not a terminal: lines only, no \r updates
+    logger = MetricsLogger(total_steps=3, progress_bar=True, stream=out, stats_dir=None)
+    assert logger.bar is None
+    logger.log(1, {"loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0, "mfu": None})
+    assert "\r" not in out.getvalue() and "MFU" not in out.getvalue()
+    logger.close()
+
+
+def test_torchrun_rank_0_holds_the_lock_and_every_rank_hears_a_refusal(tmp_path):
+    from fm9g.training.run_lock import acquire_for_run
+
+    run = tmp_path / "run"
+    lock = acquire_for_run(run, is_main=True, agree=lambda x: x)  # rank 0 of a job
+    try:
+        assert read_lock(run)["pid"] == os.getpid()
+        assert acquire_for_run(run, is_main=False, agree=lambda x: x) is None  # another rank: no lock of its own
+        # a second job: its rank 0 is refused, and its other ranks hear it through the all-reduce
+        with pytest.raises(RunLockedError, match="in use by another training run"):
+            acquire_for_run(run, is_main=True, agree=lambda x: x)
+        with pytest.raises(RunLockedError, match="rank 0 says so"):
+            acquire_for_run(run, is_main=False, agree=lambda x: x + 1.0)
+    finally:
+        lock.release()
+    assert not (run / LOCK_NAME).exists() and not run.exists()  # the folder it made, empty, is gone too
