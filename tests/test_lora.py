@@ -1000,3 +1000,39 @@ def test_gpu_bf16_lora_step_checkpointing_and_merge():
         merged = model(ids, cu_seqlens=cu).logits.float()
     # bf16 weights: the merged weight is rounded to bf16, so agreement is at bf16 precision
     assert (merged - unmerged).abs().max().item() < 0.1 * unmerged.abs().max().item()
+
+
+def test_lora_config_resolves_hf_target_names_without_the_conversion_package():
+    """In a fresh interpreter LoraConfig maps PEFT's target names to the original ones, and
+    fm9g.convert was never imported for that."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from fm9g.models.lora_config import LoraConfig\n"
+             "names = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']\n"
+             "print(LoraConfig(target_modules=names).target_modules)\n"
+             "print(sorted(m for m in sys.modules if m == 'fm9g.convert' or m.startswith('fm9g.convert.')))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    targets, convert = out.stdout.strip().splitlines()
+    assert targets == str(["project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out"])
+    assert convert == "[]"
+
+
+def test_hf_target_names_agree_with_the_name_table():
+    """LoraConfig's Hugging Face target names are the leaf pairs of the conversion name table."""
+    from fm9g.convert.keys import NAME_TABLE
+    from fm9g.models.lora_config import HF_TARGET_NAMES, ORIGINAL_TARGETS
+
+    leaf = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
+    table = {leaf(row.hf): leaf(row.bmt) for row in NAME_TABLE if leaf(row.bmt) in ORIGINAL_TARGETS}
+    assert HF_TARGET_NAMES == table and HF_TO_ORIGINAL_TARGET == table
+
+
+def test_lora_tensor_names_are_recognised_in_one_place():
+    from fm9g.models.lora import is_lora_name, split_lora_name
+
+    name = "encoder.layers.3.ffn.ffn.w_in.w_0.lora.lora_B"
+    assert is_lora_name(name) and split_lora_name(name) == ("encoder.layers.3.ffn.ffn.w_in.w_0", "lora_B")
+    assert split_lora_name("module." + name) == split_lora_name(name)
+    assert not is_lora_name("encoder.layers.3.ffn.ffn.w_in.w_0.weight") and split_lora_name("lm_head.weight") is None

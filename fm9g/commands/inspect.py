@@ -14,10 +14,13 @@ def summarize_state_dict(sd: dict[str, Any], max_rows: int = 12) -> str:
     """Tensor count, parameter count, dtypes, LoRA or full, inferred shape, the first keys."""
     import torch
 
+    from fm9g.models.lora import split_lora_name
+
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     n = sum(v.numel() for v in tensors.values())
     dtypes = Counter(str(v.dtype).replace("torch.", "") for v in tensors.values())
-    lora = bool(tensors) and all(".lora.lora_" in k for k in tensors)
+    lora_names = {k: split_lora_name(k) for k in tensors}
+    lora = bool(tensors) and all(lora_names.values())
     lines = [f"{len(tensors)} tensors, {n:,} parameters ({n / 1e9:.3f} B), dtypes {dict(dtypes)}",
              "kind: " + ("LoRA tensors only" if lora else "full model state")]
     layers = {int(m.group(1)) for k in tensors if (m := re.search(r"encoder\.layers\.(\d+)\.", k))}
@@ -29,8 +32,8 @@ def summarize_state_dict(sd: dict[str, Any], max_rows: int = 12) -> str:
         shape += ", qkv_bias" if q is not None else ""
         lines.append("shape: " + shape)
     elif lora:
-        r = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A")}
-        targets = sorted({k.split(".lora.")[0].rsplit(".", 1)[-1] for k in tensors})
+        r = {v.shape[0] for k, v in tensors.items() if lora_names[k][1] == "lora_A"}
+        targets = sorted({lora_names[k][0].rsplit(".", 1)[-1] for k in tensors})
         lines.append(f"LoRA r {sorted(r)}, targets {targets}, layers {len(layers)}")
     for k in list(tensors)[:max_rows]:
         lines.append(f"  {k:70s} {str(tuple(tensors[k].shape)):>18s} {str(tensors[k].dtype).replace('torch.', '')}")

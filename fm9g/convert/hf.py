@@ -66,6 +66,7 @@ from fm9g.convert.hf_config import (
 from fm9g.convert.keys import KeyMappingError, bmt_to_hf_key, expected_bmt_keys, hf_to_bmt_key
 from fm9g.convert.peft import LoraPairs, read_lora_for_export, write_peft_adapter
 from fm9g.models.config import DTYPES, FM9GConfig, dtype_name
+from fm9g.models.lora import is_lora_name
 
 __all__ = [
     "ConversionError",
@@ -315,7 +316,7 @@ def _export_plans(sd: Mapping[str, torch.Tensor], cfg: FM9GConfig, format: str, 
 
 def _read_base(ckpt: Path, cfg: FM9GConfig, stack: ExitStack) -> dict[str, torch.Tensor]:
     sd = read_bmt_checkpoint(ckpt, stack)
-    lora_key = next((k for k in sd if ".lora.lora_" in k), None)
+    lora_key = next((k for k in sd if is_lora_name(k)), None)
     if lora_key is not None:
         raise ConversionError(f"{ckpt}: holds LoRA tensors ({lora_key}); pass the full base "
                               "checkpoint as ckpt and the LoRA checkpoint as lora=")

@@ -7,9 +7,6 @@
   continues in fm9g. Names come from the one table, `fm9g.convert.keys.NAME_TABLE`.
 * A ``format="native"`` export folds muP factors into some weights (`export_factors`); the LoRA
   updates of those layers carry the same factor in the adapter.
-
-Importing this module also registers the Hugging Face target names (``q_proj`` ... ``down_proj``)
-as aliases that `LoraConfig` accepts (`fm9g.models.lora.register_target_aliases`).
 """
 from __future__ import annotations
 
@@ -35,7 +32,7 @@ from fm9g.convert.files import (
     unwrap_state_dict,
 )
 from fm9g.convert.hf_config import export_factors
-from fm9g.convert.keys import NAME_TABLE, KeyMappingError, bmt_to_hf_module, hf_to_bmt_module
+from fm9g.convert.keys import KeyMappingError, bmt_to_hf_module, hf_to_bmt_module
 from fm9g.models.lora import (
     ORIGINAL_TARGETS,
     LoraConfig,
@@ -44,8 +41,9 @@ from fm9g.models.lora import (
     get_lora_config,
     load_lora_state_dict,
     lora_modules,
-    register_target_aliases,
+    split_lora_name,
 )
+from fm9g.models.lora_config import HF_TARGET_NAMES
 
 __all__ = [
     "HF_TO_ORIGINAL_TARGET",
@@ -66,12 +64,10 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-#: Hugging Face (Llama / Qwen2) names of the FM9G linears (from NAME_TABLE), accepted in ``target_modules``.
-HF_TO_ORIGINAL_TARGET: dict[str, str] = {
-    _leaf(row.hf): _leaf(row.bmt) for row in NAME_TABLE if _leaf(row.bmt) in ORIGINAL_TARGETS
-}
+#: Hugging Face (Llama / Qwen2) names of the FM9G linears, accepted in ``target_modules`` (their home:
+#: `fm9g.models.lora_config.HF_TARGET_NAMES`, which LoraConfig reads without this module).
+HF_TO_ORIGINAL_TARGET: dict[str, str] = dict(HF_TARGET_NAMES)
 ORIGINAL_TO_HF_TARGET: dict[str, str] = {v: k for k, v in HF_TO_ORIGINAL_TARGET.items()}
-register_target_aliases(HF_TO_ORIGINAL_TARGET)
 
 _PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
@@ -346,11 +342,11 @@ def _lora_pairs(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[s
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     bad: list[str] = []
     for key, value in sd.items():
-        m = re.fullmatch(r"(?P<mod>.+)\.lora\.(?P<kind>lora_A|lora_B)", key.removeprefix("module."))
-        if m is None:
+        split = split_lora_name(key)
+        if split is None or not split[0]:
             bad.append(key)
             continue
-        pairs.setdefault(m["mod"], {})[m["kind"]] = value
+        pairs.setdefault(split[0], {})[split[1]] = value
     if bad:
         raise ConversionError(
             f"{source}: {len(bad)} tensors are not LoRA weights named '<module>.lora.lora_A/lora_B': {name_list(bad)}. "

@@ -10,8 +10,7 @@ small native replacement that keeps the original checkpoint format:
 * ``y = base(x) + dropout(x) @ Aᵀ @ Bᵀ · (alpha / r)``; ``A`` ~ kaiming-uniform(a=√5), ``B = 0``, so
   a freshly wrapped model computes exactly what the base model computes.
 * PEFT adapter directories (Hugging Face module names) are written and read by
-  `fm9g.convert.peft`, which also registers the Hugging Face target names (``q_proj`` ...) as
-  aliases `LoraConfig` accepts.
+  `fm9g.convert.peft`; `LoraConfig` accepts the Hugging Face target names (``q_proj`` ...) itself.
 
 Typical use::
 
@@ -52,6 +51,8 @@ __all__ = [
     "unload_lora",
     "reset_lora_parameters",
     "lora_modules",
+    "is_lora_name",
+    "split_lora_name",
     "get_lora_config",
     "lora_state_dict",
     "load_lora_state_dict",
@@ -288,10 +289,23 @@ def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tup
 # Model-level operations
 # ----------------------------------------------------------------------------------------------
 
+LORA_TENSOR_SUFFIXES = ("lora.lora_A", "lora.lora_B")  # the original FM9G names of a LoRA branch's tensors
+
+
 def is_lora_name(name: str) -> bool:
     """Whether a parameter / state-dict name is a LoRA tensor (``<module>.lora.lora_A`` / ``lora_B``,
     the original FM9G names)."""
-    return name.endswith(("lora.lora_A", "lora.lora_B"))
+    return name.endswith(LORA_TENSOR_SUFFIXES)
+
+
+def split_lora_name(name: str) -> tuple[str, str] | None:
+    """``"encoder.layers.0.self_att.self_attention.project_q.lora.lora_A"`` ->
+    ``("encoder.layers.0.self_att.self_attention.project_q", "lora_A")``; a DDP ``module.`` prefix is
+    dropped; None for a name that is not a LoRA tensor."""
+    if not is_lora_name(name):
+        return None
+    module, _, kind = name.removeprefix("module.").rpartition(".")
+    return module[: -len("lora")].rstrip("."), kind
 
 
 def _clean_name(name: str) -> str:

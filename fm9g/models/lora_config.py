@@ -16,15 +16,21 @@ from typing import Any
 
 from fm9g._io import atomic_write_bytes, read_json
 
-__all__ = ["ORIGINAL_TARGETS", "TARGET_ALIASES", "register_target_aliases", "LoraError", "LoraConfig"]
+__all__ = ["ORIGINAL_TARGETS", "HF_TARGET_NAMES", "TARGET_ALIASES", "register_target_aliases", "LoraError", "LoraConfig"]
 
 #: The linear layers of an FM9G block, in block order (original bmtrain names).
 ORIGINAL_TARGETS: tuple[str, ...] = (
     "project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out",
 )
-#: Other names of the targets, mapped to the original ones by `LoraConfig`. Export formats add
-#: theirs: importing `fm9g.convert.peft` adds the Hugging Face names (``q_proj`` -> ``project_q``).
-TARGET_ALIASES: dict[str, str] = {}
+#: The Hugging Face (Llama / Qwen2) names of the targets, as PEFT's ``target_modules`` spell them:
+#: the leaf pairs of the name table `fm9g.convert.keys.NAME_TABLE` (tests/test_lora.py checks they agree).
+HF_TARGET_NAMES: dict[str, str] = {
+    "q_proj": "project_q", "k_proj": "project_k", "v_proj": "project_v", "o_proj": "attention_out",
+    "gate_proj": "w_0", "up_proj": "w_1", "down_proj": "w_out",
+}
+#: Other names of the targets, mapped to the original ones by `LoraConfig`: the Hugging Face names,
+#: and whatever `register_target_aliases` adds.
+TARGET_ALIASES: dict[str, str] = dict(HF_TARGET_NAMES)
 
 
 def register_target_aliases(aliases: Mapping[str, str]) -> None:
@@ -89,9 +95,8 @@ class LoraConfig:
         target_modules: linear layers to wrap, matched against the end of module names (a name
             matches ``X`` if it equals ``X`` or ends with ``.X``). Original names
             (``project_q``, ``project_k``, ``project_v``, ``attention_out``, ``w_0``, ``w_1``,
-            ``w_out``) or a registered alias (`TARGET_ALIASES`: the Hugging Face names ``q_proj``
-            ... ``down_proj`` once `fm9g.convert.peft` is imported), mapped to the original
-            ones. Duplicates are dropped, order kept.
+            ``w_out``) or an alias (`TARGET_ALIASES`: the Hugging Face names ``q_proj`` ...
+            ``down_proj``), mapped to the original ones. Duplicates are dropped, order kept.
 
     Example::
 
