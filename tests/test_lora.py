@@ -466,18 +466,18 @@ def test_load_lora_state_dict_errors():
     # a checkpoint of another model size: every tensor's shape is off
     other = lora_state_dict(apply_lora(_toy(d=32), cfg))
     model = apply_lora(_toy(), cfg)
-    with pytest.raises(LoraError, match=r"shape mismatch for 8 tensors: encoder.layers.0.self_att.self_attention"
-                                        r".project_q.lora.lora_A: checkpoint \(4, 32\) vs model \(4, 16\)"):
+    with pytest.raises(LoraError, match=r"8 with another shape in LoRA state dict: encoder.layers.0.self_att.self_attention"
+                                        r".project_q.lora.lora_A: \(4, 32\) vs expected \(4, 16\)"):
         load_lora_state_dict(model, other)
     # other rank
-    with pytest.raises(LoraError, match=r"checkpoint \(8, 16\) vs model \(4, 16\)"):
+    with pytest.raises(LoraError, match=r"\(8, 16\) vs expected \(4, 16\)"):
         load_lora_state_dict(model, lora_state_dict(apply_lora(_toy(), LoraConfig(r=8, target_modules=["project_q", "project_v"]))))
     # missing / unexpected
     partial = {k: v for k, v in sd.items() if "project_v" not in k}
-    with pytest.raises(LoraError, match=r"missing 4 keys: encoder.layers.0.self_att.self_attention.project_v.lora.lora_A"):
+    with pytest.raises(LoraError, match=r"4 missing keys: encoder.layers.0.self_att.self_attention.project_v.lora.lora_A"):
         load_lora_state_dict(model, partial)
     extra = dict(sd, **{"encoder.layers.0.ffn.ffn.w_out.lora.lora_A": torch.zeros(4, 24)})
-    with pytest.raises(LoraError, match=r"unexpected 1 keys: encoder.layers.0.ffn.ffn.w_out.lora.lora_A"):
+    with pytest.raises(LoraError, match=r"1 unexpected keys: encoder.layers.0.ffn.ffn.w_out.lora.lora_A"):
         load_lora_state_dict(model, extra)
     load_lora_state_dict(model, partial, strict=False)  # allowed when not strict
     # DDP / compile prefixes are ignored
@@ -557,7 +557,7 @@ def test_peft_import_errors(tmp_path):
         load_peft_adapter(_toy(), tmp_path / "ad")
     conf_path.write_text(json.dumps(conf))
     # a model with a different width: shape mismatch named
-    with pytest.raises(LoraError, match="shape mismatch"):
+    with pytest.raises(LoraError, match="with another shape in"):
         load_peft_adapter(_toy(d=32), tmp_path / "ad")
     # rsLoRA: alpha/sqrt(r) scaling reproduced
     conf_path.write_text(json.dumps(dict(conf, use_rslora=True)))

@@ -365,11 +365,9 @@ def test_compiled_layers_do_not_recompile_for_each_packing_layout(device: str) -
 
 
 
-def test_kept_logits_backward_is_the_chunked_one(monkeypatch):
+def test_kept_logits_backward_is_the_chunked_one():
     """The backward over kept logits (CUDA's path, run here on the CPU in fp64): the gradients of
     h and W equal the recomputing, chunked backward."""
-    import fm9g.models.fm9g as fm
-
     torch.manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
@@ -378,8 +376,7 @@ def test_kept_logits_backward_is_the_chunked_one(monkeypatch):
     g = torch.rand(37, dtype=torch.float64)
     grads = []
     for keep in (False, True):
-        monkeypatch.setattr(fm, "_keeps_logits", lambda *a, keep=keep: keep)
-        loss = chunked_cross_entropy(h, w, labels, chunk_tokens=8)
+        loss = chunked_cross_entropy(h, w, labels, chunk_tokens=8, keep_logits_bytes=2**30 if keep else 0)
         grads.append((loss.detach(), *torch.autograd.grad(loss, [h, w], g)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -387,36 +384,27 @@ def test_kept_logits_backward_is_the_chunked_one(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_kept_logits_match_recomputing_them():
-    """On CUDA the loss keeps its logits for the backward (when they fit LOSS_KEEP_LOGITS_BYTES):
-    the same loss bits, and every gradient as with recomputed chunks (one GEMM over all tokens
-    instead of a sum over chunks)."""
-    import fm9g.models.fm9g as fm
-
+    """On CUDA the loss keeps its logits for the backward (when they fit ``keep_logits_bytes``,
+    LOSS_KEEP_LOGITS_BYTES by default): the same loss bits, and the gradients of h and W as with
+    recomputed chunks (one GEMM over all tokens instead of a sum over chunks), under bf16 autocast."""
     torch.manual_seed(0)
-    cfg = FM9GConfig(vocab_size=512, dim_model=128, num_layers=2, num_heads=4, num_kv_heads=2, dim_head=32,
-                     dim_ff=256, qkv_bias=True, tie_lm_head=False, scale=False, scale_depth=-1.0)
-    model = FM9GModel(cfg).cuda()
-    ids = torch.randint(0, 512, (2, 64), device="cuda")
-    cu = torch.tensor([0, 40, 64, 128], dtype=torch.int32)
+    h0 = torch.randn(128, 128, device="cuda")
+    w0 = torch.randn(512, 128, device="cuda") * 0.05
+    labels = torch.randint(0, 512, (128,), device="cuda")
+    labels[::7] = -100
 
-    model.loss_chunk_tokens = 48  # several chunks
+    def run(keep_bytes):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(h, w, labels, chunk_tokens=48, keep_logits_bytes=keep_bytes).sum()
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
 
-    def run(keep):
-        old, fm.LOSS_KEEP_LOGITS_BYTES = fm.LOSS_KEEP_LOGITS_BYTES, (2**30 if keep else 0)
-        try:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(ids, cu_seqlens=cu, labels=ids)
-            out.loss.backward()
-        finally:
-            fm.LOSS_KEEP_LOGITS_BYTES = old
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    loss0, g0 = run(False)
-    loss1, g1 = run(True)
+    loss0, *g0 = run(0)
+    loss1, *g1 = run(2**30)
     assert torch.equal(loss0, loss1)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=2e-2, atol=1e-4, msg=n)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-4)
 
 
 def test_static_layout_pads_to_a_few_shapes_and_changes_nothing() -> None:

@@ -44,7 +44,9 @@ IGNORE_INDEX = -100
 LOSS_CHUNK_ELEMENTS = 2**25
 LOSS_CHUNK_ELEMENTS_CUDA = 2**27
 # The logits the backward may find kept from the forward instead of recomputing them (CUDA only):
-# 4096 tokens x V 73448 in bf16 are 0.56 GiB; a 32k row (4.5 GiB) recomputes.
+# 4096 tokens x V 73448 in bf16 are 0.56 GiB; a 32k row (4.5 GiB) recomputes. Measured: W1 +3.6 %
+# tokens/s and 0.8 GB less peak memory than recomputing (benchmarks/RESULTS.md). A constant: the
+# `keep_logits_bytes` argument of `chunked_cross_entropy` is how a caller (or a test) chooses otherwise.
 LOSS_KEEP_LOGITS_BYTES = 2**30
 
 
@@ -258,10 +260,9 @@ def _ce_kernels(device: torch.device) -> tuple[Any, Any, Any]:
     return _FUSED_CE["fwd"], _FUSED_CE["grad"], _FUSED_CE["grad_"]
 
 
-def _keeps_logits(h: torch.Tensor, n_logits: int, dtype: torch.dtype) -> bool:
-    """Whether the loss keeps all logits of the step for its backward: on CUDA, when they fit
-    LOSS_KEEP_LOGITS_BYTES."""
-    return h.is_cuda and n_logits * torch.finfo(dtype).bits // 8 <= LOSS_KEEP_LOGITS_BYTES
+def _keeps_logits(n_logits: int, dtype: torch.dtype, limit_bytes: int) -> bool:
+    """Whether the loss keeps all logits of the step for its backward: when they fit ``limit_bytes``."""
+    return n_logits * torch.finfo(dtype).bits // 8 <= limit_bytes
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -276,7 +277,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                chunk_tokens: int, compute_dtype: torch.dtype) -> torch.Tensor:
+                chunk_tokens: int, compute_dtype: torch.dtype, keep_logits_bytes: int) -> torch.Tensor:
         # h (N, d), weight (V, d), labels (N,) -> token_loss (N,) fp32
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 (fp64 stays fp64 for gradcheck)
@@ -285,7 +286,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         token_loss = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
         kept = None
-        if any(ctx.needs_input_grad[:2]) and _keeps_logits(h, n * weight.shape[0], compute_dtype):
+        if any(ctx.needs_input_grad[:2]) and _keeps_logits(n * weight.shape[0], compute_dtype, keep_logits_bytes):
             kept = torch.empty(n, weight.shape[0], dtype=compute_dtype, device=h.device)  # (N, V)
         for s in range(0, n, chunk_tokens):
             e = min(n, s + chunk_tokens)
@@ -312,7 +313,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_fn_(kept[s:e], lse[s:e], labels[s:e], grad_out[s:e])
             grad_h = (kept @ w).to(h.dtype) if need_h else None  # (N, d)
             grad_w = (kept.t() @ h.to(cd)).to(weight.dtype) if need_w else None  # (V, d)
-            return grad_h, grad_w, None, None, None
+            return grad_h, grad_w, None, None, None, None
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         for s in range(0, n, chunk_tokens):
@@ -324,11 +325,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_w:
                 grad_w += (dlogits.t() @ hc).to(grad_w.dtype)  # (V, d)
             del dlogits
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_tokens: int | None = None) -> torch.Tensor:
+                          chunk_tokens: int | None = None, *, keep_logits_bytes: int | None = None) -> torch.Tensor:
     """Per-token cross-entropy of the logits `h @ weight.T` without materialising all of them.
 
     Args:
@@ -336,6 +337,9 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
         weight: (V, d) output embedding.
         labels: (N,) target ids, -100 = ignored.
         chunk_tokens: tokens per chunk (default LOSS_CHUNK_ELEMENTS // V, LOSS_CHUNK_ELEMENTS_CUDA // V on CUDA).
+        keep_logits_bytes: keep all logits for the backward (one GEMM each for d h and d W) when
+            they fit this many bytes, else recompute them chunk by chunk; default
+            LOSS_KEEP_LOGITS_BYTES on CUDA, 0 (recompute) elsewhere.
     Returns:
         (N,) float32 losses, 0 where the label is -100; differentiable w.r.t. h and weight.
     """
@@ -343,7 +347,9 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
         per_chunk = LOSS_CHUNK_ELEMENTS_CUDA if h.device.type == "cuda" else LOSS_CHUNK_ELEMENTS
         chunk_tokens = max(1, per_chunk // weight.shape[0])
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    return _ChunkedLinearCrossEntropy.apply(h, weight, labels, int(chunk_tokens), dtype)
+    if keep_logits_bytes is None:
+        keep_logits_bytes = LOSS_KEEP_LOGITS_BYTES if h.is_cuda else 0
+    return _ChunkedLinearCrossEntropy.apply(h, weight, labels, int(chunk_tokens), dtype, int(keep_logits_bytes))
 
 
 # ------------------------------------------------------------------------------ packing layout

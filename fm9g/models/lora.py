@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm9g._io import atomic_file, name_list
+from fm9g._io import atomic_file, name_list, state_dict_mismatch
 from fm9g.models.lora_config import ORIGINAL_TARGETS, TARGET_ALIASES, LoraConfig, LoraError, register_target_aliases
 
 __all__ = [
@@ -564,26 +564,14 @@ def load_lora_state_dict(
         params[f"{name}.lora.lora_A"] = m.lora.lora_A
         params[f"{name}.lora.lora_B"] = m.lora.lora_B
     given = {_clean_name(k): v for k, v in state_dict.items()}
-    missing = [k for k in params if k not in given]
-    unexpected = [k for k in given if k not in params]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-        for k, v in given.items()
-        if k in params and tuple(v.shape) != tuple(params[k].shape)
-    ]
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch for {len(mismatched)} tensors: {name_list(mismatched, 8)}")
-    if strict and missing:
-        problems.append(f"missing {len(missing)} keys: {name_list(missing, 8)}")
-    if strict and unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {name_list(unexpected, 8)}")
-    if problems:
+    expected = params if strict else {k: p for k, p in params.items() if k in given}
+    problem = state_dict_mismatch(expected, given if strict else {k: given[k] for k in expected}, source=source)
+    if problem:
         cfg = get_lora_config(model)
         raise LoraError(
             f"{source} does not fit the model's LoRA layers (r={cfg.r if cfg else '?'}, "
-            f"targets={cfg.target_modules if cfg else '?'}): " + "; ".join(problems)
-            + ". Was it trained on another model size or with other LoRA settings? Build the model with "
+            f"targets={cfg.target_modules if cfg else '?'}): {problem}"
+            ". Was it trained on another model size or with other LoRA settings? Build the model with "
             "the same FM9GConfig and LoraConfig (r, target_modules) as the run that wrote it."
         )
     with torch.no_grad():

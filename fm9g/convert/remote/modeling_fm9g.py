@@ -329,7 +329,7 @@ class FM9GForCausalLM(FM9GPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if self.config.scale:
-            h = h / (self.config.hidden_size / self.config.dim_model_base)
+            h = h / self.config.scale_width  # the config's muP width rule (hidden_size / dim_model_base)
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if labels is not None:
