@@ -189,8 +189,7 @@ def test_hf_to_bmt_dtype_and_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["4b", "7b"])
-def test_exports_match_fm9g_logits(tmp_path, kind, monkeypatch):
-    monkeypatch.setattr(conv, "_FOLD_BLOCK_ELEMENTS", 1000)  # fold muP in several row blocks
+def test_exports_match_fm9g_logits(tmp_path, kind):
     ckpt, model = _save_fm9g(tmp_path / "ckpt", kind)
     x = _ids()
     with torch.no_grad():
@@ -278,9 +277,8 @@ def _lora_checkpoint(tmp: Path, model: FM9GModel, *, r: int = 4, alpha: float = 
 
 
 @pytest.mark.parametrize("fmt", ["native", "fm9g"])
-def test_merged_lora_equals_base_plus_adapter(tmp_path, fmt, monkeypatch):
+def test_merged_lora_equals_base_plus_adapter(tmp_path, fmt):
     peft = pytest.importorskip("peft")
-    monkeypatch.setattr(conv, "_FOLD_BLOCK_ELEMENTS", 1000)  # merge in several row blocks
     ckpt, model = _save_fm9g(tmp_path / "ckpt", "4b")
     lora_path, _ = _lora_checkpoint(tmp_path / "lora", model)
     x = _ids()
@@ -554,3 +552,15 @@ def test_tied_config_with_stored_head(tmp_path):
     with pytest.warns(UserWarning, match="lm_head.weight differs from the embedding"):
         hf_to_bmt(src, tmp_path / "b.pt")
     assert "lm_head.weight" not in torch.load(tmp_path / "b.pt", weights_only=True)
+
+
+def test_fold_in_row_blocks_equals_one_block():
+    """muP folding and LoRA merging run in row blocks (a 73k-row embedding never exists in fp32 at
+    once): any block size gives the same bits as one block."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(37, 24, generator=g).to(torch.bfloat16)
+    a, b = torch.randn(4, 24, generator=g), torch.randn(37, 4, generator=g)
+    for delta in (None, (a, b, 0.5)):
+        whole = conv._fold(t, torch.bfloat16, 1.4, delta, block_elements=10**9)
+        for block in (1, 24 * 5, 24 * 36):
+            assert torch.equal(conv._fold(t, torch.bfloat16, 1.4, delta, block_elements=block), whole), block

@@ -87,7 +87,7 @@ PathLike = str | os.PathLike[str]
 
 REMOTE_CODE_DIR = Path(__file__).with_name("remote")
 REMOTE_FILES: tuple[str, ...] = ("configuration_fm9g.py", "modeling_fm9g.py")
-_FOLD_BLOCK_ELEMENTS = 1 << 24  # 64 MB of fp32 per block when folding muP / merging LoRA
+FOLD_BLOCK_ELEMENTS = 1 << 24  # 64 MB of fp32 per block when folding muP / merging LoRA
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -279,13 +279,13 @@ def hf_to_bmt(
 
 
 def _fold(t: torch.Tensor, out_dtype: torch.dtype, factor: float,
-          delta: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor:
-    """``(t + scaling · B @ A) · factor`` in fp32, rounded once to `out_dtype`, in row blocks so a
-    large matrix (the 73k x d embedding) never exists in fp32 all at once."""
+          delta: tuple[torch.Tensor, torch.Tensor, float] | None, block_elements: int = FOLD_BLOCK_ELEMENTS) -> torch.Tensor:
+    """``(t + scaling · B @ A) · factor`` in fp32, rounded once to `out_dtype`, in row blocks of about
+    ``block_elements`` so a large matrix (the 73k x d embedding) never exists in fp32 all at once."""
     if delta is None and factor == 1.0:
         return t.to(out_dtype)  # no copy when the dtype is kept: written from the mmap
     result = torch.empty(t.shape, dtype=out_dtype)
-    rows = max(1, _FOLD_BLOCK_ELEMENTS // max(1, t[0].numel()))
+    rows = max(1, block_elements // max(1, t[0].numel()))
     for i in range(0, t.shape[0], rows):
         w = t[i : i + rows].to(torch.float32, copy=True)  # never modify the source in place
         if delta is not None:
