@@ -195,6 +195,21 @@ def _lora_base(mc: Any, flags: dict[str, str], tiny: bool) -> Any:
         torch.set_default_dtype(previous)
 
 
+def _w3_fsdp_model(mc: Any, flags: dict[str, str], tiny: bool, workload: str) -> Any:
+    """W3 under FSDP2 on one GPU: the 7B built on the GPU and passed to the Trainer (a user's
+    `Trainer(cfg, model=model)`), so the engine shards it in place instead of building it on the meta
+    device and initialising it through a full fp32 copy in host memory, which the offload state
+    (86 GiB) leaves no room for on a 128 GiB machine. None otherwise."""
+    import torch
+
+    from fm9g.models.fm9g import FM9GModel
+
+    if workload != "W3" or not ("fsdp" in flags or flags.get("dp") in ("fsdp", "hybrid")):
+        return None
+    with torch.device("cpu" if tiny else "cuda"):
+        return FM9GModel(mc)
+
+
 def _cap_gpu_memory(flags: dict[str, str], workload: str, tiny: bool) -> float | None:
     """``cap=GB`` (W3: 80 by default): limit this process's GPU memory, as on an 80 GB card."""
     import torch
@@ -225,7 +240,7 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     tok, data = build_data(work / "data", mc.vocab_size, doc_len, n_docs)
     cap = _cap_gpu_memory(flags, workload, tiny)
     cfg = train_config(spec, mc, data, flags)
-    model = _lora_base(mc, flags, tiny) if workload == "W2" else None
+    model = _lora_base(mc, flags, tiny) if workload == "W2" else _w3_fsdp_model(mc, flags, tiny, workload)
     t_build = time.perf_counter()
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     for _, m in lora_modules(trainer.model) if "lorafuse" in flags else ():

@@ -142,7 +142,7 @@ def test_offload_trains_like_adamw_master_with_its_state_in_host_memory():
     fused AdamW against the chunk kernel), and a skipped step changes nothing."""
     from fm9g.models.config import FM9GConfig
     from fm9g.models.fm9g import FM9GModel
-    from fm9g.training.optimizers import AdamWOffload
+    from fm9g.training.offload_optimizer import AdamWOffload
 
     torch.manual_seed(0)
     ref = FM9GModel(FM9GConfig.from_name("tiny"))

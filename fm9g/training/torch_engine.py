@@ -21,7 +21,7 @@ The step never waits for the device: clipping and the non-finite skip are folded
 weights, moments and step counts untouched), and the figures come back as a deferred
 :class:`~fm9g.training.engine.StepOutput`; on CUDA the Trainer may queue the next step before
 reading them (:attr:`TorchEngine.launch_ahead`). With ``offload`` the fp32 masters and moments live
-in host memory and the update runs on the CPU (:class:`~fm9g.training.optimizers.AdamWOffload`):
+in host memory and the update runs on the CPU (:class:`~fm9g.training.offload_optimizer.AdamWOffload`):
 the GPU keeps 4 bytes per trained parameter (bf16 weights and gradients, sharded under FSDP2), and
 the step waits for the gradients.
 """
@@ -35,7 +35,8 @@ from torch import nn
 
 from fm9g.training.config import OPTIMIZERS
 from fm9g.training.engine import StepOutput, deferred_step_output
-from fm9g.training.optimizers import AdamWBF16, AdamWMaster, AdamWOffload, _to_device
+from fm9g.training.offload_optimizer import AdamWOffload
+from fm9g.training.optimizers import AdamWBF16, AdamWMaster, _to_device
 from fm9g.training.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
@@ -122,7 +123,7 @@ def _compute_dtypes(model: nn.Module, precision: str, optimizer: str, sharded: b
         if not p.is_floating_point() or p.dtype == want:
             continue
         if p.requires_grad and optimizer == "adamw_master" and p.device.type != "meta":
-            masters[name] = p.data
+            masters[name] = p.data.to("cpu")  # until the optimizer holds them: off the GPU (a 7B: 30 GB)
         p.data = p.data.to(want)
     return masters
 
