@@ -120,3 +120,17 @@ def test_schedule_words_are_whole_steps_and_only_the_phases_it_has(kw, text, war
     assert text in schedule_text(cfg)
     warnings = schedule_warnings(cfg)
     assert (warning is None and not warnings) or (warning is not None and warning in " ".join(warnings))
+
+
+def test_check_of_the_lora_config_names_a_missing_base_and_unknown_targets(seed_app):
+    from fm9g.convert.hf import hf_to_bmt
+
+    lora = seed_app / "train_configs" / "7b_lora.json"
+    report = check_config_file(lora)
+    assert not report.ok and any(f"tried {seed_app / '9g_models' / '7b.pt'}" in p for p in report.problems)
+    hf_to_bmt(seed_app / "ckpt", seed_app / "9g_models" / "7b.pt")
+    report = check_config_file(lora)
+    assert report.ok, report.text()
+    assert "LoRA: r 16, alpha 32" in report.text() and "model: " in report.text()  # the model: config.json beside the .pt
+    report = check_config_file(lora, overrides=['lora_layer=["project_q","nope"]'])
+    assert not report.ok and "nope" in report.text(), report.text()
