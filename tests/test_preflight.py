@@ -134,3 +134,15 @@ def test_check_of_the_lora_config_names_a_missing_base_and_unknown_targets(seed_
     assert "LoRA: r 16, alpha 32" in report.text() and "model: " in report.text()  # the model: config.json beside the .pt
     report = check_config_file(lora, overrides=['lora_layer=["project_q","nope"]'])
     assert not report.ok and "nope" in report.text(), report.text()
+
+
+def test_a_dataset_path_one_level_off_names_the_folder_that_exists(seed_app):
+    from fm9g.data.mixture import MixtureLoader
+
+    mix = seed_app / "dataset_configs" / "data_test.json"
+    mix.write_text(mix.read_text(encoding="utf-8").replace("../indexed/medical_train", "./indexed/medical_train"))
+    with pytest.raises(Exception) as err:
+        MixtureLoader.from_config(str(mix), str(seed_app / "ckpt"), 64, 1)
+    msg = str(err.value)
+    assert f"dataset path {seed_app / 'dataset_configs' / 'indexed' / 'medical_train'} does not exist" in msg
+    assert f"a folder of that name exists at {seed_app / 'indexed' / 'medical_train'}" in msg

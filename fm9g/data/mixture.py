@@ -70,6 +70,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from fm9g._io import nearby_hint
 from fm9g.data.entries import DatasetEntry, MixtureConfigError, load_dataset_config
 from fm9g.data.loader_state import STATE_FORMAT, MixtureStateError, Position, check_compatible
 from fm9g.data.producer import MixPlan, Producer
@@ -444,8 +445,9 @@ def _open_reader(spec: ReaderSpec) -> Reader:
         p = Path(e.path).expanduser()
         if not p.is_dir():
             raise MixtureConfigError(
-                f"task {e.task_name!r}: dataset path {p} does not exist or is not a directory; "
-                f"build it with `fm9g build-index <data.jsonl> {p}` or fix 'path' in the dataset config"
+                f"task {e.task_name!r}: dataset path {p.resolve()} does not exist or is not a directory"
+                f"{nearby_hint(p)}; build it with `fm9g build-index <data.jsonl> {p}` or fix 'path' in the "
+                "dataset config (relative paths are resolved against its own folder)"
             )
         try:
             load_transform(e.transforms, None, e.task_name)

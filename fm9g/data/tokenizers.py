@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fm9g._io import ConfigError, atomic_write_text, name_list
+from fm9g._io import ConfigError, atomic_write_text, name_list, nearby_hint
 
 __all__ = ["load_tokenizer", "save_tokenizer", "make_tokenizer_dir_compatible", "needs_remote_code",
            "VocabTxtTokenizer", "TOKENIZER_FILES"]
@@ -40,8 +40,9 @@ _V5_ONLY_CLASSES: dict[str, str] = {"TokenizersBackend": "PreTrainedTokenizerFas
 
 
 def _what_to_give(path: str | os.PathLike[str]) -> str:
-    return (f"no tokenizer at {path}: give a Hugging Face tokenizer directory, a tokenizer.json file or a "
-            "sentencepiece .model file (tokenizer_path)")
+    shown = str(path) if os.path.isabs(path) else f"{path} ({os.path.abspath(path)})"
+    return (f"no tokenizer at {shown}{nearby_hint(path)}: give a Hugging Face tokenizer directory, a tokenizer.json "
+            "file or a sentencepiece .model file (tokenizer_path)")
 
 
 def needs_remote_code(folder: str | os.PathLike[str]) -> list[str]:

@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from fm9g._io import ConfigError
+from fm9g._io import ConfigError, nearby_hint
 from fm9g.data.records import is_chat_record
 
 __all__ = [
@@ -148,7 +148,7 @@ def _load_file(path: Path, task_name: str | None) -> Callable[..., Any]:
     if not path.is_file():
         who = f" (task {task_name!r})" if task_name else ""
         raise FileNotFoundError(
-            f"transform file {path} not found{who}: fix the 'transforms' path in the dataset config "
+            f"transform file {path.resolve()} not found{who}{nearby_hint(path)}: fix the 'transforms' path in the dataset config "
             f"(relative paths are resolved against the config file's directory), or use 'identity'/'chatml'"
         )
     safe = re.sub(r"\W", "_", task_name or path.stem)
