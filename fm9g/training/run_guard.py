@@ -8,7 +8,7 @@ step in hand and prints the one line that says where the checkpoint is and how t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from fm9g.training.interrupts import RunInterrupted, StopSignals
 from fm9g.training.run_lock import acquire_for_run
@@ -16,7 +16,7 @@ from fm9g.training.run_lock import acquire_for_run
 if TYPE_CHECKING:
     from fm9g.training.trainer import Trainer
 
-__all__ = ["guard_run", "stop_agreed", "finish_interrupted", "DEFAULT_RESUME_HINT"]
+__all__ = ["guard_run", "stop_agreed", "stop_now", "finish_interrupted", "DEFAULT_RESUME_HINT"]
 
 DEFAULT_RESUME_HINT = "resume_ckpt=\"latest\" in the same config"
 
@@ -104,10 +104,21 @@ def stop_agreed(trainer: Trainer) -> bool:
     return asked > 0
 
 
+def stop_now(trainer: Trainer, result: Any, *, nothing_in_hand: bool) -> bool:
+    """Whether the loop stops after the step just settled: a signal asked for it and no batches
+    are in hand (none fetched or queued ahead, so the saved data position is exact). Marks
+    `result` (``stop_reason "interrupted"``, ``signal``). Every rank gets the same answer."""
+    asked = trainer._stopping or (trainer.engine.world_size == 1 and stop_agreed(trainer))
+    if not (nothing_in_hand and asked):
+        return False
+    result.stop_reason, result.signal = "interrupted", getattr(trainer._stop, "signum", None)
+    return True
+
+
 def finish_interrupted(trainer: Trainer) -> None:
     """After the loop stopped on a signal: save the step in hand (``save_on_interrupt``) unless it
     is saved already, and print the one line saying where it is and how to resume."""
-    cfg, stop = trainer.config, trainer._stop
+    cfg = trainer.config
     saved = trainer.last_checkpoint is not None and trainer.last_checkpoint.name == str(trainer.step)
     if not saved and cfg.run_dir is not None and getattr(cfg, "save_on_interrupt", True) and trainer.step > 0:
         trainer.save()

@@ -44,7 +44,7 @@ from fm9g.training.engine import Engine, StepOutput
 from fm9g.training.metrics import MetricsLogger, dropped_records, dropped_since, flops_per_token, inspect_model, mfu
 from fm9g.training.resume import resume as resume_checkpoint
 from fm9g.training.run_checks import base_identity, check_device, check_start, fresh_start_text, has_lora, lora_settings
-from fm9g.training.run_guard import DEFAULT_RESUME_HINT, finish_interrupted, guard_run, stop_agreed
+from fm9g.training.run_guard import DEFAULT_RESUME_HINT, finish_interrupted, guard_run, stop_agreed, stop_now
 from fm9g.training.schedules import lr_at, schedule_text, schedule_warnings
 from fm9g.training.step_math import stage_batch
 from fm9g.training.step_clock import StepClock
@@ -317,7 +317,7 @@ class Trainer:
                     ahead, upcoming = (self._launch(upcoming, after=out), upcoming, t_next), None
                 self._settle(out, batches)
                 pending = self._after_step(out, batches, clock.settled(t0, ahead[2] if ahead else None), result.losses)
-                if self._interrupted(result, ahead is None and not prefetched):
+                if stop_now(self, result, nothing_in_hand=ahead is None and not prefetched):
                     break
                 if ahead is None:
                     if not prefetched:  # fetched now only if the loop goes on (the loader state is saved at the end)
@@ -337,15 +337,6 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ pieces of the loop
-    def _interrupted(self, result: TrainResult, nothing_in_hand: bool) -> bool:
-        """SIGINT / SIGTERM asked to stop and no batches are in hand (none fetched or queued ahead,
-        so the saved data position is exact): mark `result` and stop after this step. Every rank
-        gets the same answer (:func:`~fm9g.training.run_guard.stop_agreed`)."""
-        if not nothing_in_hand or not (self._stopping or (self.engine.world_size == 1 and stop_agreed(self))):
-            return False
-        result.stop_reason, result.signal = "interrupted", getattr(self._stop, "signum", None)
-        return True
-
     def _end_of_run(self, result: TrainResult) -> None:
         """After the loop (not interrupted): the final evaluation and checkpoint, and the reason of
         a requested stop (early stopping, a callback)."""
