@@ -163,7 +163,7 @@ class _FlatBucket:
         state = dict(device=state_device or first.device)  # the masters and moments (the CPU with offload)
         self.step = torch.zeros((), dtype=torch.float32, **state)
         # made by sync() (the views and addresses it checks every step), keyed by the buffers' addresses
-        self._layout_key: tuple[int, int] | None = None
+        self._layout_key: tuple[int, ...] | None = None
         self._grad_views: list[torch.Tensor] = []
         self._weight_ptrs: list[int] = []
         self._grad_ptrs: list[int] = []
@@ -174,7 +174,9 @@ class _FlatBucket:
             self.master = self.weights if same else torch.empty(total, dtype=torch.float32, **state)
         for i in range(len(params)):  # one at a time: a parameter's old storage is freed as the next is copied
             self._adopt_weight(i)
+        self._fresh = False  # external: the buffer holds the parameters' current gradients (see sync)
         self.sync()  # the gradients: views into the buffer, holding any gradient a parameter had
+        self._fresh = False
         # the moments last, once the parameters' old storage is gone (a lower peak while building)
         self.exp_avg = torch.zeros(total, dtype=moment_dtype, **state)
         self.exp_avg_sq = torch.zeros(total, dtype=moment_dtype, **state)
@@ -202,6 +204,7 @@ class _FlatBucket:
         """Drop the gradients (``.grad`` = None); :meth:`sync` copies the next ones into the buffer."""
         for p in self.params:
             p.grad = None
+        self._fresh = False
 
     def sync(self) -> None:
         """Re-attach what was replaced since the last step (host-side checks, no kernel unless
@@ -213,7 +216,9 @@ class _FlatBucket:
         (again only if a buffer is replaced). External buckets copy each parameter's (local)
         gradient into the buffer and leave the parameters as they are."""
         if self.external:
-            self._copy_external_grads()
+            if not self._fresh:  # once per step: the norm and the update both call sync()
+                self._copy_external_grads()
+                self._fresh = True
             return
         key = (self.weights.data_ptr(), self.grads.data_ptr())
         if self._layout_key != key:
@@ -245,9 +250,11 @@ class _FlatBucket:
 
 
     def _copy_external_grads(self) -> None:
-        views = [self.view(self.grads, i) for i in range(len(self.params))]
+        if self._layout_key != (self.grads.data_ptr(),):
+            self._layout_key = (self.grads.data_ptr(),)
+            self._grad_views = [self.view(self.grads, i) for i in range(len(self.params))]
         copy_to, copy_from, zero = [], [], []
-        for p, v in zip(self.params, views):
+        for p, v in zip(self.params, self._grad_views):
             g = p.grad
             if g is None:
                 zero.append(v)
@@ -355,6 +362,7 @@ class AdamWBF16(torch.optim.Optimizer):
                     continue
                 b.sync()  # first: a gradient assigned since the last step is re-attached, then zeroed
                 b.grads.zero_()
+                b._fresh = False
 
     @torch.no_grad()
     def reload_weights(self) -> None:
@@ -519,7 +527,8 @@ class AdamWMaster(AdamWBF16):
         out = {}
         for buckets in self._buckets:
             for b in buckets:
-                b.sync()
+                if not b.external:  # a weight assigned since the last step is taken in first
+                    b.sync()
                 assert b.master is not None
                 for i, p in enumerate(b.params):
                     out[p] = b.view(b.master, i)
