@@ -362,3 +362,39 @@ def test_torchrun_rank_0_holds_the_lock_and_every_rank_hears_a_refusal(tmp_path)
     finally:
         lock.release()
     assert not (run / LOCK_NAME).exists() and not run.exists()  # the folder it made, empty, is gone too
+
+
+def test_sigterm_under_torchrun_saves_the_step_in_hand_on_every_rank_and_resumes_exactly(tmp_path, monkeypatch):
+    """Slurm preemption of a torchrun job: torchrun passes SIGTERM on to its ranks, which agree on
+    one step (gloo flag), save it together and print the resume line once; the resumed job trains
+    as an uninterrupted one."""
+    import socket as _socket
+
+    def torchrun(*sets: str, slow: float = 0.0) -> subprocess.Popen:
+        with _socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "fm9g", "train", "--config", str(config)]
+        env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        return subprocess.Popen(cmd + [a for s in sets for a in ("--set", s)], cwd=tmp_path, text=True,
+                                env={**env, "OMP_NUM_THREADS": "1", "FM9G_TEST_SLOW": str(slow)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    config = _config(tmp_path, train_iters=6, device="cpu", compile=False)
+    straight = torchrun("model_unique=straight")
+    out, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-3000:]
+    run = tmp_path / "ckpt" / "fm9g"
+    job = torchrun(slow=0.2)
+    _wait_for(lambda: (run / "train_stats" / "0.jsonl").is_file()
+              and len((run / "train_stats" / "0.jsonl").read_text().splitlines()) >= 2, 300, "two steps")
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=300)
+    step = max(_losses(run))
+    assert 2 <= step < 6 and (run / str(step)).is_dir(), (out[-2000:], err[-3000:])
+    assert out.count(f"interrupted at step {step}; checkpoint {run / str(step)}; resume with: ") == 1, out[-3000:]
+    resumed = torchrun("resume_ckpt=latest")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert _losses(run) == _losses(tmp_path / "ckpt" / "straight")

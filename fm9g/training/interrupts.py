@@ -63,6 +63,7 @@ class StopSignals:
     def __init__(self, say: Callable[[str], None], where: Callable[[], str]) -> None:
         self.say, self.where = say, where
         self.signum: int | None = None
+        self.group: Any = None  # with several ranks: the process group the stop flag is agreed on
         self._previous: dict[int, Any] = {}
 
     @property

@@ -48,6 +48,7 @@ def guard_run(trainer: Trainer) -> Iterator[StopSignals]:
                            say=lambda msg: _say(trainer, msg))
     try:
         with StopSignals(say=lambda msg: _say(trainer, msg), where=lambda: _where(trainer)) as stop:
+            stop.group = _host_group(eng.world_size)
             try:
                 yield stop  # the Trainer keeps it as its _stop while the block runs
             except BaseException as err:
@@ -55,6 +56,8 @@ def guard_run(trainer: Trainer) -> Iterator[StopSignals]:
                 if cut is None:
                     raise
                 raise RunInterrupted(_cut_message(trainer, err, cut), cut.signum) from None
+            finally:
+                _drop_group(stop.group)
     finally:
         if lock is not None:
             lock.release()
@@ -94,13 +97,41 @@ def _in_save(err: BaseException) -> bool:
     return False
 
 
+def _host_group(world_size: int) -> Any:
+    """A gloo process group over the ranks for the stop flag (None in one process, or without
+    torch.distributed, as under bmtrain): its all-reduce is a few bytes between the hosts and never
+    waits for the GPU, so asking every step does not stall the steps queued on the device."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _drop_group(group: Any) -> None:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group(group)
+
+
 def stop_agreed(trainer: Trainer) -> bool:
-    """Whether the loop stops after the step in hand: a signal asked for it on any rank (one
-    small all-reduce per step when there are several ranks)."""
+    """Whether the loop stops after the step in hand: a signal asked for it on any rank. With
+    several ranks, one all-reduce of a flag per step on a CPU (gloo) group, which never waits for
+    the device (the engine's own all-reduce where there is no torch.distributed group)."""
     stop = trainer._stop
     asked = 1.0 if stop is not None and stop.requested else 0.0
     if trainer.engine.world_size > 1:
-        asked = trainer.engine.all_reduce({"stop": asked}, op="max")["stop"]
+        group = getattr(stop, "group", None)
+        if group is not None:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([asked])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            asked = float(flag[0])
+        else:
+            asked = trainer.engine.all_reduce({"stop": asked}, op="max")["stop"]
     return asked > 0
 
 
