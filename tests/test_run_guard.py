@@ -103,6 +103,7 @@ def test_a_resume_while_the_run_trains_is_refused_within_seconds(tmp_path):
     assert second.returncode == 2 and f"run folder {run} is in use" in err and f"pid {first.pid}" in err, err[-2000:]
     assert first.poll() is None, "the first run should still be training when the second was refused"
     assert took < 60, took
+    print(f"second writer refused {took:.1f} s after it started (interpreter, imports, model build included)")
     first.send_signal(signal.SIGINT)  # Ctrl-C: the first run stops after its step in hand (exit 130)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 130, err[-2000:]
