@@ -105,7 +105,7 @@ def explain_collective_errors() -> Iterator[None]:
     except (torch.distributed.DistError, RuntimeError) as err:
         text = str(err)
         collective = isinstance(err, torch.distributed.DistError) or "gloo" in text or "NCCL" in text
-        if not collective:
+        if not collective or isinstance(err, DistributedError):  # (explained already, by an inner block)
             raise
         if os.environ.get("TORCHELASTIC_RUN_ID") and threading.current_thread() is threading.main_thread():
             # torchrun sends SIGTERM to the other ranks the moment it sees one die: let this report reach

@@ -40,6 +40,7 @@ from fm9g.training.checkpoint import (
 from fm9g.training.callbacks import Callback, CallbackList
 from fm9g.training.config import TrainConfig
 from fm9g.training.eval_loop import best_to_protect, build_evaluator, run_evaluation
+from fm9g.training.distributed import explain_collective_errors
 from fm9g.training.engine import Engine, StepOutput
 from fm9g.training.metrics import MetricsLogger, dropped_records, dropped_since, flops_per_token, inspect_model, mfu
 from fm9g.training.resume import resume as resume_checkpoint
@@ -267,9 +268,11 @@ class Trainer:
 
         Returns:
             :class:`TrainResult`. Raises :class:`TrainingError` after ``max_bad_steps``
-            consecutive skipped steps, naming the reason.
+            consecutive skipped steps, naming the reason, and
+            :class:`~fm9g.training.distributed.DistributedError` when another rank died or a
+            collective timed out (naming the rank and what to do).
         """
-        with guard_run(self) as self._stop:
+        with guard_run(self) as self._stop, explain_collective_errors():  # a dead or stuck rank: one line
             try:
                 return self._fit()
             finally:
