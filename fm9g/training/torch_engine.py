@@ -322,7 +322,8 @@ class TorchEngine:
         step_lr = self._step_lr(lr, after, lr_if_skipped)
         self._micro_batches = len(micro_batches)
         counts = self._step_counts(micro_batches)
-        sums = self._forward_backward(micro_batches, counts)
+        k = n_tasks(micro_batches)
+        sums = self._forward_backward(micro_batches, counts, k)
         norm, grads = self._grad_norm()
         finite = torch.isfinite(sums[0]).to(norm.device) & torch.isfinite(norm)
         for g in self.optimizer.param_groups:
@@ -335,15 +336,14 @@ class TorchEngine:
         count_vec = counts if host_counts is None else torch.zeros(2, device=self.device, dtype=torch.float64)
         figures = torch.cat([sums[:1], count_vec.double(), norm.to(self.device).double().reshape(1),
                              finite.to(self.device).double().reshape(1), sums[1:]])
-        return deferred_step_output(figures, n_tasks(micro_batches), counts=host_counts)
+        return deferred_step_output(figures, k, counts=host_counts)
 
-    def _forward_backward(self, micro_batches: list[dict[str, Any]], counts: tuple[int, int] | torch.Tensor
-                          ) -> torch.Tensor:
+    def _forward_backward(self, micro_batches: list[dict[str, Any]], counts: tuple[int, int] | torch.Tensor,
+                          k: int) -> torch.Tensor:
         """Forward and backward every micro-batch, each dividing its summed token loss by the step's
         global label count; returns the float64 device vector [loss sum, per task (loss, labels,
-        tokens)...] summed over the ranks."""
+        tokens) for ``k`` tasks] summed over the ranks."""
         denom = counts[0].clamp(min=1).float() if isinstance(counts, torch.Tensor) else float(max(counts[0], 1))
-        k = n_tasks(micro_batches)
         sums = torch.zeros(1 + 3 * k, device=self.device, dtype=torch.float64)
         if not self.model.training:  # train() walks every module (~1 ms a step for a 24-layer model)
             self.model.train()
