@@ -137,7 +137,7 @@ def test_generate_equals_transformers_on_exported_smollm2(tmp_path, smollm2_hf_d
     ours = load_pretrained(tmp_path / "bmt" / "smol.pt")
     bmt_to_hf(tmp_path / "bmt" / "smol.pt", tmp_path / "hf", reference_dir=smollm2_hf_dir, format="native")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    tok = copy.copy(smollm2_tokenizer)
+    tok = copy.deepcopy(smollm2_tokenizer)  # padding=True switches padding on in the backend: not the session's
     tok.padding_side = "left"
     prompts = ["The capital of France is", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
     enc = tok(prompts, return_tensors="pt", padding=True)
