@@ -205,6 +205,33 @@ def test_dropped_lines_are_counted_and_an_all_dropping_repeat_dataset_fails(data
         next(iter(MixtureLoader(cfg, smollm2_tokenizer, 64, 1)))
 
 
+def test_dropped_lines_are_counted_by_reason_and_the_counts_survive_resume(data_root, smollm2_tokenizer, tmp_path):
+    """Each dropped line is counted under its reason: odd lines return None from the transform,
+    line 4 has an empty output, line 6 a prompt longer than max_length; a loader resumed from a
+    state saved part-way counts the rest on top, as the loader that read straight on."""
+    (tmp_path / "drops.py").write_text(
+        "def transform(data, num_sample, r):\n"
+        "    n = int(data['output'].split()[1])\n"
+        "    if n % 2:\n        return None\n"
+        "    if n == 4:\n        return {'input': 'q', 'output': ''}\n"
+        "    if n == 6:\n        return {'input': 'word ' * 200, 'output': data['output']}\n"
+        "    return data\n")
+    cfg = _cfg(data_root, [("tiny", 1.0, False)], transforms=str(tmp_path / "drops.py"))
+    straight = MixtureLoader(cfg, smollm2_tokenizer, 64, 1)
+    list(straight)
+    want = {"the transform returned None": 4, "empty output": 1, "prompt longer than max_length": 1}
+    assert straight.stats()["tiny"]["drop_reasons"] == want and straight.stats()["tiny"]["dropped_lines"] == 6
+    first = MixtureLoader(cfg, smollm2_tokenizer, 64, 1)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    assert sum(first.stats()["tiny"]["drop_reasons"].values()) > 0  # counted before the save: only the state carries them
+    again = MixtureLoader(cfg, smollm2_tokenizer, 64, 1)
+    again.load_state_dict(state)
+    list(again)
+    assert again.stats()["tiny"]["drop_reasons"] == want
+
+
 def test_transform_error_mid_run_names_task_and_line(data_root, smollm2_tokenizer, tmp_path):
     (tmp_path / "fail7.py").write_text(
         "def transform(data, num_sample, r):\n"

@@ -326,9 +326,9 @@ def test_dropped_records_a_long_warmup_and_the_schedule_are_said(tmp_path, monke
     assert "lr 0.001 cosine: warmup to step 20, then cosine down to 10% at step 3; 3 steps" in text
     assert "warning: warmup_iters is 20 steps, not shorter than train_iters=3: the learning rate only rises" in text
     rows = read_train_stats(tmp_path / "ckpt" / "fm9g")
-    dropped = sum(r.get("dropped", {}).get("t", 0) for r in rows)
-    assert dropped > 0 and result.dropped == {"t": dropped}
-    assert "dropped: t " in text and "(transform or tokenizer)" in text
+    dropped = sum(r.get("dropped", {}).get("t", {}).get("the transform returned None", 0) for r in rows)
+    assert dropped > 0 and result.dropped == {"t": {"the transform returned None": dropped}}
+    assert f"dropped: t " in text and "(the transform returned None " in text
     assert "max|x|" not in text  # no parameter table unless inspect_iters asks
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from fm9g._io import ConfigError
 from fm9g.data.records import RecordError, is_chat_record, to_chat
-from fm9g.data.tokenize import IGNORE_INDEX, BOS_POLICIES, SampleTokenizer, TokenizedSample, resolve_bos
+from fm9g.data.tokenize import DROP_NO_TARGET, IGNORE_INDEX, BOS_POLICIES, Dropped, SampleTokenizer, TokenizedSample, resolve_bos
 
 __all__ = ["ChatTemplateError", "ChatTokenizer", "BUILTIN_TEMPLATES", "TRAIN_ON", "resolve_chat_template",
            "tokenize_record"]
@@ -220,7 +220,7 @@ class ChatTokenizer:
         self.stats["samples"] += 1
         if last < 1:
             self.stats["dropped_no_target"] += 1
-            return []
+            return Dropped(DROP_NO_TARGET)
         stream, trained = ids[: last + 1], trained[: last + 1]
         if stream[-1] not in self.special_ids:  # no end-of-turn token: EOS teaches the model to stop
             stream, trained = stream + [self.eos_id], trained + [True]

@@ -59,6 +59,7 @@ class Position:
         out_tokens / out_samples / out_label_tokens: real tokens, packed sequences and labelled
             tokens in the batches handed out.
         dropped_lines: lines read but skipped (transform returned None, empty output, ...).
+        drop_reasons: per dataset, those lines counted by reason (:class:`fm9g.data.tokenize.Dropped`).
         step: the mixer's step counter (its random numbers are a function of ``(seed, rank, step)``).
         batches: batches handed out.
         finished: every dataset dropped out and the last batch was handed out.
@@ -78,6 +79,7 @@ class Position:
     out_samples: list[int]
     out_label_tokens: list[int]
     dropped_lines: list[int]
+    drop_reasons: list[dict[str, int]] = field(default_factory=list)
     step: int = 0
     batches: int = 0
     finished: bool = False
@@ -87,7 +89,8 @@ class Position:
     @classmethod
     def initial(cls, num_datasets: int) -> "Position":
         """The position of a fresh loader over ``num_datasets`` datasets."""
-        return cls(**{k: [v] * num_datasets for k, v in _PER_DATASET.items()})
+        return cls(**{k: [v] * num_datasets for k, v in _PER_DATASET.items()},
+                   drop_reasons=[{} for _ in range(num_datasets)])
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Position":
@@ -95,8 +98,10 @@ class Position:
         lists = {k: state[k].tolist() for k in _PER_DATASET}
         lists["exhausted"] = [bool(x) for x in lists["exhausted"]]
         packer = None if state["packer"] is None else _unpack_packer_state(state["packer"])
+        reasons = state.get("drop_reasons") or [{} for _ in lists["epoch"]]  # (states of older versions: none)
         return cls(
-            **lists, step=int(state["step"]), batches=int(state["batches"]), finished=bool(state["finished"]),
+            **lists, drop_reasons=[{str(k): int(v) for k, v in r.items()} for r in reasons],
+            step=int(state["step"]), batches=int(state["batches"]), finished=bool(state["finished"]),
             packer=packer, waiting=[tuple(x) for x in state["waiting"].tolist()],  # type: ignore[misc]
         )
 
@@ -111,6 +116,7 @@ class Position:
             dtype = torch.bool if key == "exhausted" else torch.int64
             state[key] = torch.tensor(getattr(self, key), dtype=dtype)
         state.update(
+            drop_reasons=[dict(r) for r in self.drop_reasons],
             step=self.step, batches=self.batches, finished=self.finished,
             packer=None if self.packer is None else _pack_packer_state(self.packer),
             waiting=torch.tensor(self.waiting, dtype=torch.int64).reshape(-1, 2),

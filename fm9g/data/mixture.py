@@ -348,10 +348,11 @@ class MixtureLoader:
         """Per task, counted over the batches handed out so far (kept across resume).
 
         Returns:
-            ``{task_name: {"samples", "tokens", "label_tokens", "dropped_lines", "epoch", "exhausted",
-            "avg_tokens", "weight"}}`` — ``samples`` are packed sequences (documents or windows),
-            ``tokens`` real (non-pad) tokens, ``dropped_lines`` lines read but skipped (transform
-            returned None, empty output, prompt too long, ``oversize_rule="drop"``), ``epoch`` the current pass over this rank's shard (0-based),
+            ``{task_name: {"samples", "tokens", "label_tokens", "dropped_lines", "drop_reasons", "epoch",
+            "exhausted", "avg_tokens", "weight"}}`` — ``samples`` are packed sequences (documents or
+            windows), ``tokens`` real (non-pad) tokens, ``dropped_lines`` lines read but skipped and
+            ``drop_reasons`` those by reason (the transform returned None, empty output, prompt too
+            long, ``oversize_rule="drop"``, no trained turn), ``epoch`` the current pass over this rank's shard (0-based),
             ``avg_tokens`` the running mean sample length the mixer uses, ``weight`` the
             normalised abs_weight (or weight x nlines).
         """
@@ -364,6 +365,7 @@ class MixtureLoader:
                 "tokens": int(s["out_tokens"][d]),
                 "label_tokens": int(s["out_label_tokens"][d]),
                 "dropped_lines": int(s["dropped_lines"][d]),
+                "drop_reasons": dict((s.get("drop_reasons") or [{}] * len(self.task_names))[d]),
                 "epoch": int(s["epoch"][d]),
                 "exhausted": bool(s["exhausted"][d]),
                 "avg_tokens": avg,

@@ -149,6 +149,8 @@ class Producer:
                     self.windows[d], pos.cur_window[d], self.line_of[d] = win, 0, line
                 else:
                     pos.dropped_lines[d] += 1
+                    why = getattr(win, "reason", "other")
+                    pos.drop_reasons[d][why] = pos.drop_reasons[d].get(why, 0) + 1
                 pos.next_line[d] += 1
                 continue
             if not self._next_epoch(d):

@@ -55,13 +55,33 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-__all__ = ["TokenizedSample", "SampleTokenizer", "OVERSIZE_RULES", "IGNORE_INDEX", "BOS_POLICIES", "adds_bos"]
+__all__ = ["TokenizedSample", "SampleTokenizer", "Dropped", "OVERSIZE_RULES", "IGNORE_INDEX", "BOS_POLICIES", "adds_bos"]
 
 IGNORE_INDEX = -100
 OVERSIZE_RULES = ("segment", "head", "drop")
 #: values of ``bos`` (module docstring)
 BOS_POLICIES = ("auto", "always", "never")
 _COMPACT_MIN_INPUT = 128
+
+
+class Dropped(list):
+    """The windows of a record that trains nothing: an empty list (``[]`` wherever windows are
+    expected) that says why, in ``reason`` (counted per task by the loader and logged)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:  # crosses to the loader from its worker processes
+        return (Dropped, (self.reason,))
+
+
+#: why a record is dropped (the values of :attr:`Dropped.reason`)
+DROP_TRANSFORM = "the transform returned None"
+DROP_EMPTY = "empty output"
+DROP_PROMPT = "prompt longer than max_length"
+DROP_OVERSIZE = "longer than max_length (oversize_rule drop)"
+DROP_NO_TARGET = "no trained turn"
 
 
 @dataclass(frozen=True)
@@ -206,12 +226,12 @@ class SampleTokenizer:
         """Tokenize one sample; returns its windows (``[]`` when dropped). See the module docstring."""
         if sample is None:
             self.stats["skipped_none"] += 1
-            return []
+            return Dropped(DROP_TRANSFORM)
         output = sample.get("output")
         if not output:
             self.stats["samples"] += 1
             self.stats["dropped_empty_output"] += 1
-            return []
+            return Dropped(DROP_EMPTY)
         return self.from_ids(self.encode(sample.get("input") or ""), self.encode(output))
 
     def batch(self, samples: Iterable[dict | None]) -> list[list[TokenizedSample]]:
@@ -238,7 +258,7 @@ class SampleTokenizer:
         st["samples"] += 1
         if not output_tokens:
             st["dropped_empty_output"] += 1
-            return []
+            return Dropped(DROP_EMPTY)
         # an output that already ends with EOS is not given a second one: EOS is the last label
         body = list(output_tokens[:-1] if output_tokens[-1] == self.eos_id else output_tokens)
         nb = 1 if self.add_bos else 0
@@ -253,7 +273,7 @@ class SampleTokenizer:
                 st["compacted"] += 1
         if n_in >= L - 2:
             st["dropped_input_overflow"] += 1
-            return []
+            return Dropped(DROP_PROMPT)
         # the stream of tokens and whether each is trained; position j predicts token j + 1
         stream = [self.bos_id] * nb + list(input_tokens) + body + [self.eos_id]
         trained = [False] * (nb + n_in) + [True] * (n_out + 1)
@@ -280,7 +300,7 @@ class SampleTokenizer:
             return [TokenizedSample(input_ids=list(ids), labels=list(labels))]
         if self.oversize_rule == "drop":
             st["dropped_oversize"] += 1
-            return []
+            return Dropped(DROP_OVERSIZE)
         if self.oversize_rule == "head":
             st["truncated_head"] += 1
             st["emitted"] += 1

@@ -208,7 +208,9 @@ class MetricsLogger:
         if s.get("save_time") is not None:
             parts.append(f"save_time: {s['save_time']:.3f}s")
         if s.get("dropped"):
-            parts.append("dropped: " + ", ".join(f"{k} {v} (transform or tokenizer)" for k, v in s["dropped"].items()))
+            parts.append("dropped: " + ", ".join(
+                f"{task} {sum(why.values())} ({', '.join(f'{r} {n}' for r, n in sorted(why.items()))})"
+                for task, why in s["dropped"].items()))
         if s.get("token_pass") is not None:
             parts.append(f"token_pass: {format_tokens(s['token_pass'])}")
         if s.get("mem_gb") is not None:
@@ -283,9 +285,10 @@ def inspect_model(model: nn.Module, max_rows: int = 12) -> str:
     return "\n".join(lines)
 
 
-def dropped_records(loader: Any) -> dict[str, int]:
-    """Records the loader read and dropped so far, per task (``{}`` for a loader without
-    ``stats()``): a transform returned None, the sample had nothing to train on or was too long."""
+def dropped_records(loader: Any) -> dict[str, dict[str, int]]:
+    """Records the loader read and dropped so far, ``{task: {reason: count}}`` (``{}`` for a loader
+    without ``stats()``); reasons as :class:`fm9g.data.tokenize.Dropped` gives them (the transform
+    returned None, empty output, prompt longer than max_length, ``oversize_rule`` drop, no trained turn)."""
     stats = getattr(loader, "stats", None)
     if not callable(stats):
         return {}
@@ -293,13 +296,25 @@ def dropped_records(loader: Any) -> dict[str, int]:
         per_task = stats()
     except Exception:  # noqa: BLE001 - a user's loader whose stats() fails only loses this figure
         return {}
-    return {str(k): int(v.get("dropped_lines", 0)) for k, v in per_task.items() if isinstance(v, dict)}
+    out: dict[str, dict[str, int]] = {}
+    for task, v in per_task.items():
+        if isinstance(v, dict) and int(v.get("dropped_lines", 0)):
+            why = {str(r): int(n) for r, n in (v.get("drop_reasons") or {}).items() if n}
+            rest = int(v["dropped_lines"]) - sum(why.values())  # a loader that counts no reasons
+            out[str(task)] = {**why, **({"unknown": rest} if rest > 0 else {})}
+    return out
 
 
-def dropped_since(loader: Any, seen: dict[str, int]) -> dict[str, int]:
-    """The records dropped per task since `seen` (updated in place to the new totals); only tasks
-    that dropped some."""
+def dropped_since(loader: Any, seen: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The records dropped per task and reason since `seen` (updated in place to the new totals);
+    only tasks and reasons that dropped some."""
     now = dropped_records(loader)
-    delta = {k: n - seen.get(k, 0) for k, n in now.items() if n > seen.get(k, 0)}
+    delta: dict[str, dict[str, int]] = {}
+    for task, why in now.items():
+        before = seen.get(task, {})
+        d = {r: n - before.get(r, 0) for r, n in why.items() if n > before.get(r, 0)}
+        if d:
+            delta[task] = d
+    seen.clear()
     seen.update(now)
     return delta

@@ -67,8 +67,8 @@ class TrainResult:
         tokens: real tokens trained on over the whole run (resumes included).
         skipped: skipped batches by reason (``nonfinite``, ``oom``).
         last_checkpoint: the folder written last, if any.
-        dropped: records the loader read and dropped over the run (a transform returned None, nothing
-            to train on, too long), per task; only tasks that dropped some.
+        dropped: records the loader read and dropped over the run, ``{task: {reason: count}}`` (the
+            transform returned None, empty output, too long, no trained turn); only tasks that dropped some.
         stop_reason: ``"train_iters"``, ``"data_exhausted"``, ``"interrupted"`` (SIGINT / SIGTERM;
             ``signal`` holds its number: the command exits with 128 + signal), ``"early_stopping"``
             (``early_stopping_patience``), ``"requested"`` (:meth:`Trainer.request_stop`).
@@ -287,7 +287,7 @@ class Trainer:
         if self._data_iter is None:
             self._data_iter = iter(self.loader)
         self.logger = logger = self._open_logger()
-        self.dropped = dropped_records(self._loader)  # records dropped per task (the loader's state keeps them)
+        self.dropped = dropped_records(self._loader)  # per task and reason (the loader's state keeps them)
         result = TrainResult(step=self.step)
         logger.print(self.describe())
         # Per iteration: launch the step; write the PREVIOUS step's log line while the device runs
@@ -335,7 +335,7 @@ class Trainer:
             raise self._data_ran_out()
         result.step, result.tokens, result.skipped = self.step, self.tokens, dict(self.skipped)
         result.last_checkpoint = self.last_checkpoint
-        result.dropped = {k: n for k, n in self.dropped.items() if n}
+        result.dropped = {k: dict(why) for k, why in self.dropped.items() if why}
         self.callbacks.call("on_fit_end", self, result)
         return result
 
@@ -485,7 +485,7 @@ class Trainer:
             "mask_max": out.num_label_tokens / max(1, slots),
         }
         dropped = dropped_since(self._loader, self.dropped)
-        if dropped:  # records a transform or the tokenizer dropped since the last step, per task
+        if dropped:  # records dropped since the last step, per task and reason
             row["dropped"] = dropped
         mem = self.engine.memory_stats()
         if mem:
