@@ -272,7 +272,9 @@ class Trainer:
             :class:`~fm9g.training.distributed.DistributedError` when another rank died or a
             collective timed out (naming the rank and what to do).
         """
-        with guard_run(self) as self._stop, explain_collective_errors():  # a dead or stuck rank: one line
+        # a dead or stuck rank: one line; outside guard_run, whose exit restores the signal handlers
+        # before the explanation makes torchrun's SIGTERM wait for the line to be printed
+        with explain_collective_errors(), guard_run(self) as self._stop:
             try:
                 return self._fit()
             finally:
