@@ -195,19 +195,21 @@ def _lora_base(mc: Any, flags: dict[str, str], tiny: bool) -> Any:
         torch.set_default_dtype(previous)
 
 
-def _w3_fsdp_model(mc: Any, flags: dict[str, str], tiny: bool, workload: str) -> Any:
-    """W3 under FSDP2 on one GPU: the 7B built on the GPU and passed to the Trainer (a user's
-    `Trainer(cfg, model=model)`), so the engine shards it in place instead of building it on the meta
-    device and initialising it through a full fp32 copy in host memory, which the offload state
-    (86 GiB) leaves no room for on a 128 GiB machine. None otherwise."""
+def _full_model(mc: Any, flags: dict[str, str], tiny: bool) -> Any:
+    """W1 / W3 with the torch engine: the model built here, on the device, from the run's seed, and
+    passed to the Trainer (a user's `Trainer(cfg, model=model)`), so that every variant, FSDP2 or not,
+    starts from the same weights and their losses compare step by step (FSDP2 would otherwise build
+    on the meta device and initialise through a full fp32 copy in host memory, from the CPU's random
+    numbers). None for bmtrain, which builds its own."""
     import torch
 
     from fm9g.models.fm9g import FM9GModel
 
-    if workload != "W3" or not ("fsdp" in flags or flags.get("dp") in ("fsdp", "hybrid")):
+    if (flags.get("engine") or "torch") != "torch":
         return None
+    torch.manual_seed(0)  # the TrainConfig's seed
     with torch.device("cpu" if tiny else "cuda"):
-        return FM9GModel(mc)
+        return FM9GModel(dataclasses.replace(mc, attn_impl=flags["attn"]) if flags.get("attn") else mc)
 
 
 def _cap_gpu_memory(flags: dict[str, str], workload: str, tiny: bool) -> float | None:
@@ -240,7 +242,7 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     tok, data = build_data(work / "data", mc.vocab_size, doc_len, n_docs)
     cap = _cap_gpu_memory(flags, workload, tiny)
     cfg = train_config(spec, mc, data, flags)
-    model = _lora_base(mc, flags, tiny) if workload == "W2" else _w3_fsdp_model(mc, flags, tiny, workload)
+    model = _lora_base(mc, flags, tiny) if workload == "W2" else _full_model(mc, flags, tiny)
     t_build = time.perf_counter()
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     for _, m in lora_modules(trainer.model) if "lorafuse" in flags else ():
