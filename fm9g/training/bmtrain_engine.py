@@ -36,7 +36,6 @@ import contextlib
 import math
 import os
 import random
-import socket
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -47,6 +46,7 @@ from torch import nn
 from fm9g._io import state_dict_mismatch
 from fm9g.models.lora import is_lora_name
 from fm9g.training import step_math
+from fm9g.training.distributed import free_local_port
 from fm9g.training.engine import REDUCE_OPS, StepOutput
 from fm9g.training.step_math import check_optimizer_state, param_groups
 
@@ -77,10 +77,6 @@ def require_bmtrain() -> Any:
 
 
 # ------------------------------------------------------------------------------------ set-up
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -116,7 +112,7 @@ def init_distributed(bmt: Any, seed: int) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_local_port()))
     with _process_state_kept():
         bmt.init_distributed(seed=seed)
 

@@ -225,7 +225,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
             _check_master_reachable(addr, int(port), timeout.total_seconds())
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
         if "WORLD_SIZE" not in os.environ:  # one process without torchrun (data_parallel="fsdp" on one device)
-            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_local_port()}", rank=0, world_size=1)
+            kwargs.update(init_method=f"tcp://127.0.0.1:{free_local_port()}", rank=0, world_size=1)
         if cuda:
             torch.cuda.set_device(device)
             kwargs["device_id"] = device
@@ -242,7 +242,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _free_local_port() -> int:
+def free_local_port() -> int:
     """A TCP port free on this machine now (for a one-process group's store)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
