@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fm9g.training.config import OPTIMIZERS
-from fm9g.training.engine import StepOutput, deferred_step_output
+from fm9g.training.engine import REDUCE_OPS, StepOutput, deferred_step_output
 from fm9g.training.offload_optimizer import AdamWOffload
 from fm9g.training.optimizers import AdamWBF16, AdamWMaster, _to_device
 from fm9g.training.parallelize import (
@@ -450,8 +450,8 @@ class TorchEngine:
 
     def all_reduce(self, values: dict[str, float], op: str = "sum") -> dict[str, float]:
         """``values`` reduced over the ranks (``sum`` | ``max`` | ``min`` | ``mean``); themselves in one process."""
-        if op not in ("sum", "max", "min", "mean"):
-            raise ValueError(f"all_reduce op={op!r}: expected sum, max, min or mean")
+        if op not in REDUCE_OPS:
+            raise ValueError(f"all_reduce op={op!r}: expected one of {', '.join(REDUCE_OPS)}")
         if self.world_size == 1 or not values:
             return dict(values)
         import torch.distributed as dist
