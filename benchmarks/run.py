@@ -41,6 +41,7 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     engine=NAME   engine (torch | bmtrain)
     fsdp          TrainConfig(data_parallel="fsdp"): the FSDP2 path, also on one GPU (as a user sets it)
     dp=NAME       TrainConfig(data_parallel=NAME) (auto | none | fsdp | hybrid)
+    raf=0|1       TrainConfig(reshard_after_forward=...) under FSDP2 (1: the default)
     offload       TrainConfig(offload=True) (bmtrain: its optimizer in host memory; torch: FSDP2's CPU offload)
     cap=GB        cap the process's GPU memory at GB (1e9 bytes); W3 default 80
     profile       torch.profiler over 3 steps after the warm-up: the top 20 kernels (ms per step) in
@@ -84,7 +85,7 @@ SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
 TRAIN_WORKLOADS = ("W1", "W2", "W3")
 CPU_WORKLOADS = {"W4": "w4_build_index", "W5": "w5_mixture", "W6": "w6_convert"}
 FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "lorafuse", "workers", "graphs", "opt", "engine",
-         "offload", "cap", "profile", "dp", "fsdp"}
+         "offload", "cap", "profile", "dp", "fsdp", "raf"}
 
 
 # ---------------------------------------------------------------------------------- data
@@ -167,6 +168,8 @@ def train_config(spec: dict[str, Any], mc: Any, data: list[dict], flags: dict[st
     extra: dict[str, Any] = {"cuda_graphs": flags["graphs"] != "0"} if "graphs" in flags else {}
     if "fsdp" in flags or "dp" in flags:
         extra["data_parallel"] = flags.get("dp") or "fsdp"
+    if "raf" in flags:
+        extra["reshard_after_forward"] = flags["raf"] != "0"
     return TrainConfig(
         model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if workload == "W2" else None,
         lr=1e-4 if workload == "W2" else 1e-5, lr_scheduler="constant", warmup_iters=0,
@@ -285,18 +288,22 @@ def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, A
 
     engine = trainer.engine
     inner = engine.train_step
-    calls = {"n": 0}
+    calls = {"n": 0, "t0": 0.0}
     cuda = device == "cuda"
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 
     def step(batches, lr, **kw):  # kw: whatever else the Trainer passes (after=, lr_if_skipped=)
         calls["n"] += 1
         if calls["n"] == warmup + 1:
+            if cuda:
+                torch.cuda.synchronize()
             prof.__enter__()
+            calls["t0"] = time.perf_counter()
         res = inner(batches, lr, **kw)
         if calls["n"] == warmup + n:
             if cuda:
                 torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - calls["t0"]) * 1e3 / n
             prof.__exit__(None, None, None)
             if trace is not None:
                 prof.export_chrome_trace(str(trace))
@@ -306,11 +313,34 @@ def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, A
                 print(prof.key_averages().table(sort_by=key, row_limit=40), flush=True)
             except (KeyError, AttributeError, ValueError):  # an older torch names the key differently
                 print(prof.key_averages().table(row_limit=40), flush=True)
+            busy_ms = _busy_ms(prof, cuda) / n
+            # the device's kernel time per step against the step's wall time (profiler on): the rest
+            # is time the GPU waited for the host
+            print(f"profile: wall {wall_ms:.1f} ms/step, {'GPU' if cuda else 'CPU'} busy {busy_ms:.1f} ms/step", flush=True)
+            out.append({"name": "== wall ms per step (profiler on)", "ms_per_step": round(wall_ms, 3), "calls_per_step": 0})
+            out.append({"name": "== busy ms per step (sum of all kernels)", "ms_per_step": round(busy_ms, 3),
+                        "calls_per_step": 0})
             out.extend({"name": e.key[:120], "ms_per_step": round(getattr(e, key, 0) / 1e3 / n, 3),
                         "calls_per_step": round(e.count / n, 1)} for e in avgs[:20])
         return res
 
     engine.train_step = step
+
+
+def _busy_ms(prof: Any, cuda: bool) -> float:
+    """Milliseconds in which the device ran at least one kernel or copy (the union of their intervals);
+    0 on CPU."""
+    from torch.autograd import DeviceType
+
+    if not cuda:
+        return 0.0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
 
 
 def run_cpu(spec: dict[str, Any]) -> dict[str, Any]:
