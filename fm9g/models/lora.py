@@ -24,6 +24,7 @@ Only torch (and `fm9g._io`) is imported.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -44,6 +45,7 @@ __all__ = [
     "LoraConfig",
     "LoraBranch",
     "LoraLinear",
+    "lora_linear_class",
     "shared_input_linears",
     "apply_lora",
     "merge_lora",
@@ -208,12 +210,39 @@ class LoraLinear(nn.Linear):
         self._add_branch(r, alpha, dropout, adapter_dtype)
         return self
 
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's own output ``x Wᵀ + b``: ``nn.Linear``'s, or that of the linear class
+        this layer was moved onto with :meth:`rebase` (an FP8 linear: ``fm9g.training.fp8``)."""
+        return super().forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in_features]`` -> ``[..., out_features]``."""
-        out = F.linear(x, self.weight, self.bias)
+        out = self.base(x)
         if self.merged:
             return out
         return out + self.lora(x)
+
+    def rebase(self, linear: nn.Linear) -> "LoraLinear":
+        """This LoRA branch on another implementation of the same layer.
+
+        ``linear`` computes this layer with its ``weight`` and ``bias`` (say an ``nn.Linear``
+        subclass computing in FP8, converted from :meth:`to_linear`). It becomes a LoRA linear
+        itself, of class ``Lora<its class>`` (:func:`lora_linear_class`): its base output is
+        ``linear``'s own forward; its branch, merge state and state-dict keys are this layer's.
+
+        Returns:
+            ``linear`` (changed in place), to put where this layer was.
+        Raises:
+            LoraError: ``linear`` has another shape or no bias where this layer has one (or the reverse).
+        """
+        if (linear.weight.shape != self.weight.shape) or ((linear.bias is None) != (self.bias is None)):
+            raise LoraError(f"rebase: the new linear ({linear.weight.shape}, bias={linear.bias is not None}) must "
+                            f"compute this layer ({self.weight.shape}, bias={self.bias is not None}); build it from "
+                            "layer.to_linear()")
+        linear.__class__ = lora_linear_class(type(linear))
+        linear.lora = self.lora
+        linear.merged = self.merged
+        return linear
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -246,6 +275,18 @@ class LoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", merged={self.merged}"
+
+
+@functools.cache
+def lora_linear_class(base: type[nn.Linear]) -> type[LoraLinear]:
+    """The LoRA linear class over ``base`` (a subclass of ``nn.Linear``): ``LoraLinear`` itself for
+    ``nn.Linear``, else ``Lora<base name>`` deriving from both, whose :meth:`LoraLinear.base` runs
+    ``base.forward`` (one class per ``base``, made once)."""
+    if issubclass(base, LoraLinear):
+        return base
+    if base is nn.Linear:
+        return LoraLinear
+    return type(f"Lora{base.__name__}", (LoraLinear, base), {"__module__": __name__, "__doc__": LoraLinear.__doc__})
 
 
 # Linears that read the same input (q/k/v, gate/up) with LoRA branches: their down-projections
@@ -281,7 +322,7 @@ def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tup
     lins = [linears[i] for i in stack]
     stacked = torch.cat([lin.lora.lora_A.to(dtype) for lin in lins])  # (Σr, in)
     hs = F.linear(x, stacked).split([lin.lora.r for lin in lins], dim=-1)  # each (..., r)
-    fused = {i: F.linear(x, lin.weight, lin.bias) + lin.lora.up(h) for i, lin, h in zip(stack, lins, hs)}
+    fused = {i: lin.base(x) + lin.lora.up(h) for i, lin, h in zip(stack, lins, hs)}
     return tuple([fused[i] if i in fused else lin(x) for i, lin in enumerate(linears)])
 
 

@@ -210,12 +210,15 @@ def build_engine(config: TrainConfig, model: nn.Module | None, *, lora_only: boo
     engine, with FSDP2 when :func:`run_data_parallel` says so (the process group is joined here,
     also for one process). With FSDP2 ``model`` may be None: it is then built on the meta device,
     sharded, and each rank loads only its rows of ``pretrained_model`` (or of the one-process
-    random initialisation; docs/distributed.md).
+    random initialisation; docs/distributed.md). ``fp8`` converts the decoder's linears here,
+    before the engine compiles them (:func:`fm9g.training.fp8.apply_fp8`).
 
     Raises:
         RuntimeError: ``engine="bmtrain"`` without bmtrain installed (naming the install command).
-        ConfigError: ``data_parallel="none"`` under torchrun with several processes.
+        ConfigError: ``data_parallel="none"`` under torchrun with several processes; ``fp8`` on a
+            device without FP8 tensor cores.
     """
+    from fm9g.training.fp8 import apply_fp8
     from fm9g.training.step_math import lr_scale_width
     from fm9g.training.torch_engine import TorchEngine
 
@@ -230,18 +233,19 @@ def build_engine(config: TrainConfig, model: nn.Module | None, *, lora_only: boo
         use_checkpoint=config.use_checkpoint, compile=config.compile, lora_only=lora_only,
         peak_flops=config.peak_flops, optimizer=config.optimizer, seed=config.seed, cuda_graphs=config.cuda_graphs,
         offload=config.offload)
+    if model is None and mode == "none":
+        raise ValueError("build_engine: pass the built model (only FSDP2 builds it on the meta device)")
+    on_meta = model is None
+    if on_meta:
+        model = _build_on_meta(config)
+    apply_fp8(model, config)  # before the engine compiles (and shards) the layers
     if mode == "none":
-        if model is None:
-            raise ValueError("build_engine: pass the built model (only FSDP2 builds it on the meta device)")
         return TorchEngine(model, lr_scale_width=lr_scale_width(model), **kw)
     from fm9g.training.distributed import build_mesh, check_same_config, init_distributed
 
     _, world, device = init_distributed("gloo" if str(config.device) == "cpu" else None)
     check_same_config(config.to_dict())
     mesh = build_mesh("hybrid" if mode == "hybrid" else "full", world, device_type=device.type)
-    on_meta = model is None
-    if on_meta:
-        model = _build_on_meta(config)
     kw["device"] = str(device)
     engine = TorchEngine(model, lr_scale_width=lr_scale_width(model), mesh=mesh, on_meta=on_meta,
                          reshard_after_forward=bool(config.reshard_after_forward), **kw)

@@ -34,6 +34,7 @@ from fm9g._io import ConfigError, atomic_write_text, nearby_hint, read_json
 from fm9g.data.mixture import DatasetEntry
 from fm9g.models.config import FM9GConfig
 from fm9g.models.lora import LoraConfig
+from fm9g.training.fp8 import FP8_RECIPES
 from fm9g.training.legacy import ALIASES, IGNORED_KEYS, coerce, lora_values, merge_sections, translate_keys
 from fm9g.training.parallelize import DATA_PARALLEL
 from fm9g.training.schedules import SCHEDULERS, normalise_name
@@ -127,7 +128,10 @@ class TrainConfig:
     for compiled layers on one CUDA device without activation checkpointing or FSDP2), offload (the
     optimizer in host memory: fp32 masters and moments there and the Adam step on the CPU, the GPU
     keeping bf16 weights and gradients; both engines; the torch engine with ``adamw`` or
-    ``adamw_master``, in one process or under FSDP2), num_workers.
+    ``adamw_master``, in one process or under FSDP2), fp8 (``false``, ``"tensorwise"`` or
+    ``"rowwise"``: the decoder's linear layers compute in FP8 through torchao, on GPUs of compute
+    capability 8.9+; weights, optimizer state and checkpoints unchanged; ``pip install
+    'fm9g[fp8]'``; see docs/training.md, "FP8"), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
     parameter; ``"adamw_master"``: the same AdamW on fp32 master weights and moments held by the
@@ -221,6 +225,7 @@ class TrainConfig:
     cuda_graphs: bool | str = "auto"
     attn_impl: str | None = None
     offload: bool = False
+    fp8: bool | str = False
     num_workers: int = 0
     # --- several processes (torchrun; see docs/distributed.md) ---------------------------------
     data_parallel: str = "auto"
@@ -347,6 +352,7 @@ class TrainConfig:
         if self.optimizer != "adamw" and self.engine == "bmtrain":
             raise ConfigError(f"optimizer={self.optimizer!r} runs under the torch engine; with engine=\"bmtrain\" "
                               "use optimizer=\"adamw\" (offload=true moves its state to the CPU)")
+        _check_fp8(self)
         for name in ("compile", "cuda_graphs"):
             value = getattr(self, name)
             if value not in (True, False, "auto"):
@@ -474,6 +480,21 @@ def _check_finite(config: TrainConfig) -> None:
         items = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in items):
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def _check_fp8(cfg: TrainConfig) -> None:
+    """``fp8``: false, or a recipe of :data:`fm9g.training.fp8.FP8_RECIPES`, under the torch engine."""
+    if cfg.fp8 is False:
+        return
+    if cfg.fp8 is True:
+        raise ConfigError(f"fp8 = true: name the scaling, fp8: {' or '.join(map(repr, FP8_RECIPES))} "
+                          "(one scale per tensor or one per row; docs/training.md, \"FP8\")")
+    cfg.fp8 = cfg.fp8.lower()
+    if cfg.fp8 not in FP8_RECIPES:
+        raise ConfigError(f"fp8 = {cfg.fp8!r} is not one of false, {', '.join(map(repr, FP8_RECIPES))} "
+                          "(FP8 matmuls with one scale per tensor or per row; docs/training.md, \"FP8\")")
+    if cfg.engine != "torch":
+        raise ConfigError(f"fp8 = {cfg.fp8!r} runs under the torch engine; with engine=\"{cfg.engine}\" set fp8: false")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
