@@ -28,7 +28,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: marker -> (the module its tests import, how to install it)
 OPTIONAL_MARKERS = {
     "bmtrain": ("bmtrain", "bash scripts/install_bmtrain.sh (docs/install.md)"),
-    "fa4": ("flash_attn.cute.interface", "pip install 'fm9g[fa4]' (docs/install.md)"),
+    "fa4": ("flash_attn.cute.interface", "pip install 'fm9g[gpu]' (docs/install.md)"),
 }
 
 
@@ -210,12 +210,9 @@ def one_thread():
 
 
 @pytest.fixture(params=["orjson", "stdlib"])
-def json_backend(request, monkeypatch):
-    """Run a test with build_index's orjson fast path and with the standard-library fallback."""
-    from fm9g.data import indexed
-
-    if request.param == "stdlib":
-        monkeypatch.setattr(indexed, "_orjson", None)
-    elif indexed._orjson is None:
-        pytest.skip("orjson not installed")
+def json_backend(request):
+    """A ``json_parser`` for build_index and IndexedDataset: the test runs with orjson's fast path
+    and with the standard library's parser."""
+    if request.param == "orjson":
+        pytest.importorskip("orjson")
     return request.param

@@ -5,6 +5,7 @@ Trainer, and on an FP8 GPU a few steps against bf16."""
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 
 import pytest
@@ -95,6 +96,14 @@ def test_fp8_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(FP8UnavailableError, match=r"pip install 'fm9g\[fp8\]'"):
         convert_to_fp8(FM9GModel(FM9GConfig.from_name("tiny")), "tensorwise")
+
+
+def test_a_run_without_fp8_never_imports_torchao():
+    code = ("import sys, fm9g, fm9g.training.trainer, fm9g.training.fp8; "
+            "from fm9g.training.config import TrainConfig; TrainConfig(model='tiny'); "
+            "assert 'torchao' not in sys.modules, 'torchao imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
 
 
 def test_the_fp8_error_is_a_one_line_cli_error():

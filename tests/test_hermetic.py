@@ -55,7 +55,7 @@ def test_optional_package_tests_run_only_under_their_marker_and_fail_without_the
     plain = _pytest(tmp_path)
     assert "1 passed, 2 deselected" in plain.stdout, plain.stdout
     for marker, module, install in (("bmtrain", "bmtrain", "scripts/install_bmtrain.sh"),
-                                    ("fa4", "flash_attn.cute.interface", "fm9g[fa4]")):
+                                    ("fa4", "flash_attn.cute.interface", "fm9g[gpu]")):
         probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, timeout=120)
         out = _pytest(tmp_path, "-m", marker)
         if probe.returncode == 0:  # installed here: the test runs

@@ -317,7 +317,8 @@ def _check_torch_varlen(device: torch.device, dtype: torch.dtype) -> str | None:
 def _check_flash_attn(device: torch.device, dtype: torch.dtype) -> str | None:
     # flash-attn 2's compiled kernels (flash-attn-4 installs a `flash_attn` package without them)
     if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn_2_cuda") is None:
-        return "flash-attn is not installed; install it with `pip install 'fm9g[gpu]'` (or `pip install flash-attn`)"
+        return ("flash-attn is not installed; install it with `pip install 'fm9g[ampere]'` (flash-attn 2, for A100 / A800; "
+                "it builds from source: docs/install.md), or use attn_impl='auto'")
     if device.type != "cuda":
         return f"flash-attn runs on CUDA only (tensors are on {device.type}); use attn_impl='sdpa'"
     if dtype not in _HALF:
@@ -342,7 +343,7 @@ def _check_flash_attn_4(device: torch.device, dtype: torch.dtype) -> str | None:
     except ImportError:  # no flash_attn at all, or a flash_attn package whose __init__ fails
         installed = False
     if not installed:
-        return ("flash-attn-4 is not installed; install it with `pip install 'fm9g[fa4]'` (or `pip install flash-attn-4`; "
+        return ("flash-attn-4 is not installed; install it with `pip install 'fm9g[gpu]'` (or `pip install flash-attn-4`; "
                 "Hopper/Blackwell GPUs)")
     if device.type != "cuda":
         return f"flash-attn-4 runs on CUDA only (tensors are on {device.type}); use attn_impl='sdpa'"

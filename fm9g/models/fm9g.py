@@ -416,7 +416,7 @@ class FM9GModel(nn.Module):
         if config.attn_impl == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
             raise AttentionUnavailableError(
                 "config.attn_impl='flash_attn' but flash-attn is not installed: "
-                "install it with `pip install 'fm9g[gpu]'`, or use attn_impl='auto'"
+                "install it with `pip install 'fm9g[ampere]'` (A100 / A800; docs/install.md), or use attn_impl='auto'"
             )
         self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)  # (V, d)
         self.encoder = Encoder(config)
