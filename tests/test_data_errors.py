@@ -3,8 +3,11 @@ is expected (issue 15, item 10)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fm9g.data import index_format
@@ -14,9 +17,9 @@ from fm9g.data.tokenizers import VocabTxtTokenizer
 
 
 
-def _build_error(src: Path, out: Path) -> str:
+def _build_error(src: Path, out: Path, json_parser: str = "auto") -> str:
     with pytest.raises(InvalidLineError) as exc:
-        build_index(src, out, num_workers=1)
+        build_index(src, out, num_workers=1, json_parser=json_parser)
     assert not out.exists()
     return str(exc.value)
 
@@ -26,7 +29,7 @@ def _build_error(src: Path, out: Path) -> str:
 def test_nan_literal_is_named_not_a_lone_surrogate(tmp_path, json_backend, literal, indent):
     src = tmp_path / "nan.jsonl"
     src.write_text('{"output": "a"}\n' + indent + '{"output": "b", "score": ' + literal + "}\n")
-    msg = _build_error(src, tmp_path / "idx")
+    msg = _build_error(src, tmp_path / "idx", json_backend)
     assert f"{src}:2:" in msg
     assert f"{literal} is not a JSON value" in msg
     assert "write null" in msg
@@ -43,7 +46,7 @@ def test_number_beyond_float_range_is_named(tmp_path):
 def test_bare_cr_line_endings(tmp_path, json_backend):
     src = tmp_path / "mac.jsonl"
     src.write_bytes(b'{"output": "a"}\r{"output": "b"}\r{"output": "c"}\r')
-    msg = _build_error(src, tmp_path / "idx")
+    msg = _build_error(src, tmp_path / "idx", json_backend)
     assert f"{src}:1:" in msg
     assert "bare CR" in msg and "\\n" in msg and "tr '\\r' '\\n'" in msg
 
@@ -51,14 +54,15 @@ def test_bare_cr_line_endings(tmp_path, json_backend):
 def test_crlf_still_reads(tmp_path, json_backend):
     src = tmp_path / "dos.jsonl"
     src.write_bytes(b'{"output": "a"}\r\n{"output": "b"}\r\n')
-    assert build_index(src, tmp_path / "idx", num_workers=1)["nlines"] == 2
+    assert build_index(src, tmp_path / "idx", num_workers=1, json_parser=json_backend)["nlines"] == 2
+    assert IndexedDataset(tmp_path / "idx", json_parser=json_backend)[:] == [{"output": "a"}, {"output": "b"}]
 
 
 @pytest.mark.parametrize("indent", [2, None])
 def test_json_array_file_says_one_object_per_line(tmp_path, json_backend, indent):
     src = tmp_path / "records.json"
     src.write_text(json.dumps([{"input": "", "output": "a"}, {"output": "b"}], indent=indent))
-    msg = _build_error(src, tmp_path / "idx")
+    msg = _build_error(src, tmp_path / "idx", json_backend)
     assert f"{src}:1:" in msg
     assert "expected one JSON object per line, this looks like a JSON array" in msg
     assert "jq -c '.[]'" in msg
@@ -67,8 +71,37 @@ def test_json_array_file_says_one_object_per_line(tmp_path, json_backend, indent
 def test_pretty_printed_object(tmp_path, json_backend):
     src = tmp_path / "one.json"
     src.write_text(json.dumps({"input": "", "output": "a"}, indent=2))
-    msg = _build_error(src, tmp_path / "idx")
+    msg = _build_error(src, tmp_path / "idx", json_backend)
     assert f"{src}:1:" in msg and "pretty-printed JSON" in msg and "one JSON object per line" in msg
+
+
+def test_json_parser_is_one_of_three(tmp_path, index_dir):
+    src = tmp_path / "ok.jsonl"
+    with pytest.raises(ValueError, match="json_parser must be one of .'auto', 'orjson', 'stdlib'., got 'ujson'"):
+        build_index(src, tmp_path / "idx2", json_parser="ujson")
+    assert not (tmp_path / "idx2").exists()
+    with pytest.raises(ValueError, match="json_parser must be one of"):
+        IndexedDataset(index_dir, json_parser="ujson")
+
+
+def test_json_parser_orjson_without_orjson_says_what_to_install(tmp_path, index_dir):
+    """In a process where orjson cannot be imported, asking for it names the package to install."""
+    code = (
+        "import sys; sys.modules['orjson'] = None\n"  # an import of orjson now fails, as when it is absent
+        "from fm9g.data.indexed import IndexedDataset, build_index\n"
+        "for call in (lambda: build_index(sys.argv[1], sys.argv[2], json_parser='orjson'),\n"
+        "             lambda: IndexedDataset(sys.argv[3], json_parser='orjson')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ImportError as err:\n"
+        "        print(err)\n"
+        "print(IndexedDataset(sys.argv[3])[0]['output'])\n"  # "auto" reads on without it
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ok.jsonl"), str(tmp_path / "idx2"), str(index_dir)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 3 and all("json_parser='orjson' needs orjson" in line and "pip install orjson" in line
+                                 for line in out[:2]), out
+    assert out[2] == "line 0" and not (tmp_path / "idx2").exists()
 
 
 @pytest.fixture
@@ -101,9 +134,14 @@ def test_corrupt_h5_without_text_index(index_dir, damage):
     assert "no text index" in msg and "fm9g build-index" in msg
 
 
-def test_corrupt_h5_beside_a_text_index_reads_the_text_one(index_dir, monkeypatch):
+def test_corrupt_h5_beside_a_text_index_reads_the_text_one(index_dir):
+    """From _TEXT_INDEX_MAX_BYTES on, "auto" opens index.h5 rather than parse the text index; a
+    damaged index.h5 then sends "auto" to the text index."""
+    text = index_dir / "index"
+    # the same offsets, padded with spaces (the parser skips whitespace) to the size "auto" maps index.h5 at
+    text.write_bytes(text.read_bytes().rstrip(b"\n") + b" " * index_format._TEXT_INDEX_MAX_BYTES + b"\n")
+    assert isinstance(index_format.read_offsets(index_dir), np.memmap)  # "auto" took the (intact) index.h5
     (index_dir / "index.h5").write_bytes(b"not hdf5 " * 50)
-    monkeypatch.setattr(index_format, "_TEXT_INDEX_MAX_BYTES", 0)  # "auto" would pick index.h5
     assert [r["output"] for r in IndexedDataset(index_dir)] == [f"line {i}" for i in range(5)]
     with pytest.raises(IndexedDatasetError, match="source='text'"):
         IndexedDataset(index_dir, index_source="h5")

@@ -46,8 +46,9 @@ def test_round_trip_every_line(tmp_path, json_backend, workers, block):
     recs = make_records(300)
     src = tmp_path / "train.jsonl"
     lines = write_jsonl(src, recs)
-    meta = build_index(src, tmp_path / "idx", language="zh", num_workers=workers, block_size=block)
-    ds = IndexedDataset(tmp_path / "idx")
+    meta = build_index(src, tmp_path / "idx", language="zh", num_workers=workers, block_size=block,
+                       json_parser=json_backend)
+    ds = IndexedDataset(tmp_path / "idx", json_parser=json_backend)
     assert len(ds) == len(recs) == meta["nlines"]
     assert ds[0] == recs[0]  # the first line is not dropped
     assert [ds[i] for i in range(len(ds))] == recs
@@ -174,7 +175,7 @@ def test_each_bad_line_names_file_line_and_problem(tmp_path, json_backend, bad, 
     src = tmp_path / "bad.jsonl"
     src.write_bytes(b"\n".join(good[:4] + [bad] + good[4:]) + b"\n")
     with pytest.raises(InvalidLineError) as exc:
-        build_index(src, tmp_path / "idx", num_workers=1)
+        build_index(src, tmp_path / "idx", num_workers=1, json_parser=json_backend)
     assert exc.value.line == 5
     assert message in str(exc.value)
     assert f"{src}:5:" in str(exc.value)
@@ -195,11 +196,12 @@ def test_skip_invalid_counts_and_keeps_every_valid_line(tmp_path, json_backend):
     src = tmp_path / "mixed.jsonl"
     src.write_bytes(b"\n".join(mixed) + b"\n")
     n_bad = sum(1 for i in range(len(lines)) if i % 9 == 0)
-    meta = build_index(src, tmp_path / "idx", skip_invalid=True, num_workers=2, block_size=300)
+    meta = build_index(src, tmp_path / "idx", skip_invalid=True, num_workers=2, block_size=300,
+                       json_parser=json_backend)
     assert meta["n_invalid"] == n_bad
     assert meta["n_blank"] == 1
     assert meta["nlines"] == len(valid)
-    ds = IndexedDataset(tmp_path / "idx")
+    ds = IndexedDataset(tmp_path / "idx", json_parser=json_backend)
     assert ds[:] == valid
     assert meta["invalid_examples"][0].startswith(f"{src}:1: ")
 
@@ -362,8 +364,8 @@ def test_bom_and_crlf(tmp_path, json_backend):
     body = b"\r\n".join(json.dumps(r, ensure_ascii=False).encode() for r in recs) + b"\r\n"
     src = tmp_path / "win.jsonl"
     src.write_bytes(b"\xef\xbb\xbf" + body)  # written by a Windows editor
-    meta = build_index(src, tmp_path / "idx", num_workers=2, block_size=128)
-    assert IndexedDataset(tmp_path / "idx")[:] == recs
+    meta = build_index(src, tmp_path / "idx", num_workers=2, block_size=128, json_parser=json_backend)
+    assert IndexedDataset(tmp_path / "idx", json_parser=json_backend)[:] == recs
     assert (tmp_path / "idx" / "data.jsonl").read_bytes() == body
     assert meta["nbytes"] == len(body)
 
@@ -388,8 +390,8 @@ def test_big_integers_in_extra_keys_stay_exact(tmp_path, json_backend):
     ]
     src = tmp_path / "ids.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    meta = build_index(src, tmp_path / "idx", num_workers=1)
-    ds = IndexedDataset(tmp_path / "idx")
+    meta = build_index(src, tmp_path / "idx", num_workers=1, json_parser=json_backend)
+    ds = IndexedDataset(tmp_path / "idx", json_parser=json_backend)
     assert [ds[i] for i in range(3)] == recs and ds[0:3] == recs and list(ds) == recs
     assert type(ds[0]["id"]) is int and ds[0]["id"] == 123456789012345678901234567890
     assert type(ds[2]["n"]) is int and type(ds[2]["f"]) is float

@@ -743,16 +743,15 @@ def test_train_step_puts_a_model_in_eval_mode_back_into_training():
     assert all(m.training for m in engine.model.modules())
 
 
-def test_train_stats_roll_over_to_numbered_files_and_read_back_whole(tmp_path, monkeypatch):
+def test_train_stats_roll_over_to_numbered_files_and_read_back_whole(tmp_path):
     """The train_stats file stays open between steps and rolls to <n+1>.jsonl once it passes
-    STATS_ROLL_BYTES; a later logger continues after the last full file; every row reads back."""
+    roll_bytes; a later logger continues after the last full file; every row reads back."""
     from fm9g.training import metrics
 
-    monkeypatch.setattr(metrics, "STATS_ROLL_BYTES", 200)
     stats = tmp_path / "train_stats"
     for start in (0, 10):  # a second logger (a resumed run) appends after the first one's files
         log = metrics.MetricsLogger(total_steps=20, start_step=start, stats_dir=stats, progress_bar=False,
-                                    stream=io.StringIO())
+                                    stream=io.StringIO(), roll_bytes=200)
         for step in range(start + 1, start + 11):
             log.log(step, {"loss": 1.0 / step, "lr": 1e-3})
             assert [r["iteration"] for r in metrics.read_train_stats(stats)] == list(range(1, step + 1))

@@ -30,8 +30,8 @@ try:  # optional: 4-5x faster validation and reading; the standard library is th
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["DATA_FILE", "INDEX_FILE", "H5_FILE", "META_FILE", "IndexedDataset", "IndexedDatasetError",
-           "read_offsets", "is_index_dir"]
+__all__ = ["DATA_FILE", "INDEX_FILE", "H5_FILE", "META_FILE", "JSON_PARSERS", "IndexedDataset",
+           "IndexedDatasetError", "read_offsets", "is_index_dir"]
 
 DATA_FILE = "data.jsonl"
 INDEX_FILE = "index"
@@ -41,10 +41,30 @@ _TEXT_INDEX_MAX_BYTES = 16 << 20  # read the text index below this size; the h5 
 # orjson parses an integer outside [-2**63, 2**64) as a float (1e29 for a 30-digit id); any such
 # float has at least this magnitude, and a line holding one is parsed again by the standard library
 _INT64_LIMIT = 9223372036854775808.0
+#: the ``json_parser`` values of :func:`fm9g.data.indexed.build_index` and :class:`IndexedDataset`:
+#: ``"auto"`` (orjson when installed, else the standard library), ``"orjson"``, ``"stdlib"``
+JSON_PARSERS = ("auto", "orjson", "stdlib")
 
 
 class IndexedDatasetError(ValueError):
     """An index directory is missing files or does not match its data file."""
+
+
+def _orjson_for(json_parser: str) -> Any:
+    """The orjson module ``json_parser`` asks for, or None for the standard library's ``json``.
+
+    Raises:
+        ValueError: ``json_parser`` is not one of :data:`JSON_PARSERS`.
+        ImportError: ``"orjson"`` is asked for and not installed.
+    """
+    if json_parser not in JSON_PARSERS:
+        raise ValueError(f"json_parser must be one of {JSON_PARSERS}, got {json_parser!r}")
+    if json_parser == "stdlib":
+        return None
+    if json_parser == "orjson" and _orjson is None:
+        raise ImportError("json_parser='orjson' needs orjson, which is not installed: pip install orjson "
+                          "(or pass json_parser='auto' to use the standard library without it)")
+    return _orjson
 
 
 def is_index_dir(path: str | Path) -> bool:
@@ -166,6 +186,10 @@ class IndexedDataset(Sequence):
         index_source: ``"auto"``, ``"text"`` or ``"h5"`` (see :func:`read_offsets`).
         check: verify ``meta.json`` and the offsets against the data file (cheap: sizes, counts and
             up to 1024 sampled line ends).
+        json_parser: what parses a line: ``"auto"`` (orjson when installed, else the standard
+            library), ``"orjson"`` or ``"stdlib"`` (:data:`JSON_PARSERS`). Both give the same dicts:
+            a line orjson refuses, or one holding an integer beyond 64 bits, is parsed again by
+            the standard library.
 
     ``len(ds)`` is N; ``ds[i]`` is line i parsed (dict); ``ds[a:b]`` a list of dicts read with one
     contiguous read; ``ds.read_raw(i)`` the raw bytes of line i (with its ``"\\n"``);
@@ -175,9 +199,12 @@ class IndexedDataset(Sequence):
     Raises:
         IndexedDatasetError: missing files, or data that does not match the index / meta.json
             (truncated or modified after the index was built).
+        ImportError: ``json_parser="orjson"`` without orjson installed.
     """
 
-    def __init__(self, path: str | Path, *, index_source: str = "auto", check: bool = True) -> None:
+    def __init__(self, path: str | Path, *, index_source: str = "auto", check: bool = True,
+                 json_parser: str = "auto") -> None:
+        self._use_orjson = _orjson_for(json_parser) is not None  # a flag, not the module: datasets pickle
         self.path = Path(path)
         if not self.path.is_dir():
             raise IndexedDatasetError(f"index directory {self.path} not found: build it with `fm9g build-index SRC {path}`")
@@ -265,7 +292,7 @@ class IndexedDataset(Sequence):
         return self._map()[a:b]
 
     def _parse(self, raw: bytes | memoryview, i: int) -> dict:
-        if _orjson is not None:
+        if self._use_orjson:
             try:
                 obj = _orjson.loads(raw)
             except ValueError:

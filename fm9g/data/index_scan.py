@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fm9g.data.index_format import _orjson
+from fm9g.data.index_format import _orjson_for
 from fm9g.data.chat import ChatTemplateError, ChatTokenizer
 from fm9g.data.records import RecordError, is_chat_record, record_problem, to_chat
 
@@ -142,7 +142,7 @@ class _BlockResult:
 class _Scanner:
     """Validates and measures the lines of one byte block (runs in a worker process)."""
 
-    def __init__(self, language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None,
+    def __init__(self, language: str, tokenizer: Any, skip_invalid: bool, json_parser: str = "auto",
                  fmt: str = "auto", chat_template: str | None = None) -> None:
         self.language = language
         self.fmt = fmt  # a format of fm9g.data.records.FORMATS
@@ -152,7 +152,7 @@ class _Scanner:
         self.skip_invalid = skip_invalid
         # NaN / Infinity are refused as orjson refuses them, so both parsers accept the same lines
         self._scan = json.scanner.make_scanner(json.JSONDecoder(parse_constant=_refuse_constant))
-        self._orjson = _orjson if use_orjson is None else (_orjson if use_orjson else None)
+        self._orjson = _orjson_for(json_parser)  # build_index's json_parser; None: the standard library
 
     # reading one block, aligned to whole lines ------------------------------------------------
     @staticmethod
@@ -409,12 +409,12 @@ def _count_tokens(tokenizer: Any, texts: list[str], chunk: int = 256) -> np.ndar
 _WORKER: _Scanner | None = None
 
 
-def worker_init(language: str, tokenizer: Any, skip_invalid: bool, use_orjson: bool | None = None,
+def worker_init(language: str, tokenizer: Any, skip_invalid: bool, json_parser: str = "auto",
                 fmt: str = "auto", chat_template: str | None = None) -> None:
     """Initializer of a build worker process: its own :class:`_Scanner`."""
     global _WORKER
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER = _Scanner(language, tokenizer, skip_invalid, use_orjson, fmt, chat_template)
+    _WORKER = _Scanner(language, tokenizer, skip_invalid, json_parser, fmt, chat_template)
 
 
 def worker_scan(job: _Job) -> _BlockResult:

@@ -25,7 +25,7 @@ from torch import nn
 __all__ = ["flops_per_token", "mfu", "MetricsLogger", "format_tokens", "read_train_stats", "inspect_model",
            "dropped_records", "dropped_since"]
 
-STATS_ROLL_BYTES = 19 * 2**20
+STATS_ROLL_BYTES = 19 * 2**20  # MetricsLogger's default roll_bytes (19 MiB, like the original)
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
@@ -88,6 +88,9 @@ class MetricsLogger:
         tensorboard_task_loss: write the per-task scalars ``Loss/train/<task>`` to TensorBoard (the
             original's ``tensorboard_all_tasks``); per-task losses are on the console line and in
             train_stats either way.
+        roll_bytes: start the next ``<n+1>.jsonl`` once the current train_stats file passes this
+            many bytes (default :data:`STATS_ROLL_BYTES`, 19 MiB like the original); a file ends at
+            most one row past it.
     """
 
     def __init__(
@@ -102,8 +105,12 @@ class MetricsLogger:
         enabled: bool = True,
         stream: Any = None,
         tensorboard_task_loss: bool = True,
+        roll_bytes: int = STATS_ROLL_BYTES,
     ) -> None:
+        if roll_bytes < 1:
+            raise ValueError(f"roll_bytes must be a positive number of bytes, got {roll_bytes}")
         self.enabled = enabled
+        self.roll_bytes = roll_bytes
         self.tensorboard_task_loss = tensorboard_task_loss
         self.log_iters = max(1, log_iters)
         self.stream = stream or sys.stdout
@@ -180,16 +187,16 @@ class MetricsLogger:
 
     def _stats_out(self) -> Any:
         """The train_stats file, open for appending (kept open: one open and two stats a step cost
-        host time a device-bound run does not have), rolled to ``<n+1>.jsonl`` past STATS_ROLL_BYTES."""
+        host time a device-bound run does not have), rolled to ``<n+1>.jsonl`` past ``roll_bytes``."""
         f = self._stats_handle
-        if f is not None and f.tell() <= STATS_ROLL_BYTES:
+        if f is not None and f.tell() <= self.roll_bytes:
             return f
         if f is not None:
             f.close()
             n = int(self._stats_file.stem) + 1 if self._stats_file.stem.isdigit() else 0
             self._stats_file = self._stats_file.with_name(f"{n}.jsonl")
         self._stats_handle = f = open(self._stats_file, "a", encoding="utf-8")
-        if f.tell() > STATS_ROLL_BYTES:  # a full file left by an earlier run
+        if f.tell() > self.roll_bytes:  # a full file left by an earlier run
             return self._stats_out()
         return f
 
