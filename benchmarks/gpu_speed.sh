@@ -13,7 +13,8 @@
 # per group) / run.md of the benchmark, logs.tgz with every child's log, and the profile flag's
 # Chrome traces (trace-<run>.json.gz).
 # Needs on the machine: torch (CUDA), transformers, peft, h5py, safetensors; wheels in .whl/
-# (tensorboardX, orjson, gguf) are installed into /tmp/site when missing.
+# (tensorboardX, orjson, gguf; torchao for fp8=..., liger-kernel for the HF baseline's Liger
+# configurations) are installed into /tmp/site when one of them is missing.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/runs/gpu_speed}"
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PY" -c "import tensorboardX, orjson, gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import tensorboardX, orjson, gguf, torchao, liger_kernel" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -n 2
 fi
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "$PY" -V
@@ -30,7 +31,7 @@ fi
 cat "$OUT/machine.txt"
 if [ "${TESTS:-1}" != 0 ]; then
   timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests/test_attention.py \
-    tests/test_model.py tests/test_optimizers.py tests/test_trainer.py tests/test_lora.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+    tests/test_model.py tests/test_optimizers.py tests/test_trainer.py tests/test_lora.py tests/test_fp8.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 fi
 work=$(mktemp -d)
 group=0

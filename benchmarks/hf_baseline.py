@@ -3,6 +3,12 @@
 # Do not edit below: change the shared protocol file and copy it again.
 """Baseline: what a user would pick instead of fm9g -- Hugging Face transformers (+PEFT) on one GPU.
 
+Each workload may carry flags after colons: `nockpt` (LoRA without activation checkpointing) and
+`liger` (Liger kernels applied to the Qwen2 model first: fused linear + cross-entropy, RMSNorm,
+SwiGLU, RoPE -- what LLaMA-Factory's enable_liger_kernel does), e.g. `full:liger lora:nockpt:liger`.
+Liger patches the transformers modules for the rest of the process: run the liger configurations
+in a process of their own, or list them after the plain ones.
+
 Measures tokens/s, MFU (torchtitan formula: 6*N_nonembed + 12*L*H*dh*S per token, peak 989 TFLOP/s)
 and peak memory for two workloads with one packed 4096-token row per step:
   full  -- full fine-tune of a 1.5B FM9G-shaped model (bf16 autocast, fp32 master, fused AdamW)
@@ -26,7 +32,11 @@ def flops_per_token(cfg, n_params, n_embed):
     dh = cfg.hidden_size // cfg.num_attention_heads
     return 6 * (n_params - n_embed) + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * dh * SEQ
 
-def run(kind, steps=8, warmup=3, ckpt=True):
+def run(kind, steps=8, warmup=3, ckpt=True, liger=False):
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+                                    cross_entropy=False)
     torch.manual_seed(0)
     cfg = Qwen2Config(**shape(kind), rope_theta=1e6, tie_word_embeddings=False, max_position_embeddings=32768)
     cfg._attn_implementation = "sdpa"
@@ -62,16 +72,16 @@ def run(kind, steps=8, warmup=3, ckpt=True):
         torch.cuda.synchronize(); times.append(time.perf_counter() - t)
     dt = sorted(times[warmup:])[len(times[warmup:]) // 2]
     tps = SEQ / dt
-    return dict(kind=kind + ("" if ckpt else "-nockpt"), params_B=round(n_params / 1e9, 3), tokens_per_s=round(tps),
+    return dict(kind=kind + ("" if ckpt else "-nockpt") + ("-liger" if liger else ""), params_B=round(n_params / 1e9, 3), tokens_per_s=round(tps),
                 mfu=round(tps * fpt / PEAK, 4), peak_mem_GB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 step_s=round(dt, 4), loss=round(out.loss.item(), 3))
 
 if __name__ == "__main__":
     res = []
     for k in sys.argv[1:] or ["full", "lora"]:
-        kind, _, flag = k.partition(":")
+        kind, *flags = k.split(":")
         try:
-            r = run(kind, ckpt=(flag != "nockpt"))
+            r = run(kind, ckpt="nockpt" not in flags, liger="liger" in flags)
         except torch.cuda.OutOfMemoryError as e:
             r = dict(kind=k, error="out of memory")
         print(json.dumps(r), flush=True); res.append(r)

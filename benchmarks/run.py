@@ -4,6 +4,7 @@
     python benchmarks/run.py W1 W2 --scaling            # also W1@accum8, W1@16k, W1@32k, W2@16k
     python benchmarks/run.py W1 --variants base,eager,opt=adamw_master --no-hf
     python benchmarks/run.py W3 --variants base,engine=bmtrain+offload   # the 7B on one 80 GB GPU
+    python benchmarks/run.py W1 W2 --variants base,fp8=tensorwise,fp8=rowwise   # FP8 matmuls (H100 / H200)
     python benchmarks/run.py W4 W5 W6                   # CPU: build_index, MixtureLoader, conversion
     python benchmarks/run.py W7 --gpus 1,2,4,8          # W1 under torchrun on 1..8 GPUs
     python benchmarks/run.py --tiny W1 W2 W3 W4 W5 W6   # CPU smoke of every path (what CI runs)
@@ -12,7 +13,11 @@ Every training figure (W1, W2, W3, W7) comes from ``Trainer(config).fit()`` over
 through ``MixtureLoader`` (``num_workers`` >= 1) with logging on as a user has it; the step times are
 the Trainer's own ``iter_time`` of the stats rows, the median over the rows after ``--warmup``. Each
 run is a fresh subprocess (its own peak memory). The HF baseline is ``benchmarks/hf_baseline.py``
-(the shared protocol file, copied verbatim), also in a subprocess of the same command. W4, W5 and W6
+(the shared protocol file, copied verbatim), also in subprocesses of the same command: W1 ``full``
+and ``full:liger``, W2 ``lora``, ``lora:nockpt``, ``lora:liger`` and ``lora:nockpt:liger`` (the plain
+ones in one process, each Liger one in its own: Liger patches transformers for the rest of its
+process; without liger-kernel installed those entries say so). Every ratio is against the fastest
+HF configuration of the workload that fits (Liger's included). W4, W5 and W6
 (CPU) are ``w4_build_index.py``, ``w5_mixture.py`` and ``w6_convert.py``, each run in a subprocess.
 
 Workloads (``NAME[@SCALE]``; shapes in benchmarks/README.md):
@@ -44,6 +49,8 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     raf=0|1       TrainConfig(reshard_after_forward=...) under FSDP2 (1: the default)
     offload       TrainConfig(offload=True) (bmtrain: its optimizer in host memory; torch: FSDP2's CPU offload)
     cap=GB        cap the process's GPU memory at GB (1e9 bytes); W3 default 80
+    fp8=RECIPE    TrainConfig(fp8=RECIPE) (tensorwise | rowwise): the decoder's linears in FP8 (torchao;
+                  `pip install 'fm9g[fp8]'`, a GPU of compute capability 8.9+); MFU stays bf16-equivalent
     profile       torch.profiler over 3 steps after the warm-up: the top 20 kernels (ms per step) in
                   run.json, the Chrome trace as trace-<run>.json in the --out folder
 
@@ -85,7 +92,12 @@ SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
 TRAIN_WORKLOADS = ("W1", "W2", "W3")
 CPU_WORKLOADS = {"W4": "w4_build_index", "W5": "w5_mixture", "W6": "w6_convert"}
 FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "lorafuse", "workers", "graphs", "opt", "engine",
-         "offload", "cap", "profile", "dp", "fsdp", "raf"}
+         "offload", "cap", "profile", "dp", "fsdp", "raf", "fp8"}
+#: the HF baseline's configurations per workload (hf_baseline.py's flags): the plain ones share one
+#: process; each Liger one runs in a process of its own (Liger patches transformers for the rest
+#: of its process). Every ratio is against the fastest of them that fits.
+HF_PLAIN = {"W1": ["full"], "W2": ["lora", "lora:nockpt"]}
+HF_LIGER = {"W1": ["full:liger"], "W2": ["lora:liger", "lora:nockpt:liger"]}
 
 
 # ---------------------------------------------------------------------------------- data
@@ -170,6 +182,8 @@ def train_config(spec: dict[str, Any], mc: Any, data: list[dict], flags: dict[st
         extra["data_parallel"] = flags.get("dp") or "fsdp"
     if "raf" in flags:
         extra["reshard_after_forward"] = flags["raf"] != "0"
+    if "fp8" in flags:
+        extra["fp8"] = flags["fp8"] or "tensorwise"
     return TrainConfig(
         model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if workload == "W2" else None,
         lr=1e-4 if workload == "W2" else 1e-5, lr_scheduler="constant", warmup_iters=0,
@@ -271,7 +285,7 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(kind="fm9g", workload=spec["name"], variant=spec["variant"], world_size=world,
                 tokens_per_s=round(tps), mfu=round(tps * flops_per_token(trainer.model, row) / PEAK / world, 4),
                 peak_mem_GB=round(peak, 2), step_s=round(dt, 4), row=row, doc_len=doc_len, grad_accum=accum,
-                steps=len(timed), attn=attn, engine=cfg.engine, optimizer=cfg.optimizer, cap_GB=cap,
+                steps=len(timed), attn=attn, engine=cfg.engine, optimizer=cfg.optimizer, fp8=cfg.fp8, cap_GB=cap,
                 loss=round(result.losses[-1], 3) if result.losses else None, skipped=result.skipped,
                 losses=[round(x, 4) for x in result.losses],
                 build_s=round(build_s, 1), fit_s=round(fit_s, 1),
@@ -400,8 +414,10 @@ def _fmt(r: dict[str, Any] | None, key: str, fmt: str) -> str:
 
 
 def table(fm9g: list[dict[str, Any]], hf: dict[str, list[dict[str, Any]]]) -> str:
-    """The markdown ratio table of the training runs (fm9g vs the best HF configuration of the workload)."""
-    lines = ["| workload | variant | fm9g tok/s | MFU | peak GB | step s | HF config | HF tok/s | HF MFU | HF peak GB | ratio |",
+    """The markdown ratio table of the training runs: each against the fastest HF configuration of
+    its workload that ran (Liger's included; one that ran out of memory has no figures)."""
+    lines = ["| workload | variant | fm9g tok/s | MFU | peak GB | step s | best HF config | HF tok/s | HF MFU | HF peak GB "
+             "| ratio to best HF |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in fm9g:
         if r.get("kind") == "cpu" or r["workload"].startswith(("W7", *CPU_WORKLOADS)):
@@ -490,9 +506,22 @@ def _train_jobs(args: argparse.Namespace, work_root: Path, name: str, variants: 
 
 
 def _hf_baseline(name: str, log_root: Path, timeout: float) -> list[dict[str, Any]]:
-    kinds = ["full"] if name == "W1" else ["lora", "lora:nockpt"]
-    res, tail = _run_child([sys.executable, str(HERE / "hf_baseline.py"), *kinds], log_root / f"hf-{name}.log", timeout)
-    return res or [dict(kind=",".join(kinds), error="no result: " + tail[-300:])]
+    """Every HF configuration of the workload: the plain ones in one process, each Liger one in a
+    process of its own (``HF_PLAIN`` / ``HF_LIGER``); a configuration that did not run is an entry
+    with ``error``."""
+    import importlib.util
+
+    groups = [HF_PLAIN[name]] + [[k] for k in HF_LIGER[name]]
+    results: list[dict[str, Any]] = []
+    for kinds in groups:
+        if any("liger" in k.split(":") for k in kinds) and importlib.util.find_spec("liger_kernel") is None:
+            results += [dict(kind=k, error="liger-kernel is not installed: pip install liger-kernel") for k in kinds]
+            continue
+        tag = "-".join(k.replace(":", "_") for k in kinds)
+        res, tail = _run_child([sys.executable, str(HERE / "hf_baseline.py"), *kinds], log_root / f"hf-{name}-{tag}.log",
+                               timeout)
+        results += res or [dict(kind=",".join(kinds), error="no result: " + tail[-300:])]
+    return results
 
 
 def _header(argv: list[str], seconds: float) -> str:

@@ -57,3 +57,66 @@ def test_run_py_profile_flag_reports_the_top_kernels(tmp_path):
     assert all(k["ms_per_step"] >= 0 for k in row["kernels"])
     trace = json.loads((tmp_path / "trace-W1-profile.json").read_text())  # the Chrome trace, kept
     assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+
+
+def _run_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    return run
+
+
+def test_hf_baseline_is_the_shared_protocol_file_with_liger():
+    """benchmarks/hf_baseline.py is ../shared/bench/hf_baseline.py below its 3-line header, and it
+    takes the `:liger` flags run.py passes."""
+    ours = (ROOT / "benchmarks" / "hf_baseline.py").read_text(encoding="utf-8")
+    assert "liger=\"liger\" in flags" in ours and "apply_liger_kernel_to_qwen2" in ours
+    shared = ROOT.parent / "shared" / "bench" / "hf_baseline.py"
+    if shared.exists():  # beside the checkout on the development machine
+        assert ours.split("\n", 3)[3] == shared.read_text(encoding="utf-8")
+
+
+def test_every_hf_configuration_runs_liger_ones_alone_and_the_ratio_is_to_the_best(monkeypatch, tmp_path):
+    """W2's baseline: the plain configurations in one process, each Liger one in a process of its
+    own; without liger-kernel they are entries saying how to install it; the table divides by the
+    fastest configuration that ran (a Liger one here), not by one that ran out of memory."""
+    import importlib.util
+
+    run = _run_module()
+    calls = []
+    speed = {"lora": 7000, "lora:nockpt": None, "lora:liger": 8000, "lora:nockpt:liger": 8233}
+
+    def child(cmd, log, timeout):
+        kinds = cmd[2:]
+        calls.append(kinds)
+        return [dict(kind=k, error="out of memory") if speed[k] is None else dict(kind=k, tokens_per_s=speed[k])
+                for k in kinds], ""
+
+    monkeypatch.setattr(run, "_run_child", child)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel"
+                        else real_find_spec(name, *a))
+    hf = run._hf_baseline("W2", tmp_path, 60.0)
+    assert calls == [["lora", "lora:nockpt"], ["lora:liger"], ["lora:nockpt:liger"]]
+    fm9g = [dict(workload="W2", variant="base", tokens_per_s=16466, mfu=None, peak_mem_GB=30.0, step_s=0.25)]
+    text = run.table(fm9g, {"W2": hf})
+    assert "| lora:nockpt:liger | 8,233 |" in text and "| 2.00× |" in text, text
+    assert "| W2 | HF lora:nockpt | error: out of memory |" in text
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel"
+                        else real_find_spec(name, *a))
+    calls.clear()
+    hf = run._hf_baseline("W2", tmp_path, 60.0)
+    assert calls == [["lora", "lora:nockpt"]]
+    assert [h["error"] for h in hf if h["kind"].endswith("liger")] == ["liger-kernel is not installed: pip install "
+                                                                       "liger-kernel"] * 2
+
+
+def test_the_fp8_variant_sets_train_config_fp8(tmp_path):
+    run = _run_module()
+    spec = dict(tiny=True, workload="W1", scale="", work=str(tmp_path), steps=2, warmup=1)
+    mc, _ = run._shape(spec)
+    for variant, want in (("fp8=tensorwise", "tensorwise"), ("fp8=rowwise", "rowwise"), ("base", False)):
+        assert run.train_config(spec, mc, [], run.parse_variant(variant)).fp8 == want
