@@ -1,12 +1,28 @@
 """The state of a :class:`fm9g.data.mixture.MixtureLoader`: its layout (written here once), packing
 it into a few tensors, and checking that a saved state fits a loader.
 
-A state is a dict of tensors and plain values (``torch.load(..., weights_only=True)`` reads it):
-the settings it was saved with (``format``, ``seed``, ``rank``, ``world_size``, ``max_length``,
-``batch_size``, ``sampler``, ``task_names``, ``nlines``), then the :class:`Position`: per dataset
-(Long[D] / Bool[D]) the epoch, shard index, window, counters and the drop-out flag; the mixer's
-step; the packer's waiting rows as flat tensors; ``waiting`` Long[n, 2] = ``(task id, line id)`` of
-the samples in the packer. See docs/mixture.md.
+A state is a dict of tensors and plain values (``torch.load(..., weights_only=True)`` reads it).
+Two formats:
+
+``fm9g.mixture/2`` (the global stream, :mod:`fm9g.data.stream`): the settings (``format``,
+``seed``, ``max_length``, ``sampler``, ``task_names``, ``nlines``); the stream's ``num_lanes``
+(K) and ``rows`` (rows of the global stream consumed by all ranks together); the layout that saved
+it (``world_size``, ``rank``, ``batch_size``, ``grad_accum``) and ``micro_batches`` (handed out by
+this rank since that layout began); ``finished``; and ``lanes``: the :class:`Position` of each lane
+this rank holds, stacked — ``id`` Long[m], per dataset Long[m, D] / Bool[m, D] (``epoch``,
+``next_line``, ...), per lane Long[m] (``step``, ``batches`` = rows the lane made, ``finished``),
+``drop_reasons``, the packers' waiting rows as flat tensors and ``waiting`` Long[n, 2] with
+``waiting_counts`` Long[m]. The states of all ranks together hold every lane: any number of ranks
+resumes from them (:func:`merge_lanes`).
+
+``fm9g.mixture/1`` (one rank's own mixture, written before the global stream; still loaded on
+the same rank and world size): the settings it was saved with (``format``, ``seed``, ``rank``,
+``world_size``, ``max_length``, ``batch_size``, ``sampler``, ``task_names``, ``nlines``), then the
+:class:`Position`: per dataset (Long[D] / Bool[D]) the epoch, shard index, window, counters and the
+drop-out flag; the mixer's step; the packer's waiting rows as flat tensors; ``waiting`` Long[n, 2]
+= ``(task id, line id)`` of the samples in the packer. A lane's own state is this format too (its
+``rank`` / ``world_size`` are the lane and the number of lanes, ``batch_size`` 1). See
+docs/mixture.md.
 """
 from __future__ import annotations
 
@@ -15,9 +31,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["STATE_FORMAT", "MixtureStateError", "Position", "StateSettings", "check_compatible"]
+__all__ = ["STATE_FORMAT", "STREAM_FORMAT", "MixtureStateError", "Position", "StateSettings", "check_compatible",
+           "check_stream_compatible", "pack_lanes", "unpack_lanes", "merge_lanes"]
 
 STATE_FORMAT = "fm9g.mixture/1"
+STREAM_FORMAT = "fm9g.mixture/2"
 
 
 class MixtureStateError(ValueError):
@@ -135,10 +153,33 @@ def check_compatible(state: Any, settings: StateSettings) -> None:
     if state["world_size"] != settings.world_size or state["rank"] != settings.rank:
         raise MixtureStateError(
             f"this loader state was saved by rank {state['rank']} of world_size {state['world_size']}, but this "
-            f"loader is rank {settings.rank} of world_size {settings.world_size}. Resuming the data order with a "
-            f"different number of ranks is not supported (each rank's shard and mixing order depend on it): resume "
-            f"with world_size={state['world_size']}, or skip load_state_dict to start the data order afresh"
+            f"loader is rank {settings.rank} of world_size {settings.world_size}. It is a per-rank state "
+            f"({STATE_FORMAT}, written by an fm9g before the global data stream): each rank's shard and mixing "
+            f"order depend on the number of ranks, so it resumes only as rank {state['rank']} of world_size "
+            f"{state['world_size']}. Resume with world_size={state['world_size']}, or skip load_state_dict to start "
+            "the data order afresh (states saved now resume on any number of ranks)"
         )
+    _check_same_data(state, settings)
+    if state["batch_size"] != settings.batch_size:
+        raise MixtureStateError(
+            f"the state was saved with batch_size={state['batch_size']!r} but this loader has "
+            f"batch_size={settings.batch_size!r}; use the same value to resume (a per-rank state, {STATE_FORMAT})"
+        )
+
+
+def check_stream_compatible(state: Any, settings: StateSettings) -> None:
+    """Raise :class:`MixtureStateError` unless ``state`` (format ``fm9g.mixture/2``) was saved by a
+    loader over the same datasets with the same seed, max_length and sampler (any ranks, batch
+    size or grad_accum); the message names the mismatch and what to do."""
+    if not isinstance(state, dict) or state.get("format") != STREAM_FORMAT:
+        raise MixtureStateError(
+            f"not a MixtureLoader state (expected format {STREAM_FORMAT!r} or {STATE_FORMAT!r}; a list holds "
+            "the state_dict() of each rank)")
+    _check_same_data(state, settings)
+
+
+def _check_same_data(state: dict[str, Any], settings: StateSettings) -> None:
+    """The state's tasks, line counts, seed, max_length and sampler must be the loader's."""
     task_names = list(settings.task_names)
     if list(state["task_names"]) != task_names:
         raise MixtureStateError(
@@ -152,12 +193,94 @@ def check_compatible(state: Any, settings: StateSettings) -> None:
             f"datasets {changed} have a different number of lines than when the state was saved "
             f"(saved {saved}, now {now}): the index was rebuilt; start the data order afresh"
         )
-    for key in ("seed", "max_length", "batch_size", "sampler"):
+    for key in ("seed", "max_length", "sampler"):
         if state[key] != getattr(settings, key):
             raise MixtureStateError(
                 f"the state was saved with {key}={state[key]!r} but this loader has {key}={getattr(settings, key)!r}; "
                 f"use the same value to resume"
             )
+
+
+def pack_lanes(lanes: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Stack the lanes' own states (format ``fm9g.mixture/1``, ``{lane: state}``) into the few
+    tensors of a stream state's ``lanes`` entry (module docstring)."""
+    ids = sorted(lanes)
+    pos = [Position.from_state(lanes[i]) for i in ids]
+    out: dict[str, Any] = {"id": torch.tensor(ids, dtype=torch.int64)}
+    for key in _PER_DATASET:
+        dtype = torch.bool if key == "exhausted" else torch.int64
+        out[key] = torch.tensor([getattr(p, key) for p in pos], dtype=dtype).reshape(len(pos), -1)
+    for key in ("step", "batches", "finished"):
+        out[key] = torch.tensor([getattr(p, key) for p in pos], dtype=torch.bool if key == "finished" else torch.int64)
+    out["drop_reasons"] = [[dict(r) for r in p.drop_reasons] for p in pos]
+    rows = [row for p in pos if p.packer is not None for row in p.packer["rows"]]
+    max_length = next((p.packer["max_length"] for p in pos if p.packer is not None), 0)
+    out["packer_rows"] = torch.tensor([-1 if p.packer is None else len(p.packer["rows"]) for p in pos], dtype=torch.int64)
+    out["packer"] = _pack_packer_state({"batch_size": 1, "max_length": max_length, "rows": rows})
+    out["waiting_counts"] = torch.tensor([len(p.waiting) for p in pos], dtype=torch.int64)
+    out["waiting"] = torch.tensor([w for p in pos for w in p.waiting], dtype=torch.int64).reshape(-1, 2)
+    return out
+
+
+def unpack_lanes(packed: dict[str, Any], settings_of: Any) -> dict[int, dict[str, Any]]:
+    """Inverse of :func:`pack_lanes`: ``{lane: its own state}``, each made with ``settings_of(lane)``
+    (a :class:`StateSettings`: the lane's plan)."""
+    ids = packed["id"].tolist()
+    per = {k: packed[k].tolist() for k in _PER_DATASET}
+    scalars = {k: packed[k].tolist() for k in ("step", "batches", "finished")}
+    rows = _unpack_packer_state(packed["packer"])["rows"]
+    max_length = int(packed["packer"]["max_length"])
+    waiting, counts = packed["waiting"].tolist(), packed["waiting_counts"].tolist()
+    out, r, w = {}, 0, 0
+    for i, lane in enumerate(ids):
+        n = int(packed["packer_rows"][i])
+        packer = None if n < 0 else {"batch_size": 1, "max_length": max_length, "rows": rows[r : r + n]}
+        r += max(n, 0)
+        pos = Position(
+            **{k: list(per[k][i]) for k in _PER_DATASET}, drop_reasons=[dict(x) for x in packed["drop_reasons"][i]],
+            step=int(scalars["step"][i]), batches=int(scalars["batches"][i]), finished=bool(scalars["finished"][i]),
+            packer=packer, waiting=[tuple(x) for x in waiting[w : w + counts[i]]],  # type: ignore[misc]
+        )
+        w += counts[i]
+        out[lane] = pos.to_state(settings_of(lane))
+    return out
+
+
+def lane_rows_before(rows: int, lane: int, num_lanes: int) -> int:
+    """Rows of ``lane`` among the first ``rows`` rows of a stream of ``num_lanes`` lanes (row ``j``
+    is row ``j // num_lanes`` of lane ``j % num_lanes``)."""
+    return (rows - lane + num_lanes - 1) // num_lanes if rows > lane else 0
+
+
+def merge_lanes(states: list[dict[str, Any]], lanes_of: list[dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """The lanes of the global stream from the states of several ranks (format ``fm9g.mixture/2``)
+    and their unpacked ``lanes_of``: per lane the state that made the most rows, checked against
+    the stream position ``rows`` the states agree on.
+
+    Raises:
+        MixtureStateError: states of different streams or positions, or a lane made past the
+            position (a state saved in the middle of an optimizer step on several ranks).
+    """
+    head = states[0]
+    for st in states[1:]:
+        if (st["num_lanes"], st["rows"]) != (head["num_lanes"], head["rows"]):
+            raise MixtureStateError(
+                f"the loader states given were saved at different places: one at row {head['rows']} of a stream "
+                f"of {head['num_lanes']} lanes, one at row {st['rows']} of {st['num_lanes']} lanes; pass the "
+                "state_dict() of every rank saved at the same step")
+    merged: dict[int, dict[str, Any]] = {}
+    for lanes in lanes_of:
+        for lane, st in lanes.items():
+            if lane not in merged or st["batches"] > merged[lane]["batches"]:
+                merged[lane] = st
+    k, c = int(head["num_lanes"]), int(head["rows"])
+    for lane, st in merged.items():
+        if st["batches"] > lane_rows_before(c, lane, k):
+            raise MixtureStateError(
+                f"lane {lane} of the loader state has made {st['batches']} rows, past row {c} of the stream where "
+                "the state says the ranks stand: the states were saved in the middle of an optimizer step "
+                "(grad_accum > 1 on several ranks); save after a whole step (the Trainer always does)")
+    return merged
 
 
 def _pack_packer_state(sd: dict[str, Any]) -> dict[str, Any]:

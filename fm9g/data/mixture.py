@@ -34,20 +34,28 @@ A *dataset config* is the original JSON list, one entry per indexed dataset::
   last partial batch is flushed. Each dataset drops out exactly once (the original could count
   one dataset twice and stop early).
 
+One global stream (:mod:`fm9g.data.stream`): the mixture is ``K`` lanes, ``K = world_size x
+batch_size x grad_accum`` rows per optimizer step of the run that starts it; lane ``l`` mixes and
+packs rows on its own, reading part ``l`` of ``K`` of every dataset, and row ``j`` of the stream is
+row ``j // K`` of lane ``j % K``. Each optimizer step takes the next ``world_size x batch_size x
+grad_accum`` rows, and rank ``r`` reads its slice of them.
+
 Sharding: in epoch ``e`` dataset *i* is read in the order of a pseudo-random permutation of its
 lines keyed by ``(seed, task_name, e)`` (a Feistel network: nothing is stored, any position is
-computed on demand). Rank ``r`` of ``W`` reads positions ``r, r+W, r+2W, ...``: the ranks' line
+computed on demand). Lane ``l`` of ``K`` reads positions ``l, l+K, l+2K, ...``: the lanes' line
 sets are disjoint and together cover the dataset once per epoch. A dataset with fewer lines than
-ranks is an error unless it repeats; then rank ``r`` reads line position ``r mod nlines``.
+ranks is an error unless it repeats; then lane ``l`` reads line position ``l mod nlines`` (a
+non-repeating dataset with fewer lines than lanes gives the lanes ``l >= nlines`` none).
 
-Resume: :meth:`MixtureLoader.state_dict` is a small dict of tensors and plain values (per
-dataset: epoch, lines read, windows of the current long document handed out, tokens and samples
-drawn; the mixer's step counter — its random numbers are a function of ``(seed, rank, step)``;
-the packer's pending rows; statistics). It describes the position after the last batch handed to
-the caller, even when background workers have prepared more. After
-:meth:`MixtureLoader.load_state_dict` the loader yields exactly the batches the uninterrupted
-loader would have yielded next. Changing ``world_size`` (or ``rank``) on resume is refused with
-an error: resume with the same number of ranks, or start the data order fresh.
+Resume: :meth:`MixtureLoader.state_dict` is a small dict of tensors and plain values (per lane
+this rank reads and per dataset: epoch, lines read, windows of the current long document handed
+out, tokens and samples drawn; the lane's mixer step — its random numbers are a function of
+``(seed, lane, step)``; the pending row; statistics; and the stream row the ranks stand at). It
+describes the position after the last batch handed to the caller, even when background workers
+have prepared more. :meth:`MixtureLoader.load_state_dict` takes it, or the list of every rank's
+states, on any number of ranks: with the same global batch the loader yields exactly the rows the
+uninterrupted run would have trained on next; with another global batch it continues the stream
+from the first unconsumed row (:attr:`MixtureLoader.resume_note` says which).
 
 Background work (``num_workers > 0``): a thread runs the mixer and packer and ``num_workers``
 spawned processes read, transform and tokenize lines ahead (the same lines in the same order
@@ -70,11 +78,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import torch
+
 from fm9g._io import nearby_hint
 from fm9g.data.entries import DatasetEntry, MixtureConfigError, load_dataset_config
-from fm9g.data.loader_state import STATE_FORMAT, MixtureStateError, Position, check_compatible
+from fm9g.data.loader_state import (
+    STATE_FORMAT, STREAM_FORMAT, MixtureStateError, Position, check_compatible, check_stream_compatible, merge_lanes,
+    pack_lanes, unpack_lanes,
+)
 from fm9g.data.producer import MixPlan, Producer
 from fm9g.data.reader import LineSource, Reader, ReaderSpec, worker_init
+from fm9g.data.stream import Layout, RankStream, StreamState, fresh_state, resume_note, resumed_state
 from fm9g.data.records import is_chat_record
 from fm9g.data.tokenizers import load_tokenizer
 from fm9g.data.transforms import load_transform
@@ -103,8 +117,10 @@ class MixtureLoader:
             sentencepiece ``.model`` or the FM9G-8B ``vocab.txt``).
         max_length: row length L of a packed batch (and the longest sample).
         batch_size: rows B per batch.
-        seed: seeds the line order of every epoch (same on all ranks) and the mixer (per rank).
+        seed: seeds the line order of every epoch and the lanes' mixers (the same stream on any ranks).
         rank / world_size: this process's data-parallel rank and the number of ranks.
+        grad_accum: micro-batches per optimizer step (a step takes ``world_size x batch_size x
+            grad_accum`` rows of the stream; rank ``r`` reads its slice, one micro-batch at a time).
         num_workers: 0 = everything in the iterating thread; ``n > 0`` = a background thread
             mixes and packs while ``n`` spawned processes read and tokenize ahead.
         prefetch: batches the background thread may prepare ahead (``num_workers > 0``).
@@ -135,6 +151,13 @@ class MixtureLoader:
 
     Workers exit by themselves when the process that started them dies (even by SIGKILL).
 
+    Attributes:
+        resume_note: what the last :meth:`load_state_dict` did with the data, in one sentence
+            (another layout with the same global batch, or a changed global batch); None for a
+            plain resume.
+        resume_exact: False after a load with another global batch (the rows continue in order,
+            but the steps group them differently from the uninterrupted run).
+
     Iterating yields the packer's batch dicts — ``input_ids`` / ``labels`` / ``position_ids`` /
     ``task_ids`` Long[B, L], ``cu_seqlens`` Int32[n+1], ``max_seqlen``, ``num_tokens``,
     ``num_label_tokens`` — plus ``task_names`` (list[str], indexed by ``task_ids``) and
@@ -143,6 +166,9 @@ class MixtureLoader:
     ``iter(loader)`` continues from the current state (fresh, loaded, or after the last batch
     yielded).
     """
+
+    #: load_state_dict takes the list of every rank's state_dict() (the Trainer passes it on resume)
+    loads_every_rank_state = True
 
     def __init__(
         self,
@@ -154,6 +180,7 @@ class MixtureLoader:
         seed: int = 42,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
         num_workers: int = 0,
         prefetch: int = 8,
         sampler: str = "deficit",
@@ -166,7 +193,7 @@ class MixtureLoader:
         split: str = "train",
     ) -> None:
         self.entries = load_dataset_config(list(entries), base_dir=base_dir)
-        _check_settings(rank, world_size, sampler, max_epochs, max_length, batch_size)
+        _check_settings(rank, world_size, sampler, max_epochs, max_length, batch_size, grad_accum)
         self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
@@ -191,15 +218,35 @@ class MixtureLoader:
             rank=rank, world_size=world_size, holdout=float(holdout), split=split,
         )
         self._reader = _open_reader(self._spec)
-        self._plan = MixPlan.build(
-            self.entries, _line_counts(self.entries, self._reader, world_size), seed=self.seed, rank=rank,
-            world_size=world_size, max_length=self.max_length, batch_size=self.batch_size, sampler=sampler,
-            max_epochs=max_epochs,
-        )
+        self.grad_accum = int(grad_accum)
+        self._layout = Layout(world_size, rank, self.batch_size, self.grad_accum)
+        self._nlines = _line_counts(self.entries, self._reader, world_size)
+        # a per-rank mixture: only for states written before the global stream (fm9g.mixture/1)
+        self._plan = self._mix_plan(rank, world_size, self.batch_size)
+        self._lane_plans: dict[tuple[int, int], MixPlan] = {}
         _check_first_records(self.entries, self._reader)
-        self._state = Position.initial(len(self.entries)).to_state(self._plan)
+        num_lanes = self._layout.rows_per_step
+        lanes = self._layout.own_lanes(num_lanes, 0) or []
+        self._state: dict[str, Any] | StreamState = fresh_state(num_lanes, lanes, self._initial_lane)
+        self.resume_note: str | None = None
+        self.resume_exact = True
         self._generation = 0
         self._executor: ProcessPoolExecutor | None = None
+
+    def _mix_plan(self, part: int, parts: int, batch_size: int) -> MixPlan:
+        return MixPlan.build(self.entries, self._nlines, seed=self.seed, rank=part, world_size=parts,
+                             max_length=self.max_length, batch_size=batch_size, sampler=self.sampler,
+                             max_epochs=self.max_epochs)
+
+    def _lane_plan(self, lane: int, num_lanes: int) -> MixPlan:
+        """The plan of lane ``lane`` of ``num_lanes``: part ``lane`` of every dataset, one row per batch."""
+        key = (lane, num_lanes)
+        if key not in self._lane_plans:
+            self._lane_plans[key] = self._mix_plan(lane, num_lanes, 1)
+        return self._lane_plans[key]
+
+    def _initial_lane(self, lane: int) -> dict[str, Any]:
+        return Position.initial(len(self.entries)).to_state(self._lane_plan(lane, self._layout.rows_per_step))
 
     @classmethod
     def from_config(
@@ -227,23 +274,59 @@ class MixtureLoader:
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out (tensors, ints, strings; ``weights_only``-safe).
 
-        Save it with ``torch.save`` next to the model checkpoint; pass it to :meth:`load_state_dict`.
-        The layout is described in :mod:`fm9g.data.loader_state`.
+        Save it with ``torch.save`` next to the model checkpoint (one file per rank); pass it (or
+        the list of every rank's) to :meth:`load_state_dict`. The layout is described in
+        :mod:`fm9g.data.loader_state`.
         """
-        return copy.deepcopy(self._state)
+        st = self._state
+        if not isinstance(st, StreamState):
+            return copy.deepcopy(st)
+        lay = self._layout
+        return {
+            "format": STREAM_FORMAT, "seed": self.seed, "max_length": self.max_length, "sampler": self.sampler,
+            "task_names": list(self.task_names), "nlines": torch.tensor(self._nlines, dtype=torch.int64),
+            "num_lanes": st.num_lanes, "rows": lay.consumed(st.start, st.micro_batches),
+            "world_size": lay.world_size, "rank": lay.rank, "batch_size": lay.batch_size,
+            "grad_accum": lay.grad_accum, "micro_batches": st.micro_batches, "finished": st.finished,
+            "lanes": pack_lanes(st.lanes),
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of a loader with the same config).
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Continue from ``state``: :meth:`state_dict` of a loader over the same datasets, or the list
+        of the states of every rank of a run (saved at the same step), on any number of ranks,
+        batch size and grad_accum.
 
-        The next ``iter(self)`` yields exactly the batches the saved loader would have yielded next.
+        With the same global batch (``world_size x batch_size x grad_accum`` rows per step) the next
+        batches hold exactly the rows the uninterrupted run would have trained on next; with
+        another one the stream continues from its first unconsumed row, no row repeated or skipped
+        (:attr:`resume_note` says which). A per-rank state of an older fm9g (``fm9g.mixture/1``)
+        loads only on the rank and world size that saved it.
 
         Raises:
-            MixtureStateError: the state comes from a different mixture (task names, line counts),
-                different settings (seed, max_length, batch_size, sampler), or a different
-                rank / world size — the message names the mismatch and what to do.
+            MixtureStateError: the state comes from a different mixture (task names, line counts) or
+                settings (seed, max_length, sampler); lanes of the stream are missing (pass every
+                rank's state) or the states were saved at different steps — the message names the
+                mismatch and what to do.
         """
-        check_compatible(state, self._plan)
-        self._state = copy.deepcopy(state)
+        states = list(state) if isinstance(state, (list, tuple)) else [state]
+        if not states:
+            raise MixtureStateError("load_state_dict got an empty list: pass the state_dict() of every rank")
+        per_rank = [st for st in states if isinstance(st, dict) and st.get("format") == STATE_FORMAT]
+        if per_rank:  # an older fm9g's per-rank states: this rank's own, on the same world size only
+            mine = next((st for st in per_rank if st.get("rank") == self.rank), per_rank[0])
+            check_compatible(mine, self._plan)
+            self._state, self.resume_note, self.resume_exact = copy.deepcopy(mine), None, True
+            self._generation += 1
+            return
+        for st in states:
+            check_stream_compatible(st, self._plan)
+        merged = merge_lanes(states, [unpack_lanes(st["lanes"], lambda lane, k=int(st["num_lanes"]): self._lane_plan(lane, k))
+                                      for st in states])
+        head = states[0]
+        saved = (int(head["world_size"]), int(head["batch_size"]), int(head["grad_accum"]))
+        self._state = resumed_state(int(head["num_lanes"]), int(head["rows"]), merged, self._layout, saved)
+        self.resume_note = resume_note(self._state, self._layout)
+        self.resume_exact = self._layout.own_lanes(self._state.num_lanes, self._state.start) is not None
         self._generation += 1
 
     # -- iteration ------------------------------------------------------------------------------
@@ -254,7 +337,7 @@ class MixtureLoader:
             return self._iter_inline(gen)
         return self._iter_background(gen)
 
-    def _source(self) -> LineSource:
+    def _source(self, part: tuple[int, int] | None = None, shard_lens: list[int] | None = None) -> LineSource:
         executor = None
         if self.num_workers > 0:
             if self._executor is None:
@@ -264,11 +347,23 @@ class MixtureLoader:
                 )
             executor = self._executor
         ahead = max(2, 2 * self.num_workers)
-        return LineSource(self._reader, self._plan.shard_lens, executor, self.chunk_lines, ahead)
+        if part is None:
+            return LineSource(self._reader, self._plan.shard_lens, executor, self.chunk_lines, ahead)
+        return LineSource(self._reader, shard_lens or [], executor, self.chunk_lines, ahead, part)
+
+    def _runner(self, state: dict[str, Any] | StreamState) -> Any:
+        """What makes the batches from ``state``: the rank's view of the stream, or (a per-rank
+        state of an older fm9g) the rank's own mixture; its ``run()`` yields ``(batch, state)``."""
+        if not isinstance(state, StreamState):
+            return Producer(self._plan, state, self._source())
+        k = state.num_lanes
+        lay = self._layout
+        return RankStream(lambda lane: self._lane_plan(lane, k),
+                          lambda lane, plan: self._source((lane, k), plan.shard_lens),
+                          lay, state, self.task_names, keep=2 * lay.batch_size * lay.grad_accum)
 
     def _iter_inline(self, gen: int) -> Iterator[dict[str, Any]]:
-        producer = Producer(self._plan, self._state, self._source())
-        for batch, snap in producer.run():
+        for batch, snap in self._runner(self._state).run():
             if gen != self._generation:
                 return
             self._state = snap
@@ -278,8 +373,7 @@ class MixtureLoader:
     def _iter_background(self, gen: int) -> Iterator[dict[str, Any]]:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        source = self._source()
-        state = self._state
+        runner = self._runner(self._state)
 
         def put(item: Any) -> bool:
             while not stop.is_set():
@@ -292,8 +386,7 @@ class MixtureLoader:
 
         def work() -> None:
             try:
-                producer = Producer(self._plan, state, source)
-                for item in producer.run():
+                for item in runner.run():
                     if not put(item):
                         return
                 put(_STOP)
@@ -323,7 +416,7 @@ class MixtureLoader:
                 except queue.Empty:
                     pass
             thread.join()
-            source.cancel()
+            _cancel(runner)
 
     def close(self) -> None:
         """Stop the worker processes (a later ``iter()`` starts new ones)."""
@@ -345,7 +438,8 @@ class MixtureLoader:
 
     # -- statistics -----------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per task, counted over the batches handed out so far (kept across resume).
+        """Per task, counted over the rows of the lanes this rank reads (with one rank: the whole
+        stream; a per-rank state of an older fm9g: this rank's batches), kept across resume.
 
         Returns:
             ``{task_name: {"samples", "tokens", "label_tokens", "dropped_lines", "drop_reasons", "epoch",
@@ -354,39 +448,55 @@ class MixtureLoader:
             ``drop_reasons`` those by reason (the transform returned None, empty output, prompt too
             long, ``oversize_rule="drop"``, no trained turn), ``epoch`` the current pass over this rank's shard (0-based),
             ``avg_tokens`` the running mean sample length the mixer uses, ``weight`` the
-            normalised abs_weight (or weight x nlines).
+            normalised abs_weight (or weight x nlines). Over several lanes: the sums, the largest
+            epoch, ``exhausted`` when every lane's share is used up.
         """
-        s = self._state
+        st = self._state
+        parts = list(st.lanes.values()) if isinstance(st, StreamState) else [st]
         out: dict[str, dict[str, Any]] = {}
         for d, name in enumerate(self.task_names):
-            avg = self._plan.avg_tokens(d, int(s["mix_tokens"][d]), int(s["mix_samples"][d]))
+            def total(key: str) -> int:
+                return sum(int(p[key][d]) for p in parts)
+
+            reasons: dict[str, int] = {}
+            for p in parts:
+                for why, n in (p.get("drop_reasons") or [{}] * len(self.task_names))[d].items():
+                    reasons[why] = reasons.get(why, 0) + int(n)
             out[name] = {
-                "samples": int(s["out_samples"][d]),
-                "tokens": int(s["out_tokens"][d]),
-                "label_tokens": int(s["out_label_tokens"][d]),
-                "dropped_lines": int(s["dropped_lines"][d]),
-                "drop_reasons": dict((s.get("drop_reasons") or [{}] * len(self.task_names))[d]),
-                "epoch": int(s["epoch"][d]),
-                "exhausted": bool(s["exhausted"][d]),
-                "avg_tokens": avg,
+                "samples": total("out_samples"), "tokens": total("out_tokens"), "label_tokens": total("out_label_tokens"),
+                "dropped_lines": total("dropped_lines"), "drop_reasons": reasons,
+                "epoch": max((int(p["epoch"][d]) for p in parts), default=0),
+                "exhausted": bool(parts) and all(bool(p["exhausted"][d]) for p in parts),
+                "avg_tokens": self._plan.avg_tokens(d, total("mix_tokens"), total("mix_samples")),
                 "weight": self._plan.weights[d],
             }
         return out
 
     @property
     def finished(self) -> bool:
-        """True once every dataset has dropped out and the last batch was handed out."""
-        return bool(self._state["finished"])
+        """True once the data ended for this rank (every dataset dropped out of the lanes it reads)
+        and the last batch was handed out."""
+        st = self._state
+        return st.finished if isinstance(st, StreamState) else bool(st["finished"])
 
     def __repr__(self) -> str:
         return (
             f"MixtureLoader(tasks={self.task_names}, max_length={self.max_length}, batch_size={self.batch_size}, "
-            f"rank={self.rank}/{self.world_size}, num_workers={self.num_workers}, sampler={self.sampler!r})"
+            f"grad_accum={self.grad_accum}, rank={self.rank}/{self.world_size}, num_workers={self.num_workers}, "
+            f"sampler={self.sampler!r})"
         )
 
 
+def _cancel(runner: Any) -> None:
+    """Stop the read-ahead of a runner (:meth:`MixtureLoader._runner`)."""
+    if isinstance(runner, Producer):
+        runner.source.cancel()
+    else:
+        runner.cancel()
+
+
 def _check_settings(
-    rank: Any, world_size: Any, sampler: str, max_epochs: Any, max_length: int, batch_size: int
+    rank: Any, world_size: Any, sampler: str, max_epochs: Any, max_length: int, batch_size: int, grad_accum: Any = 1
 ) -> None:
     """Raise :class:`MixtureConfigError` naming the first bad loader setting."""
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -397,6 +507,8 @@ def _check_settings(
         raise MixtureConfigError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
     if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 1):
         raise MixtureConfigError(f"max_epochs must be None or an int >= 1, got {max_epochs!r}")
+    if not (isinstance(grad_accum, int) and grad_accum >= 1):
+        raise MixtureConfigError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
     if int(max_length) < 4 or int(batch_size) < 1:
         raise MixtureConfigError(f"need max_length >= 4 and batch_size >= 1, got {max_length}, {batch_size}")
 

@@ -63,10 +63,13 @@ class Permutation:
         return x.astype(np.int64)
 
 
-def shard_len(n: int, rank: int, world: int) -> int:
-    """Lines rank ``rank`` of ``world`` reads per epoch of an ``n``-line dataset."""
-    if n < world:
-        return 1  # only allowed for repeating datasets: rank r reads position r mod n
+def shard_len(n: int, rank: int, world: int, repeat: bool = True) -> int:
+    """Lines part ``rank`` of ``world`` reads per epoch of an ``n``-line dataset (a part is a rank,
+    or a lane of the global stream: :mod:`fm9g.data.stream`). With fewer lines than parts, a
+    repeating dataset gives every part one line (position ``rank mod n``); a non-repeating one
+    gives the parts ``rank < n`` one line and the others none."""
+    if n < world and repeat:
+        return 1
     return (n - rank + world - 1) // world
 
 
@@ -109,7 +112,9 @@ class ShardOrder:
             self._cache[key] = perm
         return perm
 
-    def line_ids(self, d: int, epoch: int, k: np.ndarray) -> np.ndarray:
-        """Line ids read by this rank at shard indices ``k`` (int64 array) of dataset ``d`` in ``epoch``."""
-        positions = _shard_positions(self.nlines[d], self.rank, self.world_size, k)
+    def line_ids(self, d: int, epoch: int, k: np.ndarray, part: tuple[int, int] | None = None) -> np.ndarray:
+        """Line ids read at shard indices ``k`` (int64 array) of dataset ``d`` in ``epoch`` by this
+        rank, or by ``part = (index, count)`` (a lane of the global stream) when given."""
+        rank, world = part if part is not None else (self.rank, self.world_size)
+        positions = _shard_positions(self.nlines[d], rank, world, k)
         return self.permutation(d, epoch)(positions)

@@ -25,7 +25,7 @@ import torch
 
 from fm9g.data.tokenize import IGNORE_INDEX, TokenizedSample
 
-__all__ = ["Packer"]
+__all__ = ["Packer", "stack_rows"]
 
 
 class Packer:
@@ -140,3 +140,29 @@ class Packer:
             "num_tokens": num_tokens,
             "num_label_tokens": int((labels != IGNORE_INDEX).sum()),
         }
+
+
+def _empty_row(max_length: int) -> dict[str, Any]:
+    """A one-row batch of padding only (a lane of the global stream that has ended)."""
+    return Packer(1, max_length)._emit() | {"sample_lines": torch.zeros(0, 2, dtype=torch.long)}
+
+
+def stack_rows(rows: list[dict[str, Any] | None], max_length: int) -> dict[str, Any]:
+    """One ``[len(rows), L]`` batch of one-row batches (``None``: a row of padding), in order.
+
+    Tensors of shape [1, L] are concatenated; ``cu_seqlens`` continue over the flattened rows;
+    ``max_seqlen`` is the largest, ``num_tokens`` / ``num_label_tokens`` the sums; ``sample_lines``
+    (when the rows have it) are concatenated; other values are the first row's.
+    """
+    full = [r if r is not None else _empty_row(max_length) for r in rows]
+    out = dict(full[0])
+    for key in ("input_ids", "labels", "position_ids", "task_ids"):
+        out[key] = torch.cat([r[key] for r in full])
+    cus = [full[0]["cu_seqlens"]] + [r["cu_seqlens"][1:] + i * max_length for i, r in enumerate(full) if i]
+    out["cu_seqlens"] = torch.cat(cus).to(torch.int32)
+    out["max_seqlen"] = max(int(r["max_seqlen"]) for r in full)
+    out["num_tokens"] = sum(int(r["num_tokens"]) for r in full)
+    out["num_label_tokens"] = sum(int(r["num_label_tokens"]) for r in full)
+    if all("sample_lines" in r for r in full):
+        out["sample_lines"] = torch.cat([r["sample_lines"] for r in full])
+    return out

@@ -61,7 +61,8 @@ class MixPlan(StateSettings):
             check_shares(raw, "weight x nlines", "the dataset config")
             weights = [w / sum(raw) for w in raw]
         prior = [None if e.ave_tokens_per_line is None else float(min(e.ave_tokens_per_line, max_length)) for e in entries]
-        shard_lens = [shard_len(n, settings["rank"], settings["world_size"]) for n in nlines]
+        shard_lens = [shard_len(n, settings["rank"], settings["world_size"], e.allow_repeat)
+                      for e, n in zip(entries, nlines)]
         return cls(
             entries=entries, task_names=[e.task_name for e in entries], nlines=nlines, shard_lens=shard_lens,
             weights=weights, token_shares=token_shares, prior_tokens=prior, **settings,

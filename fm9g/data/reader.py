@@ -86,9 +86,10 @@ class Reader:
             msg = f"task {entry.task_name!r}, {entry.path} line {int(line)}: {type(err).__name__}: {err}"
             raise RuntimeError(msg) from err
 
-    def read(self, d: int, epoch: int, k0: int, k1: int) -> Lines:
-        """``(line id, windows)`` of shard indices ``k0..k1-1`` (windows ``[]`` for a dropped line)."""
-        ids = self.order.line_ids(d, epoch, np.arange(k0, k1, dtype=np.int64))
+    def read(self, d: int, epoch: int, k0: int, k1: int, part: tuple[int, int] | None = None) -> Lines:
+        """``(line id, windows)`` of shard indices ``k0..k1-1`` (windows ``[]`` for a dropped line)
+        of this rank's shard, or of ``part = (lane, lanes)``'s."""
+        ids = self.order.line_ids(d, epoch, np.arange(k0, k1, dtype=np.int64), part)
         lines = (ids if self.lines[d] is None else self.lines[d][ids]).tolist()  # line ids in the index
         samples = [self.transformed(d, epoch, line) for line in lines]
         return list(zip(lines, self.tokenize(d, lines, samples)))
@@ -176,9 +177,9 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="fm9g-exit-with-parent", daemon=True).start()
 
 
-def _worker_read(d: int, epoch: int, k0: int, k1: int) -> Lines:
+def _worker_read(d: int, epoch: int, k0: int, k1: int, part: tuple[int, int] | None = None) -> Lines:
     assert _WORKER_READER is not None, "worker_init did not run in this process"
-    return _WORKER_READER.read(d, epoch, k0, k1)
+    return _WORKER_READER.read(d, epoch, k0, k1, part)
 
 
 class LineSource:
@@ -186,14 +187,17 @@ class LineSource:
 
     Args:
         reader: the iterating process's reader (used when ``executor`` is None).
-        shard_lens: lines of this rank's shard per dataset.
+        shard_lens: lines of this rank's (or ``part``'s) shard per dataset.
         executor: a process pool started with :func:`worker_init`, or None (read inline).
         chunk: lines per read task.
         ahead: chunks per dataset kept in flight (1 without an executor).
+        part: ``(lane, lanes)``: read that lane's shard instead of the rank's.
     """
 
-    def __init__(self, reader: Reader, shard_lens: list[int], executor: Executor | None, chunk: int, ahead: int):
+    def __init__(self, reader: Reader, shard_lens: list[int], executor: Executor | None, chunk: int, ahead: int,
+                 part: tuple[int, int] | None = None):
         self.reader = reader
+        self.part = part
         self.shard_lens = shard_lens
         self.executor = executor
         self.chunk = chunk
@@ -204,9 +208,9 @@ class LineSource:
         k0 = c * self.chunk
         k1 = min(k0 + self.chunk, self.shard_lens[d])
         if self.executor is None:
-            self.pending[d][(epoch, c)] = self.reader.read(d, epoch, k0, k1)
+            self.pending[d][(epoch, c)] = self.reader.read(d, epoch, k0, k1, self.part)
         else:
-            self.pending[d][(epoch, c)] = self.executor.submit(_worker_read, d, epoch, k0, k1)
+            self.pending[d][(epoch, c)] = self.executor.submit(_worker_read, d, epoch, k0, k1, self.part)
 
     def get(self, d: int, epoch: int, k: int) -> tuple[int, list[TokenizedSample]]:
         """``(line id, windows)`` of shard index ``k`` of dataset ``d`` in ``epoch``."""

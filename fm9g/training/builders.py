@@ -149,7 +149,8 @@ def build_tokenizer(config: TrainConfig) -> Any:
 
 def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_size: int = 1) -> Any:
     """``MixtureLoader`` for ``config.data`` (a dataset-config JSON path / name or a list); with
-    ``eval_split`` it reads the training side only (:mod:`fm9g.data.split`)."""
+    ``eval_split`` it reads the training side only (:mod:`fm9g.data.split`). Rank ``rank`` reads its
+    slice of the ``world_size x batch_size x grad_accum`` rows of each step of the global stream."""
     from fm9g.data.mixture import MixtureLoader
 
     data: Any = config.data
@@ -168,7 +169,8 @@ def build_loader(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_si
     if config.eval_split:
         kwargs.update(holdout=config.eval_split, split="train")
     return MixtureLoader.from_config(data, tokenizer, config.max_length, config.batch_size, seed=config.seed,
-                                     rank=rank, world_size=world_size, num_workers=config.num_workers, **kwargs)
+                                     rank=rank, world_size=world_size, grad_accum=config.grad_accum,
+                                     num_workers=config.num_workers, **kwargs)
 
 
 def check_same_shape(a: Any, b: Any, what: str) -> None:

@@ -4,10 +4,10 @@ Layout of one checkpoint (``<save>/<model_unique>/<step>/``, the original's layo
 
     fm9g_live_checkpoint-<step>.pt           model state dict in the original key names
                                              (LoRA runs: only the LoRA tensors)
-    fm9g_live_checkpoint-<step>.rank-0.opt   optimizer state
+    fm9g_live_checkpoint-<step>.rank-0.opt   optimizer state (one file per rank: .rank-<r>.opt)
     fm9g_live_checkpoint-<step>.log_ckpt     JSON {iteration, global_token_pass, global_total_task_token}
     trainer_state.pt                         step, token counters, RNG states (tensors / plain types)
-    dataset_ckpt/loader_state.pt             the data loader's state_dict()
+    dataset_ckpt/loader_state.pt             the data loader's state_dict() (rank r > 0: loader_state.rank-<r>.pt)
     config.json                              the model config (FM9GConfig.to_dict())
     train_config.json                        the TrainConfig of the run
 
@@ -61,6 +61,8 @@ __all__ = [
     "list_checkpoints",
     "resolve_checkpoint",
     "load_checkpoint",
+    "load_loader_states",
+    "saved_world_size",
     "model_file",
     "optimizer_file",
     "to_safe",
@@ -598,6 +600,30 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         path=p, step=step, model_state=model_state, optimizer_state=opt, loader_state=loader,
         trainer_state=trainer_state, model_config=_json("config.json"), train_config=_json("train_config.json"),
     )
+
+
+def saved_world_size(path: str | os.PathLike) -> int:
+    """How many processes wrote checkpoint folder ``path``: its optimizer files ``*.rank-<r>.opt``
+    (one per rank, in the default and the sharded format; 1 when there is none)."""
+    p = Path(path)
+    step = int(p.name)
+    n = 0
+    while (p / optimizer_file(step, n)).is_file():
+        n += 1
+    return max(n, 1)
+
+
+def load_loader_states(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> list[Any]:
+    """The loader state of every rank that wrote checkpoint folder ``path``, in rank order (the
+    ranks whose file is missing are left out; ``[]`` when none has one). A
+    :class:`~fm9g.data.mixture.MixtureLoader` merges them into the global data position."""
+    p = Path(path)
+    out = []
+    for rank in range(saved_world_size(p)):
+        f = p / loader_state_file(rank)
+        if f.is_file():
+            out.append(from_safe(load_checkpoint_file(f, map_location=map_location, mmap=False, error=CheckpointError)))
+    return out
 
 
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:

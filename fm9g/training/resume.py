@@ -19,9 +19,11 @@ from fm9g.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    load_loader_states,
     optimizer_file,
     read_lineage,
     resolve_checkpoint,
+    saved_world_size,
     set_rng_state,
 )
 from fm9g.training.run_checks import lora_settings
@@ -78,6 +80,7 @@ def resume(trainer: Trainer, spec: int | str | os.PathLike) -> Resumed:
         return Resumed(path, f"loaded the weights of {path} (only_load_model): a new run from step 0 with a fresh "
                              "optimizer, data position and RNG", None)
     restored, missing = restore_run_state(trainer, ck, loader, sharded)
+    notes += _world_notes(trainer, ck, sharded, loader)
     summary = (f"resumed from {path}: restored {', '.join(['weights'] + restored)}"
                + (f"; NOT restored: {'; '.join(missing)}" if missing else "; exact resume")
                + "".join(f"; {n}" for n in notes))
@@ -125,8 +128,10 @@ def restore_run_state(trainer: Trainer, ck: Checkpoint, loader: Any, sharded: bo
         trainer.engine.load_optimizer_state_dict(ck.optimizer_state)
         restored.append("optimizer")
     if loader is not None:
-        loader.load_state_dict(ck.loader_state)
+        loader.load_state_dict(load_loader_states(ck.path) if _merges_rank_states(loader) else ck.loader_state)
         restored.append("data position")
+        if not getattr(loader, "resume_exact", True):
+            missing.append(f"the grouping of the data into steps ({loader.resume_note})")
     else:
         missing.append("data position (load_dataloader_ckpt=false: the data starts from the beginning)")
     ts = ck.trainer_state
@@ -143,16 +148,17 @@ def check_resumable(trainer: Trainer, ck: Checkpoint, sharded: bool) -> Any:
     """Refuse a partial resume the config does not allow, or one on another number of processes
     that cannot be exact (docs/distributed.md); returns the loader to restore (or None)."""
     cfg = trainer.config
-    saved_world, world = int((ck.optimizer_state or {}).get("world_size", 1)), trainer.engine.world_size
-    if saved_world != world and not (sharded and not cfg.load_dataloader_ckpt):
+    saved_world, world = saved_world_size(ck.path), trainer.engine.world_size
+    if saved_world != world and not sharded and not cfg.resume_no_optimizer:
         raise CheckpointError(
-            f"checkpoint {ck.path} was written by {saved_world} process(es) but this run has {world}: "
-            "the optimizer and data-loader states are per rank, so an exact resume needs the same number of "
-            "processes. Resume with the same world size, or set only_load_model=true (weights only; fresh "
-            "optimizer, data order and step 0)"
-            + (", or load_dataloader_ckpt=false (this sharded checkpoint re-shards the model and optimizer; "
-               "the data order starts fresh)" if sharded else "") + " - see docs/distributed.md")
-    if not cfg.resume_no_optimizer and not ck.optimizer_state:
+            f"checkpoint {ck.path} was written by {saved_world} process(es) but this run has {world}, and its "
+            f"optimizer state is one file per process ({optimizer_file(ck.step, 0)}, ...), which fits only "
+            f"{saved_world} process(es). Resume with {saved_world} process(es); or set resume_no_optimizer=true "
+            "(weights, data position and step; fresh AdamW moments) or only_load_model=true (weights only; fresh "
+            "optimizer, data order and step 0). To move a run to another number of processes with its optimizer, "
+            "save it with checkpoint_format=\"sharded\" (torchrun, several processes): that format re-shards the "
+            "model and optimizer to any number - see docs/distributed.md")
+    if not cfg.resume_no_optimizer and not sharded and not ck.optimizer_state:
         raise CheckpointError(
             f"checkpoint {ck.path} holds no optimizer state ({ck.path.name}/"
             f"{optimizer_file(ck.step, trainer.engine.rank)} is missing or empty), so the resume "
@@ -160,16 +166,40 @@ def check_resumable(trainer: Trainer, ck: Checkpoint, sharded: bool) -> Any:
     if not cfg.load_dataloader_ckpt:
         return None
     loader = trainer.loader
-    if ck.loader_state is None:
-        raise CheckpointError(
-            f"checkpoint {ck.path} holds no data loader state (dataset_ckpt/loader_state.pt is missing or "
-            "empty), so the data would start from the beginning; set load_dataloader_ckpt=false to accept that")
     if not hasattr(loader, "load_state_dict"):
         raise CheckpointError(
             f"this run's loader ({type(loader).__name__}) has no load_state_dict(), so the data position of "
             f"checkpoint {ck.path} cannot be restored; set load_dataloader_ckpt=false to start the data "
             "from the beginning")
+    if saved_world != world and not _merges_rank_states(loader):
+        raise CheckpointError(
+            f"checkpoint {ck.path} was written by {saved_world} process(es) but this run has {world}, and this "
+            f"run's loader ({type(loader).__name__}) restores one state per process; resume with {saved_world} "
+            "process(es), or set load_dataloader_ckpt=false to start the data from the beginning")
+    if ck.loader_state is None and not (_merges_rank_states(loader) and load_loader_states(ck.path)):
+        raise CheckpointError(
+            f"checkpoint {ck.path} holds no data loader state (dataset_ckpt/loader_state.pt is missing or "
+            "empty), so the data would start from the beginning; set load_dataloader_ckpt=false to accept that")
     return loader
+
+
+def _merges_rank_states(loader: Any) -> bool:
+    """The loader's ``load_state_dict`` takes the list of every rank's state (the global data
+    position of :class:`~fm9g.data.mixture.MixtureLoader`), on any number of processes."""
+    return bool(getattr(loader, "loads_every_rank_state", False))
+
+
+def _world_notes(trainer: Trainer, ck: Checkpoint, sharded: bool, loader: Any) -> list[str]:
+    """The run header's notes on a resume on another number of processes, and on the data."""
+    notes = []
+    saved_world, world = saved_world_size(ck.path), trainer.engine.world_size
+    if saved_world != world:
+        what = "weights and optimizer re-sharded" if sharded else "weights loaded"
+        notes.append(f"{what} from {saved_world} to {world} process(es)")
+    note = getattr(loader, "resume_note", None) if loader is not None else None
+    if note and getattr(loader, "resume_exact", True):
+        notes.append(note)
+    return notes
 
 
 def _norm(value: Any) -> Any:
