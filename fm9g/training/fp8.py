@@ -62,12 +62,12 @@ def fp8_supported(device: str | torch.device) -> tuple[bool, str]:
 
 
 def check_fp8_device(recipe: str, device: str | torch.device) -> None:
-    """Raise :class:`ConfigError` naming the device when ``fp8 = recipe`` cannot run on it."""
+    """Raise :class:`FP8UnavailableError` naming the device when ``fp8 = recipe`` cannot run on it."""
     ok, name = fp8_supported(device)
     if not ok:
         raise FP8UnavailableError(
             f"fp8 = {recipe!r} needs FP8 tensor cores (compute capability >= 8.9: H100, H200, H20, L40, Blackwell), "
-            f"and this run's device is {name}: set fp8: false to train in bf16 (what A100 / A800 GPUs do fastest)")
+            f"and this run's device is {name}: set fp8: false to train in bf16 there (the default)")
 
 
 def _torchao_float8() -> Any:
@@ -130,8 +130,8 @@ def apply_fp8(model: nn.Module, config: "TrainConfig") -> list[str]:
     Checks the device (:func:`check_fp8_device`: the run's CUDA device, ``device="auto"`` included)
     and that torchao is installed, then :func:`convert_to_fp8`. Nothing happens for
     ``fp8 = false``. Under FSDP2 the weights are gathered in their own dtype and cast to FP8 after
-    the gather (torchao's FP8 all-gather wraps each weight in a tensor subclass that would reach
-    the state dict, the checkpoints and the optimizer state).
+    the gather (torchao's FP8 all-gather wraps each weight in a tensor subclass, which then reaches
+    the state dict and the checkpoints).
 
     Returns:
         The names of the converted modules ([] when ``fp8`` is off).
