@@ -242,12 +242,19 @@ def test_save_on_two_resume_on_two_is_exact_and_one_is_refused(setup):
     assert len(a) == 4 and b == a[2:], (a, b)
     sa, sb = _final(ref, 4), _final(d / "runs" / "split", 4)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    # one process from the 2-rank checkpoint: refused, saying what to do
+    # one process from the 2-rank checkpoint (default format: one optimizer file per rank): refused,
+    # naming the three ways on (issue 30 item 2: the per-rank optimizer files are not reshaped)
     cmd = [sys.executable, "-m", "fm9g", "train", "--config", str(straight), "--set", f"resume_ckpt={ck2}",
            "--set", "model_unique=one_from_two"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=120)
     assert out.returncode == 2 and "written by 2 process(es) but this run has 1" in out.stderr
-    assert "only_load_model=true" in out.stderr
+    for way in ('checkpoint_format="sharded"', "resume_no_optimizer=true", "only_load_model=true"):
+        assert way in out.stderr, out.stderr
+    # ... with resume_no_optimizer: the weights, step and data position (the same 2 rows a step) go on
+    out = _one_process(straight, f"resume_ckpt={ck2}", "resume_no_optimizer=true", "grad_accum=2",
+                       "model_unique=no_opt_from2")
+    assert "NOT restored: optimizer" in out.stdout and "weights loaded from 2 to 1 process(es)" in out.stdout
+    assert "same global batch of 2 rows per step" in out.stdout and len(_losses(d / "runs" / "no_opt_from2")) == 2
     # ... and with only_load_model the weights load into one process
     _one_process(straight, f"resume_ckpt={ck2}", "only_load_model=true", "train_iters=1", "model_unique=from2")
 
