@@ -320,8 +320,8 @@ class MixtureLoader:
             return
         for st in states:
             check_stream_compatible(st, self._plan)
-        merged = merge_lanes(states, [unpack_lanes(st["lanes"], lambda lane, k=int(st["num_lanes"]): self._lane_plan(lane, k))
-                                      for st in states])
+        lanes = [unpack_lanes(st["lanes"], lambda lane, k=int(st["num_lanes"]): self._lane_plan(lane, k)) for st in states]
+        merged = merge_lanes(states, lanes)
         head = states[0]
         saved = (int(head["world_size"]), int(head["batch_size"]), int(head["grad_accum"]))
         self._state = resumed_state(int(head["num_lanes"]), int(head["rows"]), merged, self._layout, saved)
@@ -453,24 +453,7 @@ class MixtureLoader:
         """
         st = self._state
         parts = list(st.lanes.values()) if isinstance(st, StreamState) else [st]
-        out: dict[str, dict[str, Any]] = {}
-        for d, name in enumerate(self.task_names):
-            def total(key: str) -> int:
-                return sum(int(p[key][d]) for p in parts)
-
-            reasons: dict[str, int] = {}
-            for p in parts:
-                for why, n in (p.get("drop_reasons") or [{}] * len(self.task_names))[d].items():
-                    reasons[why] = reasons.get(why, 0) + int(n)
-            out[name] = {
-                "samples": total("out_samples"), "tokens": total("out_tokens"), "label_tokens": total("out_label_tokens"),
-                "dropped_lines": total("dropped_lines"), "drop_reasons": reasons,
-                "epoch": max((int(p["epoch"][d]) for p in parts), default=0),
-                "exhausted": bool(parts) and all(bool(p["exhausted"][d]) for p in parts),
-                "avg_tokens": self._plan.avg_tokens(d, total("mix_tokens"), total("mix_samples")),
-                "weight": self._plan.weights[d],
-            }
-        return out
+        return {name: self._plan.task_stats(parts, d) for d, name in enumerate(self.task_names)}
 
     @property
     def finished(self) -> bool:

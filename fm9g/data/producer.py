@@ -76,6 +76,25 @@ class MixPlan(StateSettings):
             return tokens / samples if samples else float(self.max_length)
         return (tokens + prior) / (samples + 1)
 
+    def task_stats(self, parts: list[dict[str, Any]], d: int) -> dict[str, Any]:
+        """:meth:`fm9g.data.mixture.MixtureLoader.stats` of dataset ``d`` over the states ``parts``
+        (lanes, or one rank's): the counters summed, the largest epoch, exhausted in every part."""
+        def total(key: str) -> int:
+            return sum(int(p[key][d]) for p in parts)
+
+        reasons: dict[str, int] = {}
+        for p in parts:
+            for why, n in (p.get("drop_reasons") or [{}] * len(self.task_names))[d].items():
+                reasons[why] = reasons.get(why, 0) + int(n)
+        return {
+            "samples": total("out_samples"), "tokens": total("out_tokens"), "label_tokens": total("out_label_tokens"),
+            "dropped_lines": total("dropped_lines"), "drop_reasons": reasons,
+            "epoch": max((int(p["epoch"][d]) for p in parts), default=0),
+            "exhausted": bool(parts) and all(bool(p["exhausted"][d]) for p in parts),
+            "avg_tokens": self.avg_tokens(d, total("mix_tokens"), total("mix_samples")),
+            "weight": self.weights[d],
+        }
+
 
 class Producer:
     """Runs the mixing from a position; :meth:`run` yields ``(batch, state_after_batch)``."""
