@@ -225,3 +225,34 @@ def test_a_changed_global_batch_continues_the_stream_without_repeating_or_skippi
     before = _steps(ref, 2, 2, 1)
     assert before[1] + before[2] == Counter(h for row in stream[:8] for h in row)
     assert len(_losses(d / "runs" / "mix3_ga3")) == 3
+
+
+def test_a_checkpoint_with_per_rank_loader_states_of_an_older_fm9g_still_resumes(setup, tmp_path):
+    """A checkpoint written before the global stream holds per-rank loader states (fm9g.mixture/1):
+    the Trainer resumes it on the same number of processes, continuing that rank's own mixture."""
+    import torch
+
+    from fm9g.data.loader_state import Position
+    from fm9g.training.builders import build_loader, build_tokenizer
+    from fm9g.training.config import TrainConfig
+    from fm9g.training.trainer import Trainer
+
+    d, base = setup
+    cfg = TrainConfig.from_dict(dict(base, data=str(d / "one.json"), save=str(tmp_path / "runs"), model_unique="old",
+                                     train_iters=1, save_iters=1, batch_size=2, grad_accum=2))
+    Trainer(cfg).fit()
+    # what an older fm9g saved after that step: its per-rank mixture after grad_accum batches
+    old = build_loader(cfg, build_tokenizer(cfg))
+    old.load_state_dict(Position.initial(1).to_state(old._plan))
+    it = iter(old)
+    for _ in range(2):
+        next(it)
+    state = old.state_dict()
+    assert state["format"] == "fm9g.mixture/1"
+    torch.save(state, cfg.run_dir / "1" / "dataset_ckpt" / "loader_state.pt")
+    expected = [next(it)["input_ids"] for _ in range(2)]
+    resumed = Trainer(cfg.override({"resume_ckpt": "1", "train_iters": 2}))
+    resumed.resume("1")
+    got = iter(resumed.loader)
+    assert all(torch.equal(next(got)["input_ids"], e) for e in expected)
+    assert "exact resume" in resumed.resume_summary
