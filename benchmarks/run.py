@@ -47,6 +47,7 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     fsdp          TrainConfig(data_parallel="fsdp"): the FSDP2 path, also on one GPU (as a user sets it)
     dp=NAME       TrainConfig(data_parallel=NAME) (auto | none | fsdp | hybrid)
     raf=0|1       TrainConfig(reshard_after_forward=...) under FSDP2 (1: the default)
+    det           TrainConfig(deterministic=True): deterministic kernels (compare two det runs' losses)
     offload       TrainConfig(offload=True) (bmtrain: its optimizer in host memory; torch: FSDP2's CPU offload)
     cap=GB        cap the process's GPU memory at GB (1e9 bytes); W3 default 80
     fp8=RECIPE    TrainConfig(fp8=RECIPE) (tensorwise | rowwise): the decoder's linears in FP8 (torchao;
@@ -180,6 +181,8 @@ def train_config(spec: dict[str, Any], mc: Any, data: list[dict], flags: dict[st
     extra: dict[str, Any] = {"cuda_graphs": flags["graphs"] != "0"} if "graphs" in flags else {}
     if "fsdp" in flags or "dp" in flags:
         extra["data_parallel"] = flags.get("dp") or "fsdp"
+    if "det" in flags:
+        extra["deterministic"] = True
     if "raf" in flags:
         extra["reshard_after_forward"] = flags["raf"] != "0"
     if "fp8" in flags:

@@ -438,6 +438,65 @@ def test_gpu_bf16_training_and_resume(tmp_path):
     assert again.losses == pytest.approx(res.losses[15:], rel=2e-2)
 
 
+@pytest.fixture
+def restore_determinism():
+    """Put back the process-wide deterministic-kernel settings a deterministic Trainer turns on."""
+    import os
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+    if before[3] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = before[3]
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(engine="bmtrain"), "engine=\"torch\""),
+    (dict(attn_impl="flex"), "flex attention"),
+    (dict(deterministic="yes"), "true/false"),
+])
+def test_deterministic_is_refused_where_kernels_are_not(tmp_path, kw, words):
+    from fm9g._io import ConfigError
+
+    with pytest.raises(ConfigError, match="deterministic") as exc:
+        _cfg(tmp_path, deterministic=kw.pop("deterministic", True), **kw)
+    assert words in str(exc.value)
+
+
+def test_deterministic_turns_on_the_deterministic_kernels(tmp_path, restore_determinism):
+    import os
+
+    torch.use_deterministic_algorithms(False)
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    Trainer(_cfg(tmp_path, model_unique="plain"), loader=ToyLoader())
+    assert not torch.are_deterministic_algorithms_enabled()  # off: nothing touched
+    Trainer(_cfg(tmp_path, deterministic=True), loader=ToyLoader())
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_runs_are_identical_and_resume_bit_exactly(tmp_path, restore_determinism):
+    """deterministic=true on CUDA (bf16, compiled layers, the default attention): two runs give the
+    same losses and weights bit for bit, and a resume at step 15 continues bit-exactly."""
+    kw = dict(train_iters=30, lr=1e-2, warmup_iters=0, lr_scheduler="constant", save_iters=15, device="cuda",
+              deterministic=True, max_length=64, save_final=True)
+    ca, cb = _cfg(tmp_path / "a", **kw), _cfg(tmp_path / "b", **kw)
+    a = Trainer(ca, loader=ToyLoader(fixed=True)).fit()
+    b = Trainer(cb, loader=ToyLoader(fixed=True)).fit()
+    assert a.losses == b.losses
+    wa, wb = _final_state(ca.run_dir, 30), _final_state(cb.run_dir, 30)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    r = Trainer(cb.override({"resume_ckpt": "15"}), loader=ToyLoader(fixed=True)).fit()
+    assert r.losses == a.losses[15:]
+    wr = _final_state(cb.run_dir, 30)
+    assert all(torch.equal(wa[k], wr[k]) for k in wa)
+
+
 @pytest.mark.parametrize("example, expected", [
     ("pretrain.py", "resumed:"),  # it asserts its own exact resume
     ("sft.py", "->"),

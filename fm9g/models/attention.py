@@ -219,7 +219,8 @@ def flash_attn_varlen(
 
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0,
-                                  softmax_scale=scale, causal=True)
+                                  softmax_scale=scale, causal=True,
+                                  deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 # ------------------------------------------------------------------------------- flash_attn_4

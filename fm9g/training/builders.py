@@ -24,7 +24,7 @@ from fm9g.training.model_source import lookup_paths, model_config_of
 from fm9g.training.engine import Engine
 
 __all__ = ["build_model", "pretrained_state", "build_tokenizer", "build_loader", "check_same_shape", "SHAPE_FIELDS",
-           "build_engine", "run_data_parallel", "seed_everything"]
+           "build_engine", "run_data_parallel", "seed_everything", "set_deterministic"]
 
 # model-config fields that must agree between a checkpoint and the model it is loaded into
 SHAPE_FIELDS = ("vocab_size", "dim_model", "num_layers", "num_heads", "num_kv_heads", "dim_head", "dim_ff",
@@ -191,6 +191,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Make this process's kernels deterministic (``TrainConfig.deterministic``), or leave them be.
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel raises,
+    naming itself; torch's flash attention backward and the embedding gradient take their
+    deterministic paths; flash-attn-4 reads the same flag), cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set; it must be set before the first
+    matmul on the GPU, which the Trainer does here), and cuDNN without autotuning. Off: nothing is
+    changed (a setting the user made stays).
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def run_data_parallel(config: TrainConfig) -> str:

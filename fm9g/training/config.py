@@ -131,7 +131,11 @@ class TrainConfig:
     ``adamw_master``, in one process or under FSDP2), fp8 (``false``, ``"tensorwise"`` or
     ``"rowwise"``: the decoder's linear layers compute in FP8 through torchao, on GPUs of compute
     capability 8.9+; weights, optimizer state and checkpoints unchanged; ``pip install
-    'fm9g[fp8]'``; see docs/training.md, "FP8"), num_workers.
+    'fm9g[fp8]'``; see docs/training.md, "FP8"), deterministic (true: bit-reproducible runs on a GPU
+    through deterministic kernels - ``torch.use_deterministic_algorithms``, cuBLAS's fixed workspace,
+    the attention backward without atomics; two runs give identical losses and weights and a resume
+    continues bit-exactly; refused with the bmtrain engine and the flex attention backend; see
+    docs/checkpoints.md), num_workers.
 
     Optimizer: optimizer (``"adamw"``: fp32 master weights and moments, 16 bytes per trained
     parameter; ``"adamw_master"``: the same AdamW on fp32 master weights and moments held by the
@@ -226,6 +230,7 @@ class TrainConfig:
     attn_impl: str | None = None
     offload: bool = False
     fp8: bool | str = False
+    deterministic: bool = False
     num_workers: int = 0
     # --- several processes (torchrun; see docs/distributed.md) ---------------------------------
     data_parallel: str = "auto"
@@ -353,6 +358,7 @@ class TrainConfig:
             raise ConfigError(f"optimizer={self.optimizer!r} runs under the torch engine; with engine=\"bmtrain\" "
                               "use optimizer=\"adamw\" (offload=true moves its state to the CPU)")
         _check_fp8(self)
+        _check_deterministic(self)
         for name in ("compile", "cuda_graphs"):
             value = getattr(self, name)
             if value not in (True, False, "auto"):
@@ -480,6 +486,20 @@ def _check_finite(config: TrainConfig) -> None:
         items = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in items):
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def _check_deterministic(cfg: TrainConfig) -> None:
+    """``deterministic`` only with what has deterministic kernels (not bmtrain's
+    engine, whose fused CUDA kernels have no deterministic mode; not flex attention, whose compiled
+    backward does not promise one)."""
+    if not cfg.deterministic:
+        return
+    if cfg.engine == "bmtrain":
+        raise ConfigError("deterministic=true needs the torch engine: bmtrain's kernels have no deterministic mode; "
+                          "set engine=\"torch\" (offload=true works there too) or deterministic=false")
+    if cfg.attn_impl == "flex":
+        raise ConfigError("deterministic=true: the flex attention backend has no deterministic backward; set "
+                          "attn_impl to \"auto\", \"torch_varlen\", \"sdpa\" or \"flash_attn_4\" (or deterministic=false)")
 
 
 def _check_fp8(cfg: TrainConfig) -> None:

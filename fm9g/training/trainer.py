@@ -33,6 +33,7 @@ from torch import nn
 from fm9g.models.lora import apply_lora
 from fm9g.training.builders import (
     build_engine, build_loader, build_model, build_tokenizer, pretrained_state, run_data_parallel, seed_everything,
+    set_deterministic,
 )
 from fm9g.training.checkpoint import (
     all_finite, get_rng_state, latest_checkpoint, list_checkpoints, read_lineage, save_checkpoint,
@@ -115,6 +116,7 @@ class Trainer:
     ) -> None:
         self.config = config
         seed_everything(config.seed)
+        set_deterministic(config.deterministic)
         if engine is None:
             check_device(config.device)
         self._model_from_config = model is None and engine is None
