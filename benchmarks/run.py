@@ -93,7 +93,7 @@ SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
 TRAIN_WORKLOADS = ("W1", "W2", "W3")
 CPU_WORKLOADS = {"W4": "w4_build_index", "W5": "w5_mixture", "W6": "w6_convert"}
 FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "lorafuse", "workers", "graphs", "opt", "engine",
-         "offload", "cap", "profile", "dp", "fsdp", "raf", "fp8"}
+         "offload", "cap", "profile", "dp", "fsdp", "raf", "fp8", "det"}
 #: the HF baseline's configurations per workload (hf_baseline.py's flags): the plain ones share one
 #: process; each Liger one runs in a process of its own (Liger patches transformers for the rest
 #: of its process). Every ratio is against the fastest of them that fits.
