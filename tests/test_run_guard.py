@@ -86,7 +86,9 @@ def test_two_runs_started_together_one_trains_the_other_is_refused(tmp_path):
 
 
 def test_a_resume_while_the_run_trains_is_refused_within_seconds(tmp_path):
-    config = _config(tmp_path, train_iters=40)
+    # long enough (>= 20 s) that the first run is still mid-training when Ctrl-C comes, however slowly
+    # the second process starts on a loaded machine (at 40 steps it once finished first: exit -2)
+    config = _config(tmp_path, train_iters=400)
     run = tmp_path / "ckpt" / "fm9g"
     first = _train(config, slow=0.05)
     _wait_for(lambda: (run / "2").is_dir() or first.poll() is not None, 120, "the first checkpoint")
