@@ -404,7 +404,11 @@ def test_gpu_kept_logits_match_recomputing_them():
     loss1, *g1 = run(2**30)
     assert torch.equal(loss0, loss1)
     for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-4)
+        # bf16 GEMMs: one over all tokens against a sum of three chunks' (each rounded to bf16) differ by
+        # rounding, and an entry that cancels across chunks can differ by a few bf16 steps of the
+        # gradient's scale (an H100 showed 0.0058 on entries of scale ~1; an H200 passed at atol 1e-4)
+        assert ((b - a).norm() / a.norm()).item() < 1e-2
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
 
 
 def test_static_layout_pads_to_a_few_shapes_and_changes_nothing() -> None:
