@@ -5,7 +5,8 @@
   and inherited by every subprocess a test starts), so another process compiling on the same
   machine, in the default ``/tmp/torchinductor_<user>``, cannot break a test, nor a test it.
 * GPU tests are marked ``gpu`` and skipped (reported as skipped) without CUDA.
-* Tests that need an optional package carry its marker (`OPTIONAL_MARKERS`: ``bmtrain``, ``fa4``):
+* Tests that need an optional package carry its marker (`OPTIONAL_MARKERS`: ``bmtrain``, ``fa4``,
+  ``fp8`` on a GPU, ``vllm``):
   they run only when the ``-m`` expression names that marker (``pytest -m bmtrain``), so
   ``pytest -m gpu`` needs only the core dependencies; selected without their package they fail,
   saying how to install it.
@@ -29,6 +30,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OPTIONAL_MARKERS = {
     "bmtrain": ("bmtrain", "bash scripts/install_bmtrain.sh (docs/install.md)"),
     "fa4": ("flash_attn.cute.interface", "pip install 'fm9g[gpu]' (docs/install.md)"),
+    "fp8": ("torchao.float8", "pip install 'fm9g[fp8]' (docs/install.md)"),
+    "vllm": ("vllm", "pip install vllm (docs/convert.md)"),
 }
 
 

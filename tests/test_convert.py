@@ -494,9 +494,10 @@ def test_exports_in_other_transformers_version(tmp_path, compat_python):
 
 
 @pytest.mark.gpu
+@pytest.mark.vllm
 def test_native_export_serves_in_vllm(tmp_path):
     """The native export runs in stock vLLM (no FM9G build) and decodes like transformers."""
-    vllm = pytest.importorskip("vllm")
+    import vllm
     torch.manual_seed(0)
     cfg = FM9GConfig(vocab_size=512, dim_model=256, num_layers=2, num_heads=4, num_kv_heads=2, dim_head=64,
                      dim_ff=512, max_length=512, dtype="fp32", tie_lm_head=True, scale=True, scale_emb=12.0,

@@ -200,6 +200,7 @@ def test_fp8_trains_through_the_trainer_with_the_capability_faked(monkeypatch, t
 
 # ---------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
+@pytest.mark.fp8
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_gpu_fp8_tensorwise_trains_close_to_bf16(tmp_path, lora):
     """A few steps of the tiny model on an FP8 GPU (H100 / H200), compiled as a user runs it:
