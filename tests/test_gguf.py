@@ -30,8 +30,32 @@ def test_gguf2hf_writes_a_plain_hf_directory(tmp_path, gguf_file, smollm2_hf_dir
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("The capital of France is").input_ids == AutoTokenizer.from_pretrained(smollm2_hf_dir)(
         "The capital of France is").input_ids
+    # the special tokens are the file's own (transformers 5.17's GGUF reader made eos "<|im_start|>")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (config.bos_token_id, config.eos_token_id) == (1, 2)
     # an existing folder is never replaced unless asked
     assert main(["convert", "gguf2hf", str(gguf_file), str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["convert", "gguf2hf", str(tmp_path / "none.gguf"), str(tmp_path / "x")]) == 2
     assert f"no GGUF file at {tmp_path / 'none.gguf'}" in capsys.readouterr().err
+
+
+def test_special_tokens_are_the_gguf_files_own(gguf_file, smollm2_hf_dir):
+    """A tokenizer (and model config) whose special tokens a GGUF reader got wrong are set back to
+    the ids the file declares."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    from fm9g.convert.gguf import gguf_special_token_ids, set_special_tokens
+
+    ids = gguf_special_token_ids(gguf_file)
+    assert ids == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
+    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    tok.eos_token = "<|im_start|>"  # what transformers 5.17 read from this file
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_id=1),
+                                  generation_config=types.SimpleNamespace(eos_token_id=1))
+    set_special_tokens(tok, model, ids)
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token, tok.pad_token) == ("<|im_end|>", 2, "<|im_start|>", "<|im_end|>")
+    assert model.config.eos_token_id == 2 and model.generation_config.eos_token_id == 2
+

@@ -20,7 +20,7 @@ import torch
 
 from fm9g._io import atomic_dir
 
-__all__ = ["gguf_to_hf", "GGUF_NEEDS"]
+__all__ = ["gguf_to_hf", "GGUF_NEEDS", "gguf_special_token_ids", "set_special_tokens"]
 
 GGUF_NEEDS = ("transformers", "gguf", "accelerate")  # what transformers needs to read a GGUF file
 
@@ -64,9 +64,47 @@ def gguf_to_hf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, over
     with atomic_dir(out) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=dtype)
+        set_special_tokens(tokenizer, model, gguf_special_token_ids(src))
         model.hf_quantizer = None  # the weights are plain tensors now: no quantizer record to save
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
         (save_tokenizer or (lambda t, folder: t.save_pretrained(str(folder))))(tokenizer, tmp)
     return out
+
+
+#: GGUF metadata key of each special token's id -> the tokenizer attribute it names
+_SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                 "unk": "tokenizer.ggml.unknown_token_id", "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(gguf_file: str | os.PathLike) -> dict[str, int]:
+    """The special tokens' ids the GGUF file declares (``{"bos": 1, "eos": 2, ...}``; those it has)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_file)).fields
+    out = {}
+    for role, key in _SPECIAL_KEYS.items():
+        f = fields.get(key)
+        if f is not None and f.data:
+            out[role] = int(f.parts[f.data[0]][0])
+    return out
+
+
+def set_special_tokens(tokenizer: Any, model: Any, ids: dict[str, int]) -> None:
+    """Make the tokenizer's and the model's special tokens the ones the GGUF file declares.
+
+    transformers' GGUF reader does not always keep them: 5.17 gives SmolLM2-135M-Instruct
+    ``eos_token = "<|im_start|>"`` (the file says id 2, ``<|im_end|>``), so generation would not
+    stop at the end of a turn and an SFT run would train the wrong end-of-text token.
+    """
+    for role, i in ids.items():
+        token = tokenizer.convert_ids_to_tokens(i)
+        if token is None or i >= len(tokenizer):
+            continue  # an id outside the vocabulary: leave transformers' choice
+        setattr(tokenizer, f"{role}_token", token)
+        if role in ("bos", "eos", "pad"):
+            for cfg in (model.config, getattr(model, "generation_config", None)):
+                if cfg is not None:
+                    setattr(cfg, f"{role}_token_id", i)
+
