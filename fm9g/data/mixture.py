@@ -416,7 +416,7 @@ class MixtureLoader:
                 except queue.Empty:
                     pass
             thread.join()
-            _cancel(runner)
+            runner.cancel()
 
     def close(self) -> None:
         """Stop the worker processes (a later ``iter()`` starts new ones)."""
@@ -468,14 +468,6 @@ class MixtureLoader:
             f"grad_accum={self.grad_accum}, rank={self.rank}/{self.world_size}, num_workers={self.num_workers}, "
             f"sampler={self.sampler!r})"
         )
-
-
-def _cancel(runner: Any) -> None:
-    """Stop the read-ahead of a runner (:meth:`MixtureLoader._runner`)."""
-    if isinstance(runner, Producer):
-        runner.source.cancel()
-    else:
-        runner.cancel()
 
 
 def _check_settings(

@@ -214,6 +214,10 @@ class Producer:
         batch["sample_lines"] = torch.tensor(lines, dtype=torch.int64).reshape(-1, 2)
         return batch
 
+    def cancel(self) -> None:
+        """Stop the source's read-ahead (as :meth:`fm9g.data.stream.RankStream.cancel`)."""
+        self.source.cancel()
+
     def snapshot(self) -> dict[str, Any]:
         """The state after the last batch produced (small: tensors of length D, the packer's rows)."""
         self.pos.packer = self.packer.state_dict()

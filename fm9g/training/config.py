@@ -34,7 +34,7 @@ from fm9g._io import ConfigError, atomic_write_text, nearby_hint, read_json
 from fm9g.data.mixture import DatasetEntry
 from fm9g.models.config import FM9GConfig
 from fm9g.models.lora import LoraConfig
-from fm9g.training.fp8 import FP8_RECIPES
+from fm9g.training.fp8 import FP8_RECIPES, fp8_recipe
 from fm9g.training.legacy import ALIASES, IGNORED_KEYS, coerce, lora_values, merge_sections, translate_keys
 from fm9g.training.parallelize import DATA_PARALLEL
 from fm9g.training.schedules import SCHEDULERS, normalise_name
@@ -509,10 +509,7 @@ def _check_fp8(cfg: TrainConfig) -> None:
     if cfg.fp8 is True:
         raise ConfigError(f"fp8 = true: name the scaling, fp8: {' or '.join(map(repr, FP8_RECIPES))} "
                           "(one scale per tensor or one per row; docs/training.md, \"FP8\")")
-    cfg.fp8 = cfg.fp8.lower()
-    if cfg.fp8 not in FP8_RECIPES:
-        raise ConfigError(f"fp8 = {cfg.fp8!r} is not one of false, {', '.join(map(repr, FP8_RECIPES))} "
-                          "(FP8 matmuls with one scale per tensor or per row; docs/training.md, \"FP8\")")
+    cfg.fp8 = fp8_recipe(cfg.fp8)
     if cfg.engine != "torch":
         raise ConfigError(f"fp8 = {cfg.fp8!r} runs under the torch engine; with engine=\"{cfg.engine}\" set fp8: false")
 

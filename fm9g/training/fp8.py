@@ -30,8 +30,8 @@ from fm9g._io import ConfigError
 if TYPE_CHECKING:
     from fm9g.training.config import TrainConfig
 
-__all__ = ["FP8_RECIPES", "FP8_MIN_CAPABILITY", "FP8_INSTALL", "FP8UnavailableError", "fp8_supported",
-           "check_fp8_device", "fp8_linear_names", "convert_to_fp8", "apply_fp8"]
+__all__ = ["FP8_RECIPES", "FP8_MIN_CAPABILITY", "FP8_INSTALL", "FP8UnavailableError", "fp8_recipe",
+           "fp8_supported", "check_fp8_device", "fp8_linear_names", "convert_to_fp8", "apply_fp8"]
 
 #: the values of ``TrainConfig.fp8`` besides ``false``: torchao's recipe names
 FP8_RECIPES = ("tensorwise", "rowwise")
@@ -59,6 +59,15 @@ def fp8_supported(device: str | torch.device) -> tuple[bool, str]:
     capability = torch.cuda.get_device_capability(device)
     name = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
     return tuple(capability) >= FP8_MIN_CAPABILITY, name
+
+
+def fp8_recipe(value: Any) -> str:
+    """``value`` as a recipe of :data:`FP8_RECIPES` (any case), or :class:`ConfigError` naming the choices."""
+    recipe = value.lower() if isinstance(value, str) else value
+    if recipe not in FP8_RECIPES:
+        raise ConfigError(f"fp8 = {value!r} is not one of false, {', '.join(map(repr, FP8_RECIPES))} "
+                          "(FP8 matmuls with one scale per tensor or per row; docs/training.md, \"FP8\")")
+    return recipe
 
 
 def check_fp8_device(recipe: str, device: str | torch.device) -> None:
@@ -98,8 +107,7 @@ def convert_to_fp8(model: nn.Module, recipe: str) -> list[str]:
     Returns:
         The names of the converted modules.
     """
-    if recipe not in FP8_RECIPES:
-        raise ConfigError(f"fp8 = {recipe!r} is not one of false, {', '.join(map(repr, FP8_RECIPES))}")
+    recipe = fp8_recipe(recipe)
     from fm9g.models.lora import LoraLinear
 
     float8 = _torchao_float8()
