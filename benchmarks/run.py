@@ -48,6 +48,8 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     dp=NAME       TrainConfig(data_parallel=NAME) (auto | none | fsdp | hybrid)
     raf=0|1       TrainConfig(reshard_after_forward=...) under FSDP2 (1: the default)
     det           TrainConfig(deterministic=True): deterministic kernels (compare two det runs' losses)
+    resume=K      also save at step K, then resume a second Trainer from it to the end: run.json gets its
+                  losses (``resumed_losses``) and whether they equal the first run's (``resume_exact``)
     offload       TrainConfig(offload=True) (bmtrain: its optimizer in host memory; torch: FSDP2's CPU offload)
     cap=GB        cap the process's GPU memory at GB (1e9 bytes); W3 default 80
     fp8=RECIPE    TrainConfig(fp8=RECIPE) (tensorwise | rowwise): the decoder's linears in FP8 (torchao;
@@ -93,7 +95,7 @@ SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
 TRAIN_WORKLOADS = ("W1", "W2", "W3")
 CPU_WORKLOADS = {"W4": "w4_build_index", "W5": "w5_mixture", "W6": "w6_convert"}
 FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "lorafuse", "workers", "graphs", "opt", "engine",
-         "offload", "cap", "profile", "dp", "fsdp", "raf", "fp8", "det"}
+         "offload", "cap", "profile", "dp", "fsdp", "raf", "fp8", "det", "resume"}
 #: the HF baseline's configurations per workload (hf_baseline.py's flags): the plain ones share one
 #: process; each Liger one runs in a process of its own (Liger patches transformers for the rest
 #: of its process). Every ratio is against the fastest of them that fits.
@@ -191,7 +193,7 @@ def train_config(spec: dict[str, Any], mc: Any, data: list[dict], flags: dict[st
         model=mc, data=data, lora=LoraConfig.from_name("fm9g-7b").to_dict() if workload == "W2" else None,
         lr=1e-4 if workload == "W2" else 1e-5, lr_scheduler="constant", warmup_iters=0,
         train_iters=spec["steps"] + spec["warmup"], batch_size=1, max_length=row, grad_accum=accum,
-        save=str(work / "runs"), model_unique="bench", save_iters=0, save_final=False, log_iters=1, stats_dir="auto",
+        save=str(work / "runs"), model_unique="bench", save_iters=int(flags.get("resume") or 0), save_final=False, log_iters=1, stats_dir="auto",
         tensorboard=tensorboard, progress_bar=False, inspect_iters=0, device="cpu" if tiny else "cuda",
         precision="fp32" if tiny else "bf16", compile=False if ("eager" in flags or "compile_full" in flags) else "auto",
         use_checkpoint="ckpt" in flags or workload == "W3", attn_impl=flags.get("attn") or None,
@@ -291,6 +293,8 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     peak = max((r.get("peak_mem_gb") or 0.0) for r in rows) if rows else 0.0
     device = torch.device("cpu" if tiny else "cuda")
     attn = trainer.model.attention_backend(device, torch.float32 if tiny else torch.bfloat16)
+    if flags.get("resume"):
+        timing.update(_resume_from(trainer, cfg, flags, tok, result.losses, tiny))
     return dict(kind="fm9g", workload=spec["name"], variant=spec["variant"], world_size=world,
                 tokens_per_s=round(tps), mfu=round(tps * flops_per_token(trainer.model, row) / PEAK / world, 4),
                 peak_mem_GB=round(peak, 2), step_s=round(dt, 4), row=row, doc_len=doc_len, grad_accum=accum,
@@ -299,6 +303,27 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
                 losses=[round(x, 4) for x in result.losses],
                 build_s=round(build_s, 1), fit_s=round(fit_s, 1),
                 iter_times=[round(r["iter_time"], 4) for r in rows], **({"kernels": kernels} if kernels else {}), **timing)
+
+
+def _resume_from(trainer: Any, cfg: Any, flags: dict[str, str], tok: Any, losses: list[float],
+                 tiny: bool) -> dict[str, Any]:
+    """``resume=K``: a second Trainer resumes the run from its step-K checkpoint to the end (the
+    first one released first); its losses against the uninterrupted run's, bit for bit."""
+    import gc
+
+    import torch
+
+    from fm9g.training.trainer import Trainer
+
+    k = int(flags["resume"])
+    mc = trainer.model.config if hasattr(trainer.model, "config") else None
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model = _full_model(mc, flags, tiny) if mc is not None and cfg.lora is None else None
+    again = Trainer(cfg.override({"resume_ckpt": str(k)}), model=model, tokenizer=tok).fit()
+    return dict(resumed_from=k, resumed_losses=list(again.losses), resume_exact=bool(again.losses) and list(again.losses) == list(losses[k:]))
 
 
 def _profile_steps(trainer: Any, warmup: int, device: str, out: list[dict[str, Any]], n: int = 3,

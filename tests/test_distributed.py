@@ -403,6 +403,7 @@ import json, sys, tempfile, pathlib
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from test_trainer import ToyLoader, _cfg
 from fm9g.training.trainer import Trainer
+from fm9g.training.parallelize import local_view
 out = {{}}
 for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
     for dp in ("none", "fsdp"):
@@ -410,7 +411,10 @@ for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
         cfg = _cfg(pathlib.Path(tempfile.mkdtemp(dir={str(tmp_path)!r})), train_iters=4, save=None,
                    data_parallel=dp, progress_bar=False, **kw)
         t = Trainer(cfg, loader=ToyLoader(fixed=True), log_stream=open("/dev/null", "w"))
-        out[opt + "/" + dp] = [t.fit().losses, type(t.engine.model).__name__]
+        losses = t.fit().losses
+        views = getattr(t.engine.optimizer, "shard_storage", dict)()
+        shared = sum(local_view(p).data_ptr() == v.data_ptr() for p, v in views.items())
+        out[opt + "/" + dp] = [losses, type(t.engine.model).__name__, shared, len(views)]
 print("RESULT", json.dumps(out))
 ''')
     res = _run([sys.executable, str(script)])
@@ -418,3 +422,5 @@ print("RESULT", json.dumps(out))
     for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
         assert got[f"{opt}/fsdp"][0] == got[f"{opt}/none"][0], (opt, got)
         assert got[f"{opt}/fsdp"][1].startswith("FSDP"), got  # sharded for real (fully_shard's class)
+        if opt != "adamw":  # the flat optimizers' weights ARE FSDP2's shards: nothing copied back per step
+            assert got[f"{opt}/fsdp"][2] == got[f"{opt}/fsdp"][3] > 0, (opt, got[f"{opt}/fsdp"])

@@ -193,12 +193,26 @@ class _FlatBucket:
         if not self.external:
             p.data = v
 
+    def weight_views(self) -> list[torch.Tensor]:
+        """Each parameter's view into ``weights`` (made once per buffer)."""
+        if getattr(self, "_views_of", None) is not self.weights:
+            self._views_of = self.weights
+            self._weight_views = [self.view(self.weights, i) for i in range(len(self.params))]
+        return self._weight_views
+
     def write_back(self) -> None:
         """External buckets: copy the updated weights into the parameters' own storage (each
-        rank's FSDP2 shard) in one multi-tensor copy."""
-        with torch.no_grad():
-            torch._foreach_copy_([local_view(p) for p in self.params],
-                                 [self.view(self.weights, i) for i in range(len(self.params))])
+        rank's FSDP2 shard) in one multi-tensor copy; a shard that already lives in its view of
+        the buffer (:func:`~fm9g.training.parallelize.share_shard_storage`) needs none."""
+        dst, src = [], []
+        for p, v in zip(self.params, self.weight_views()):
+            local = local_view(p)
+            if local.data_ptr() != v.data_ptr():
+                dst.append(local)
+                src.append(v)
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
 
     def release_grads(self) -> None:
         """Drop the gradients (``.grad`` = None); :meth:`sync` copies the next ones into the buffer."""
@@ -364,14 +378,21 @@ class AdamWBF16(torch.optim.Optimizer):
                 b.grads.zero_()
                 b._fresh = False
 
+    def shard_storage(self) -> dict[torch.Tensor, torch.Tensor]:
+        """External buckets: ``{parameter: its view of the flat weights}``, where
+        :func:`~fm9g.training.parallelize.share_shard_storage` lets FSDP2 keep the shards."""
+        return {p: v for buckets in self._buckets for b in buckets if b.external
+                for p, v in zip(b.params, b.weight_views())}
+
     @torch.no_grad()
     def reload_weights(self) -> None:
         """External buckets: take the parameters' current values into the flat weights (after the
         parameters were loaded from a checkpoint; the masters of ``AdamWMaster`` are left as they are)."""
         for buckets in self._buckets:
             for b in buckets:
-                for i, p in enumerate(b.params):
-                    b.view(b.weights, i).copy_(local_view(p).reshape(b.shapes[i]))
+                for p, v in zip(b.params, b.weight_views()):
+                    if local_view(p).data_ptr() != v.data_ptr():
+                        v.copy_(local_view(p).reshape(v.shape))
 
     @torch.no_grad()
     def flat_grads(self) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ from torch import nn
 from fm9g._io import ConfigError, state_dict_mismatch
 
 __all__ = ["DATA_PARALLEL", "data_parallel_mode", "decoder_layers", "apply_activation_checkpointing",
-           "apply_compile", "apply_fsdp", "local_view", "local_slice", "gather_full", "is_sharded",
+           "apply_compile", "apply_fsdp", "share_shard_storage", "local_view", "local_slice", "gather_full", "is_sharded",
            "load_full_state_into_shards"]
 
 DATA_PARALLEL = ("auto", "none", "fsdp", "hybrid")
@@ -108,6 +108,48 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None, 
         # gradients are SUMMED over ranks: the loss is already divided by the step's global label count
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+
+
+def share_shard_storage(model: nn.Module, storage: Mapping[torch.Tensor, torch.Tensor]) -> int:
+    """Let FSDP2 keep each given parameter's shard in ``storage[param]`` instead of its own copy.
+
+    ``storage`` maps sharded parameters to tensors of their local shape, dtype and device: an
+    optimizer's views into its flat weight buffer. The update then writes the very weights FSDP2
+    gathers, with no copy back after each step. A shard FSDP2 pads (rows that do not divide by the
+    ranks) or keeps on the host keeps its own storage; so does every shard where this torch's
+    FSDP2 lacks the fields used here (``FSDPParam.sharded_param``, ``_sharded_param_data``,
+    ``padded_sharded_param_size``). Call before the first forward or after a step, not between a
+    forward and its backward. Returns how many shards now live in ``storage``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    shared = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for fsdp_param in (fp for g in groups for fp in getattr(g, "fsdp_params", ())):
+            param = getattr(fsdp_param, "sharded_param", None)
+            view = storage.get(param) if param is not None else None
+            data = getattr(fsdp_param, "_sharded_param_data", None)
+            if view is None or data is None or getattr(fsdp_param, "offload_to_cpu", False):
+                continue
+            local = param._local_tensor
+            if (tuple(getattr(fsdp_param, "padded_sharded_param_size", ())) != tuple(local.shape)
+                    or view.shape != local.shape or view.dtype != local.dtype or view.device != local.device
+                    or data.numel() != view.numel() or not view.is_contiguous()):
+                continue
+            if view.data_ptr() != local.data_ptr():
+                with torch.no_grad():
+                    view.copy_(local)
+            fsdp_param._sharded_param_data = view.view(-1)
+            param._local_tensor = view
+            shared += 1
+    return shared
 
 
 def is_sharded(t: torch.Tensor) -> bool:

@@ -45,6 +45,7 @@ from fm9g.training.parallelize import (
     load_full_state_into_shards,
     local_slice,
     local_view,
+    share_shard_storage,
 )
 from fm9g.training.step_math import (
     check_optimizer_state,
@@ -240,6 +241,9 @@ class TorchEngine:
             except (RuntimeError, TypeError, ValueError):  # a device / dtype without a fused kernel
                 self.optimizer = torch.optim.AdamW(opt_groups, foreach=False, **kw)
             self._skip_on_device = bool(self.optimizer.defaults.get("fused"))
+        if sharded and hasattr(self.optimizer, "shard_storage"):
+            # FSDP2 keeps the shards in the flat weights the update writes: no copy back per step
+            share_shard_storage(self.model, self.optimizer.shard_storage())
 
     def _load_masters(self, full: Mapping[str, torch.Tensor]) -> None:
         """Set an ``adamw_master`` optimizer's fp32 masters (and the compute weights) from full
