@@ -38,8 +38,6 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     ckpt          activation checkpointing on (always on for W3)
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | flash_attn_4 | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy (the model's loss_chunk_tokens)
-    lorafuse=1|0  LoRA down-projections of q/k/v and gate/up as one GEMM (1) or one per branch (0)
-                  (apply_lora's fuse_shared_input, set on every adapter of the built model)
     workers=N     MixtureLoader worker processes (default 2)
     graphs[=0]    TrainConfig(cuda_graphs=True) (False with =0)
     opt=NAME      optimizer (adamw | adamw_master | adamw_bf16)
@@ -94,7 +92,7 @@ W3_SCALE, W3_TINY_SCALE = (4096, 1024, 16), (256, 64, 2)
 SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
 TRAIN_WORKLOADS = ("W1", "W2", "W3")
 CPU_WORKLOADS = {"W4": "w4_build_index", "W5": "w5_mixture", "W6": "w6_convert"}
-FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "lorafuse", "workers", "graphs", "opt", "engine",
+FLAGS = {"base", "eager", "compile_full", "ckpt", "attn", "chunk", "workers", "graphs", "opt", "engine",
          "offload", "cap", "profile", "dp", "fsdp", "raf", "fp8", "det", "resume"}
 #: the HF baseline's configurations per workload (hf_baseline.py's flags): the plain ones share one
 #: process; each Liger one runs in a process of its own (Liger patches transformers for the rest
@@ -251,7 +249,6 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one workload variant through ``Trainer(config).fit()``; figures from its stats rows."""
     import torch
 
-    from fm9g.models.lora import lora_modules
     from fm9g.training.metrics import flops_per_token, read_train_stats
     from fm9g.training.trainer import Trainer
 
@@ -267,8 +264,6 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
     model = _lora_base(mc, flags, tiny) if workload == "W2" else _full_model(mc, flags, tiny)
     t_build = time.perf_counter()
     trainer = Trainer(cfg, model=model, tokenizer=tok)
-    for _, m in lora_modules(trainer.model) if "lorafuse" in flags else ():
-        m.lora.fuse_shared_input = flags["lorafuse"] != "0"
     if "chunk" in flags:
         trainer.model.loss_chunk_tokens = int(flags["chunk"])
     if "compile_full" in flags:

@@ -640,85 +640,6 @@ def test_fm9g_activation_checkpointing_same_grads():
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-def _lora_grads(model, ids, cu, labels):
-    out = model(ids, cu_seqlens=cu, labels=labels)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.parametrize("targets", [ALL7, ["project_q", "project_v", "w_0"]])
-def test_fm9g_shared_input_lora_matches_one_linear_at_a_time(targets):
-    """q/k/v and gate/up with LoRA run their down-projections as one GEMM (``fuse_shared_input`` on
-    the adapters): loss and every adapter gradient equal calling each LoraLinear alone (fp32, up to
-    summation order)."""
-    ids, cu, labels = _packed_batch()
-    results, branch_calls = [], []
-
-    def counted(branch):  # counts the branch's own forward (not called where the GEMM is stacked)
-        forward = branch.forward
-
-        def run(x):
-            branch_calls[-1] += 1
-            return forward(x)
-        return run
-
-    for fuse in (False, True):
-        model = apply_lora(_fm9g_tiny(qkv_bias=True), LoraConfig(r=4, alpha=8, target_modules=targets)).train()
-        for _, m in lora_modules(model):
-            m.lora.fuse_shared_input = fuse
-            m.lora.forward = counted(m.lora)
-        _randomize_lora(model)
-        branch_calls.append(0)
-        results.append(_lora_grads(model, ids, cu, labels))
-    layers = model.config.num_layers
-    stacked = len({"project_q", "project_k", "project_v"} & set(targets)) + len({"w_0", "w_1"} & set(targets))
-    stacked -= sum(1 for group in ({"project_q", "project_k", "project_v"}, {"w_0", "w_1"})
-                   if len(group & set(targets)) == 1)  # a lone branch is not stacked
-    assert branch_calls == [layers * len(targets), layers * (len(targets) - stacked)]
-    (loss0, g0), (loss1, g1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
-    assert g0.keys() == g1.keys() and len(g0) == 2 * 2 * len(targets)
-    for k in g0:
-        assert torch.count_nonzero(g0[k]) > 0, k
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6, msg=k)
-
-
-def test_shared_input_linears_falls_back_one_by_one():
-    """Plain linears, adapters not opted in, a merged branch, dropout, mixed adapter dtypes or a
-    hook: each linear is called itself."""
-    from fm9g.models.lora import shared_input_linears
-
-    torch.manual_seed(0)
-    x = torch.randn(3, 5, 16)
-
-    def pair(fuse=True, **kw):
-        lins = tuple(LoraLinear.from_linear(nn.Linear(16, 8), r=2, alpha=4, **kw) for _ in range(2))
-        for lin in lins:
-            nn.init.normal_(lin.lora.lora_B)
-            lin.lora.fuse_shared_input = fuse
-        return lins
-
-    calls = []
-    cases = {"plain": (nn.Linear(16, 8), nn.Linear(16, 8)), "dropout": pair(dropout=0.5), "not opted in": pair(False)}
-    merged = pair()
-    merged[0].merge()
-    cases["merged"] = merged
-    mixed = pair()
-    mixed[1].lora.to(torch.float64)
-    cases["mixed dtypes"] = mixed
-    hooked = pair()
-    hooked[1].register_forward_hook(lambda m, i, o: calls.append(m))
-    cases["hook"] = hooked
-    for name, lins in cases.items():
-        torch.manual_seed(1)
-        got = shared_input_linears(x, lins)
-        torch.manual_seed(1)
-        want = tuple(lin(x) for lin in lins)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
-    assert len(calls) == 2  # the hook ran in shared_input_linears and in the reference call
-
-
 def test_fm9g_lm_head_target_is_refused():
     with pytest.raises(LoraError, match="lm_head.weight directly"):
         apply_lora(_fm9g_tiny(tie_lm_head=False), LoraConfig(target_modules=["project_q", "lm_head"]))
@@ -926,42 +847,6 @@ def test_smollm2_lora_adapter_runs_in_peft(smol_hf, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # GPU (run on the H100 with `pytest -m gpu`; the CPU tests above cover the same logic in fp32)
 # ---------------------------------------------------------------------------------------------
-
-@pytest.mark.gpu
-def test_gpu_shared_input_lora_compiled_bf16_matches_one_linear_at_a_time():
-    """The stacked down-projection on CUDA in bf16, layers compiled: same loss and adapter gradients
-    as one LoraLinear at a time, to bf16 accuracy."""
-    from fm9g.models.config import FM9GConfig
-    from fm9g.models.fm9g import FM9GModel
-
-    dev = torch.device("cuda")
-    ids = torch.randint(0, 99, (1, 512), generator=torch.Generator().manual_seed(0)).to(dev)
-    cu = torch.tensor([0, 128, 300, 512], dtype=torch.int32, device=dev)
-    labels = ids.roll(-1, 1)
-    results = []
-    for fuse in (False, True):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with dev:
-                model = FM9GModel(FM9GConfig.from_name("tiny", qkv_bias=True))
-        finally:
-            torch.set_default_dtype(torch.float32)
-        apply_lora(model, LoraConfig.from_name("fm9g-7b", r=16))
-        for _, m in lora_modules(model):
-            m.lora.fuse_shared_input = fuse
-        _randomize_lora(model)
-        for layer in model.encoder.layers:
-            layer.compile()
-        results.append(_lora_grads(model.train(), ids, cu, labels))
-    (loss0, g0), (loss1, g1) = results
-    assert abs(loss1.item() - loss0.item()) <= 2e-3 * abs(loss0.item())
-    for k in g0:
-        assert g1[k].dtype == torch.float32
-        err = (g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-12)
-        assert err < 2e-2, (k, err.item())
-
 
 @pytest.mark.gpu
 def test_gpu_bf16_lora_step_checkpointing_and_merge():

@@ -32,7 +32,6 @@ from torch.utils.checkpoint import checkpoint
 
 from fm9g.models.attention import ATTENTION_BACKENDS, AttentionFn, AttentionUnavailableError, resolve_attention
 from fm9g.models.config import FM9GConfig
-from fm9g.models.lora import shared_input_linears
 
 __all__ = ["FM9GModel", "FM9GOutput", "RMSNorm", "chunked_cross_entropy", "rotary_cos_sin", "apply_rotary",
            "static_layout"]
@@ -123,7 +122,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = shared_input_linears(x, (self.project_q, self.project_k, self.project_v))
+        q, k, v = self.project_q(x), self.project_k(x), self.project_v(x)
         q = q.view(B, T, self.num_heads, self.dim_head)  # (B, T, h, dh)
         k = k.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
         v = v.view(B, T, self.num_kv_heads, self.dim_head)  # (B, T, kv, dh)
@@ -179,7 +178,7 @@ class FeedForward(nn.Module):
         self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        gate, up = shared_input_linears(x, (self.w_in.w_0, self.w_in.w_1))
+        gate, up = self.w_in.w_0(x), self.w_in.w_1(x)
         return self.w_out(self.act(gate) * up)  # inner (B, T, ff)
 
 

@@ -46,7 +46,6 @@ __all__ = [
     "LoraBranch",
     "LoraLinear",
     "lora_linear_class",
-    "shared_input_linears",
     "apply_lora",
     "merge_lora",
     "unmerge_lora",
@@ -83,10 +82,6 @@ class LoraBranch(nn.Module):
         alpha: scale numerator (``scaling = alpha / r``).
         dropout: dropout probability on the branch input.
         device, dtype: where and how to store ``lora_A`` / ``lora_B``.
-        fuse_shared_input: let `shared_input_linears` run this branch's down-projection in one
-            GEMM with the other branches that read the same input (q/k/v, gate/up). Off by default
-            until measured on a GPU (``python benchmarks/run.py W2 --variants lorafuse=0,lorafuse=1``);
-            the attribute of the same name can be set on a built adapter.
 
     Parameters: ``lora_A`` ``[r, in_features]`` (kaiming-uniform, a=√5), ``lora_B``
     ``[out_features, r]`` (zeros).
@@ -102,12 +97,10 @@ class LoraBranch(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        fuse_shared_input: bool = False,
     ) -> None:
         super().__init__()
         if r <= 0:
             raise LoraError(f"LoRA rank r must be > 0, got {r}")
-        self.fuse_shared_input = bool(fuse_shared_input)
         self.r = int(r)
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.r
@@ -287,43 +280,6 @@ def lora_linear_class(base: type[nn.Linear]) -> type[LoraLinear]:
     if base is nn.Linear:
         return LoraLinear
     return type(f"Lora{base.__name__}", (LoraLinear, base), {"__module__": __name__, "__doc__": LoraLinear.__doc__})
-
-
-# Linears that read the same input (q/k/v, gate/up) with LoRA branches: their down-projections
-# ``x Aᵢᵀ`` run as one GEMM over the stacked ``A``s. Each ``x Aᵢᵀ`` alone is a skinny GEMM (r output
-# columns) that reads all of ``x`` and keeps few SMs busy; stacked, ``x`` is read once, forward and
-# backward, and ``dx`` gets one update instead of one per branch. Chosen per adapter
-# (`LoraBranch.fuse_shared_input`, off by default until measured on a GPU).
-
-
-def _stackable(lin: nn.Module) -> bool:
-    return (isinstance(lin, LoraLinear) and lin.lora.fuse_shared_input and not lin.merged
-            and isinstance(lin.lora.dropout, nn.Identity)
-            and not (lin._forward_hooks or lin._forward_pre_hooks or lin.lora._forward_hooks
-                     or lin.lora._forward_pre_hooks))
-
-
-def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
-    """``tuple(lin(x) for lin in linears)``, computed together where that is faster.
-
-    The unmerged `LoraLinear`s among ``linears`` with ``lora.fuse_shared_input`` set, without
-    dropout (and without hooks) whose adapters share a dtype, when there are two or more, run their LoRA down-projections as one GEMM
-    ``x [A₁; A₂; ...]ᵀ`` whose output is split per branch; each of their results is
-    ``x Wᵢᵀ + bᵢ + (x Aᵢᵀ) Bᵢᵀ · alpha/r``, what the linear computes (up to the GEMM's summation
-    order). Every other linear is called itself.
-    """
-    stack = [i for i, lin in enumerate(linears) if _stackable(lin)]
-    if stack:
-        dtype_a = linears[stack[0]].lora.lora_A.dtype
-        stack = [i for i in stack if linears[i].lora.lora_A.dtype == dtype_a]
-    if len(stack) < 2:
-        return tuple([lin(x) for lin in linears])
-    dtype = x.dtype
-    lins = [linears[i] for i in stack]
-    stacked = torch.cat([lin.lora.lora_A.to(dtype) for lin in lins])  # (Σr, in)
-    hs = F.linear(x, stacked).split([lin.lora.r for lin in lins], dim=-1)  # each (..., r)
-    fused = {i: lin.base(x) + lin.lora.up(h) for i, lin, h in zip(stack, lins, hs)}
-    return tuple([fused[i] if i in fused else lin(x) for i, lin in enumerate(linears)])
 
 
 # ----------------------------------------------------------------------------------------------
