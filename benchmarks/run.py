@@ -47,7 +47,8 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     raf=0|1       TrainConfig(reshard_after_forward=...) under FSDP2 (1: the default)
     det           TrainConfig(deterministic=True): deterministic kernels (compare two det runs' losses)
     resume=K      also save at step K, then resume a second Trainer from it to the end: run.json gets its
-                  losses (``resumed_losses``) and whether they equal the first run's (``resume_exact``)
+                  losses (``resumed_losses``) and whether they equal the first run's (``resume_exact``);
+                  every run's ``losses_sha256`` digests its full-precision losses (two ``det`` runs compare bit for bit)
     offload       TrainConfig(offload=True) (bmtrain: its optimizer in host memory; torch: FSDP2's CPU offload)
     cap=GB        cap the process's GPU memory at GB (1e9 bytes); W3 default 80
     fp8=RECIPE    TrainConfig(fp8=RECIPE) (tensorwise | rowwise): the decoder's linears in FP8 (torchao;
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -296,6 +298,7 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
                 steps=len(timed), attn=attn, engine=cfg.engine, optimizer=cfg.optimizer, fp8=cfg.fp8, cap_GB=cap,
                 loss=round(result.losses[-1], 3) if result.losses else None, skipped=result.skipped,
                 losses=[round(x, 4) for x in result.losses],
+                losses_sha256=hashlib.sha256(repr([float(x) for x in result.losses]).encode()).hexdigest()[:16],
                 build_s=round(build_s, 1), fit_s=round(fit_s, 1),
                 iter_times=[round(r["iter_time"], 4) for r in rows], **({"kernels": kernels} if kernels else {}), **timing)
 
