@@ -277,12 +277,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 chunk_tokens: int, compute_dtype: torch.dtype, keep_logits_bytes: int) -> torch.Tensor:
-        # h (N, d), weight (V, d), labels (N,) -> token_loss (N,) fp32
+        # h (N, d), weight (V, d), labels (N elements, any shape) -> token_loss (labels' shape) fp32
+        shape, labels = labels.shape, labels.reshape(-1)
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 (fp64 stays fp64 for gradcheck)
         fwd = _ce_kernels(h.device)[0]
         n = h.shape[0]
-        token_loss = torch.empty(n, dtype=acc, device=h.device)
+        # allocated in the labels' shape and filled through a flat view: the output is no view itself
+        # (FSDP2 warns about a root module returning views)
+        token_loss_out = torch.empty(shape, dtype=acc, device=h.device)
+        token_loss = token_loss_out.view(-1)
         lse = torch.empty(n, dtype=acc, device=h.device)
         kept = None
         if any(ctx.needs_input_grad[:2]) and _keeps_logits(n * weight.shape[0], compute_dtype, keep_logits_bytes):
@@ -295,11 +299,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             del logits
         ctx.save_for_backward(h, weight, labels, lse)
         ctx.chunk_tokens, ctx.compute_dtype, ctx.kept_logits = chunk_tokens, compute_dtype, kept
-        return token_loss
+        return token_loss_out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight, labels, lse = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1)
         cd, chunk_tokens = ctx.compute_dtype, ctx.chunk_tokens
         w = weight.to(cd)
         _, grad_fn, grad_fn_ = _ce_kernels(h.device)
@@ -334,13 +339,14 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
     Args:
         h: (N, d) hidden states (already normalised / muP-scaled).
         weight: (V, d) output embedding.
-        labels: (N,) target ids, -100 = ignored.
+        labels: N target ids in any shape ((N,), (B, T), ...), -100 = ignored.
         chunk_tokens: tokens per chunk (default LOSS_CHUNK_ELEMENTS // V, LOSS_CHUNK_ELEMENTS_CUDA // V on CUDA).
         keep_logits_bytes: keep all logits for the backward (one GEMM each for d h and d W) when
             they fit this many bytes, else recompute them chunk by chunk; default
             LOSS_KEEP_LOGITS_BYTES on CUDA, 0 (recompute) elsewhere.
     Returns:
-        (N,) float32 losses, 0 where the label is -100; differentiable w.r.t. h and weight.
+        float32 losses in the shape of ``labels``, 0 where the label is -100; differentiable
+        w.r.t. h and weight.
     """
     if chunk_tokens is None:
         per_chunk = LOSS_CHUNK_ELEMENTS_CUDA if h.device.type == "cuda" else LOSS_CHUNK_ELEMENTS
@@ -567,8 +573,8 @@ class FM9GModel(nn.Module):
 
         out = FM9GOutput()
         if labels is not None:
-            token_loss = chunked_cross_entropy(h.reshape(N, -1), weight, labels.reshape(N).to(device),
-                                               self.loss_chunk_tokens).view(B, T)  # (B, T) fp32
+            token_loss = chunked_cross_entropy(h.reshape(N, -1), weight, labels.reshape(B, T).to(device),
+                                               self.loss_chunk_tokens)  # (B, T) fp32
             count = (labels != IGNORE_INDEX).sum()
             out.token_loss = token_loss
             out.num_label_tokens = count
