@@ -1,9 +1,11 @@
 """Shared fixtures and the test session's rules.
 
 * Compiles are private to the session: torch inductor's and Triton's caches live in a fresh
-  temporary folder (``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR``, set before anything compiles
-  and inherited by every subprocess a test starts), so another process compiling on the same
-  machine, in the default ``/tmp/torchinductor_<user>``, cannot break a test, nor a test it.
+  folder (``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR``), and so does the temporary folder
+  (``TMPDIR``, where inductor keeps its precompiled headers whatever its cache setting says), all
+  set before anything compiles and inherited by every subprocess a test starts; so another process
+  compiling on the same machine, in the default ``/tmp/torchinductor_<user>``, cannot break a
+  test, nor a test it.
 * GPU tests are marked ``gpu`` and skipped (reported as skipped) without CUDA.
 * Tests that need an optional package carry its marker (`OPTIONAL_MARKERS`: ``bmtrain``, ``fa4``,
   ``fp8`` on a GPU, ``vllm``):
@@ -36,8 +38,16 @@ OPTIONAL_MARKERS = {
 
 
 def _private_compile_caches() -> Path:
-    """Point inductor's and Triton's caches at a new folder of this session (removed at exit)."""
+    """Point inductor's and Triton's caches, and the temporary folder itself, at a new folder of
+    this session (removed at exit). The temporary folder matters: inductor keeps its precompiled
+    C++ headers in ``<tempdir>/torchinductor_<user>/precompiled_headers`` whatever
+    ``TORCHINDUCTOR_CACHE_DIR`` says, so a neighbour deleting or rebuilding them broke a compile
+    test (a CppCompileError on a fresh clone while ``scripts/inductor_noise.py --wipe`` ran)."""
     root = Path(tempfile.mkdtemp(prefix="fm9g-tests-compile-"))
+    tmp = root / "tmp"
+    tmp.mkdir()
+    os.environ["TMPDIR"] = str(tmp)  # subprocesses, and every default_cache_dir() after this line
+    tempfile.tempdir = str(tmp)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
     atexit.register(shutil.rmtree, root, ignore_errors=True)

@@ -13,17 +13,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compile_caches_are_private_to_the_session_and_reach_subprocesses():
-    """inductor and Triton write under this session's own temporary folder, not the shared
-    default /tmp/torchinductor_<user>, and a subprocess a test starts inherits it."""
+    """inductor and Triton write under this session's own folder, not the shared default
+    /tmp/torchinductor_<user>: the caches, and the precompiled C++ headers inductor keeps in the
+    temporary folder's default cache whatever its cache setting says; a subprocess a test starts
+    inherits all of it."""
+    from torch._inductor import codecache
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
     COMPILE_CACHE = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent
-    assert COMPILE_CACHE.name.startswith("fm9g-tests-compile-") and COMPILE_CACHE.parent == Path(tempfile.gettempdir())
-    assert Path(cache_dir()).parent == COMPILE_CACHE != Path(default_cache_dir()).parent
+    assert COMPILE_CACHE.name.startswith("fm9g-tests-compile-")
+    assert Path(tempfile.gettempdir()) == COMPILE_CACHE / "tmp" == Path(os.environ["TMPDIR"])
+    assert Path(cache_dir()).parent == COMPILE_CACHE
+    assert Path(default_cache_dir()).parent == COMPILE_CACHE / "tmp"
+    assert Path(codecache._HEADER_DIR).is_relative_to(COMPILE_CACHE), codecache._HEADER_DIR
     assert Path(os.environ["TRITON_CACHE_DIR"]).parent == COMPILE_CACHE
-    probe = "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())"
+    probe = ("from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir; "
+             "print(cache_dir()); print(default_cache_dir())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    assert Path(out.stdout.strip()).parent == COMPILE_CACHE
+    own, default = out.stdout.split()
+    assert Path(own).parent == COMPILE_CACHE and Path(default).parent == COMPILE_CACHE / "tmp"
 
 
 _MARKED = '''
