@@ -193,6 +193,32 @@ def test_two_nodes_give_the_same_losses(setup):
     assert _losses(d / "runs" / "orig_vars") == _losses(ref)
 
 
+def test_hybrid_sharding_over_two_nodes_of_two_ranks_matches_one_process(setup):
+    """data_parallel="hybrid" on two `torchrun --nnodes=2 --nproc_per_node=2` groups: a 2 x 2 mesh
+    (replicated across the two "nodes", sharded within each), `adamw_master` (its flat weights are
+    FSDP2's shards), 4 ranks x batch 1 = one process x batch 4 within fp32 reduction order."""
+    d, base = setup
+    cfg = _write_cfg(d, base, "hybrid", data_parallel="hybrid", optimizer="adamw_master")
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=2", f"--node_rank={node}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "fm9g", "train", "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+        outs.append(out + err)
+    assert "FSDP2 over 2 replicate x 2 shard" in outs[0], outs[0][-2000:]
+    _one_process(_write_cfg(d, base, "hybrid_ref", batch_size=4, optimizer="adamw_master"))
+    a, b = _losses(d / "runs" / "hybrid"), _losses(d / "runs" / "hybrid_ref")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) <= REL_TOL * abs(x), (a, b)
+
+
 def test_original_launch_variables_become_torchrun_arguments():
     from fm9g.training.distributed import torchrun_args_from_env
 
