@@ -30,6 +30,9 @@ Workloads (``NAME[@SCALE]``; shapes in benchmarks/README.md):
     W7   W1 (``W7@7b``: W3) under ``torchrun --nproc_per_node N`` for each N of ``--gpus``.
     @accum8  8 micro-batches of one 4096 row per optimizer step (W1, W2).
     @16k / @32k  one row of 16384 / 32768 tokens per step holding ONE document (W1, W2).
+    W1@host  the host's work per step, on the CPU: 24 layers of width 32, one row of 64 tokens (4
+             documents), fp32, eager; ``--variants base,fsdp`` compares FSDP2 at one rank with one
+             process where the step is nothing but Python (what bounds FSDP2 on a GPU, issue 26).
 
 Variants (``--variants``, comma-separated; each ``+``-joined flags applied to every training workload):
     base          the defaults a user gets (layers compiled on CUDA, attention "auto")
@@ -88,8 +91,14 @@ TINY_SHAPE = dict(vocab_size=512, dim_model=64, num_layers=2, num_heads=4, num_k
                   tie_lm_head=False, qkv_bias=True, scale=False, scale_depth=-1.0, base=1e6, max_length=1024,
                   init_std=0.02, use_checkpoint=False)
 #: (row tokens, document tokens, micro-batches per step) per workload and scale
-SCALES = {"": (4096, 1024, 1), "accum8": (4096, 1024, 8), "16k": (16384, 16384, 1), "32k": (32768, 32768, 1)}
-TINY_SCALES = {"": (256, 64, 1), "accum8": (256, 64, 2), "16k": (512, 512, 1), "32k": (1024, 1024, 1)}
+SCALES = {"": (4096, 1024, 1), "accum8": (4096, 1024, 8), "16k": (16384, 16384, 1), "32k": (32768, 32768, 1),
+          "host": (64, 16, 1)}
+TINY_SCALES = {"": (256, 64, 1), "accum8": (256, 64, 2), "16k": (512, 512, 1), "32k": (1024, 1024, 1),
+               "host": (64, 16, 1)}
+#: ``W1@host``: W1's step with almost no arithmetic (24 layers of width 32, on the CPU), so that its
+#: time is the host's work per step: the Python of the engine and of FSDP2 (issue 26's bottleneck)
+HOST_SHAPE = dict(TINY_SHAPE, vocab_size=128, dim_model=32, num_layers=24, num_heads=2, num_kv_heads=2, dim_ff=64,
+                  max_length=64)
 W3_SCALE, W3_TINY_SCALE = (4096, 1024, 16), (256, 64, 2)
 SCALING = ["W1@accum8", "W1@16k", "W1@32k", "W2@16k"]
 TRAIN_WORKLOADS = ("W1", "W2", "W3")
@@ -160,6 +169,8 @@ def _shape(spec: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
         layout = W3_TINY_SCALE if tiny else W3_SCALE
     else:
         layout = (TINY_SCALES if tiny else SCALES)[scale]
+    if scale == "host":
+        return FM9GConfig(**HOST_SHAPE), layout
     if tiny:
         return FM9GConfig(**TINY_SHAPE), layout
     return (FM9GConfig.from_name("fm9g-7b") if workload in ("W2", "W3") else FM9GConfig(**W1_SHAPE)), layout
@@ -501,16 +512,18 @@ def scaling_table(results: list[dict[str, Any]]) -> str:
 def _spec(args: argparse.Namespace, work_root: Path, name: str, variant: str) -> dict[str, Any]:
     workload, _, scale = name.partition("@")
     tag = f"{name}-{variant}".replace("@", "_").replace("+", "_").replace("=", "-")
-    return dict(name=name, workload=workload, scale=scale, variant=variant, tiny=args.tiny, steps=args.steps,
+    # W1@host runs on the CPU like --tiny (fp32, no compile), with the usual steps
+    return dict(name=name, workload=workload, scale=scale, variant=variant, tiny=args.tiny or scale == "host",
+                steps=args.steps,
                 warmup=args.warmup, work=str(work_root / tag), tag=tag)
 
 
 def _check_workload(name: str) -> None:
     workload, _, scale = name.partition("@")
-    ok = ((workload in ("W1", "W2") and scale in SCALES) or (workload in ("W3", *CPU_WORKLOADS) and not scale)
+    ok = ((workload in ("W1", "W2") and scale in SCALES and (scale != "host" or workload == "W1")) or (workload in ("W3", *CPU_WORKLOADS) and not scale)
           or (workload == "W7" and scale in ("", "7b")))
     if not ok:
-        raise SystemExit(f"unknown workload {name!r}: expected W1..W7 (W1/W2 with @accum8, @16k or @32k; W7@7b)")
+        raise SystemExit(f"unknown workload {name!r}: expected W1..W7 (W1/W2 with @accum8, @16k or @32k; W1@host; W7@7b)")
 
 
 def _torchrun(n: int) -> list[str]:
@@ -575,7 +588,7 @@ def _header(argv: list[str], seconds: float) -> str:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workloads", nargs="*", default=["W1", "W2"], help="W1..W7, W1/W2 with @accum8 / @16k / @32k")
+    ap.add_argument("workloads", nargs="*", default=["W1", "W2"], help="W1..W7, W1/W2 with @accum8 / @16k / @32k, W1@host")
     ap.add_argument("--variants", default="base", help="comma-separated fm9g variants (see above)")
     ap.add_argument("--scaling", action="store_true", help="also run " + ", ".join(SCALING))
     ap.add_argument("--steps", type=int, default=8, help="timed steps (as the HF baseline); the figure is the median of their later half (the steady state)")

@@ -11,15 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_py_tiny_runs_every_cpu_workload(tmp_path):
-    """``python benchmarks/run.py --tiny W1 W2 W3 W4 W5 W6`` on CPU: every workload gives its
+    """``python benchmarks/run.py --tiny W1 W2 W3 W4 W5 W6 W1@host`` on CPU: every workload gives its
     figures, the training ones from the Trainer's own stats rows."""
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--tiny", "W1", "W2", "W3", "W4", "W5",
-                        "W6", "--out", str(tmp_path)], cwd=str(ROOT), capture_output=True, text=True, timeout=900)
+                        "W6", "W1@host", "--out", str(tmp_path)], cwd=str(ROOT), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "run.json").read_text())
     rows = {r["workload"]: r for r in report["fm9g"]}
-    assert set(rows) == {"W1", "W2", "W3", "W4", "W5", "W6"}
-    for name in ("W1", "W2", "W3"):
+    assert set(rows) == {"W1", "W2", "W3", "W4", "W5", "W6", "W1@host"}
+    for name in ("W1", "W2", "W3", "W1@host"):
         r = rows[name]
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["steps"] == 2 and r["skipped"]["nonfinite"] == 0
