@@ -165,6 +165,24 @@ def _documents_read(cfg_path: Path, rank: int, world: int, *, steps: int) -> lis
     return out
 
 
+def _two_nodes(cfg: Path, *, nproc_per_node: int, timeout: float = 300) -> list[str]:
+    """Train ``cfg`` as two `torchrun --nnodes=2 --node_rank=N` commands on one master (two
+    "nodes" of ``nproc_per_node`` ranks); each node's output (stdout + stderr)."""
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [*TORCHRUN, "--nnodes=2", f"--nproc_per_node={nproc_per_node}", f"--node_rank={node}",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fm9g", "train", "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+        outs.append(out + err)
+    return outs
+
+
 def test_two_nodes_give_the_same_losses(setup):
     """(b) two `torchrun --nnodes=2 --nproc_per_node=1 --node_rank=N` commands on one master.
 
@@ -172,17 +190,7 @@ def test_two_nodes_give_the_same_losses(setup):
     first and the other node's torchrun then fails after its training finished.
     """
     d, base = setup
-    cfg = _write_cfg(d, base, "nodes")
-    port = _free_port()
-    procs = []
-    for node in range(2):
-        cmd = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--master_addr=127.0.0.1",
-               f"--master_port={port}", "-m", "fm9g", "train", "--config", str(cfg)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+    _two_nodes(_write_cfg(d, base, "nodes"), nproc_per_node=1, timeout=240)
     ref = _reference(d, base)
     assert _losses(d / "runs" / "nodes") == _losses(ref)  # same ranks, same data, same reductions
     # the original scripts' variables: plain `fm9g train` starts torchrun itself
@@ -198,19 +206,8 @@ def test_hybrid_sharding_over_two_nodes_of_two_ranks_matches_one_process(setup):
     (replicated across the two "nodes", sharded within each), `adamw_master` (its flat weights are
     FSDP2's shards), 4 ranks x batch 1 = one process x batch 4 within fp32 reduction order."""
     d, base = setup
-    cfg = _write_cfg(d, base, "hybrid", data_parallel="hybrid", optimizer="adamw_master")
-    port = _free_port()
-    procs = []
-    for node in range(2):
-        cmd = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=2", f"--node_rank={node}", "--master_addr=127.0.0.1",
-               f"--master_port={port}", "-m", "fm9g", "train", "--config", str(cfg)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
-        outs.append(out + err)
+    outs = _two_nodes(_write_cfg(d, base, "hybrid", data_parallel="hybrid", optimizer="adamw_master"),
+                      nproc_per_node=2)
     assert "FSDP2 over 2 replicate x 2 shard" in outs[0], outs[0][-2000:]
     _one_process(_write_cfg(d, base, "hybrid_ref", batch_size=4, optimizer="adamw_master"))
     a, b = _losses(d / "runs" / "hybrid"), _losses(d / "runs" / "hybrid_ref")
