@@ -209,7 +209,8 @@ class Trainer:
             where += f", optimizer {c.optimizer}"
         mesh = getattr(eng, "mesh", None)
         if mesh is not None:  # e.g. "FSDP2 over 2 replicate x 8 shard" (hybrid: nodes x ranks per node)
-            where += ", FSDP2 over " + " x ".join(f"{n} {name}" for name, n in zip(mesh.mesh_dim_names, mesh.shape))
+            names = mesh.mesh_dim_names or ("ranks",) * mesh.ndim  # a mesh passed in without names
+            where += ", FSDP2 over " + " x ".join(f"{n} {name}" for name, n in zip(names, mesh.shape))
         return (
             f"fm9g train: {total / 1e6:,.2f}M parameters, {trainable / 1e6:,.2f}M trainable"
             f"{' (LoRA)' if self.is_lora else ''}; {where}\n"
