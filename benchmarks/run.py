@@ -310,8 +310,15 @@ def run_fm9g(spec: dict[str, Any]) -> dict[str, Any]:
                 loss=round(result.losses[-1], 3) if result.losses else None, skipped=result.skipped,
                 losses=[round(x, 4) for x in result.losses],
                 losses_sha256=hashlib.sha256(repr([float(x) for x in result.losses]).encode()).hexdigest()[:16],
-                build_s=round(build_s, 1), fit_s=round(fit_s, 1),
+                build_s=round(build_s, 1), fit_s=round(fit_s, 1), host_peak_GB=_host_peak_gb(),
                 iter_times=[round(r["iter_time"], 4) for r in rows], **({"kernels": kernels} if kernels else {}), **timing)
+
+
+def _host_peak_gb() -> float:
+    """The process's peak resident host memory in GB (1e9 bytes): what offload keeps on the host."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 1)  # Linux: kB
 
 
 def _resume_from(trainer: Any, cfg: Any, flags: dict[str, str], tok: Any, losses: list[float],
