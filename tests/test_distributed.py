@@ -427,23 +427,29 @@ sys.path.insert(0, {str(ROOT / "tests")!r})
 from test_trainer import ToyLoader, _cfg
 from fm9g.training.trainer import Trainer
 from fm9g.training.parallelize import local_view
-out = {{}}
+import torch
+out, divs = {{}}, {{}}
 for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
     for dp in ("none", "fsdp"):
         kw = dict(optimizer="adamw", offload=dp == "fsdp") if opt == "offload" else dict(optimizer=opt)
         cfg = _cfg(pathlib.Path(tempfile.mkdtemp(dir={str(tmp_path)!r})), train_iters=4, save=None,
                    data_parallel=dp, progress_bar=False, **kw)
         t = Trainer(cfg, loader=ToyLoader(fixed=True), log_stream=open("/dev/null", "w"))
-        losses = t.fit().losses
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            losses = t.fit().losses
+        divs[opt + "/" + dp] = sum(e.count for e in prof.key_averages() if e.key in ("aten::div", "aten::div_"))
         views = getattr(t.engine.optimizer, "shard_storage", dict)()
         shared = sum(local_view(p).data_ptr() == v.data_ptr() for p, v in views.items())
         out[opt + "/" + dp] = [losses, type(t.engine.model).__name__, shared, len(views)]
-print("RESULT", json.dumps(out))
+print("RESULT", json.dumps([out, divs]))
 ''')
     res = _run([sys.executable, str(script)])
-    got = json.loads(res.stdout.split("RESULT ", 1)[1])
+    got, divs = json.loads(res.stdout.split("RESULT ", 1)[1])
     for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
         assert got[f"{opt}/fsdp"][0] == got[f"{opt}/none"][0], (opt, got)
+        # over one rank FSDP2 sums without dividing: no division of the gradients per unit and step
+        # (a divide factor of 1.0 cost one per unit on an H100, 4 ms of W1's step)
+        assert divs[f"{opt}/fsdp"] == divs[f"{opt}/none"], (opt, divs)
         assert got[f"{opt}/fsdp"][1].startswith("FSDP"), got  # sharded for real (fully_shard's class)
         if opt != "adamw":  # the flat optimizers' weights ARE FSDP2's shards: nothing copied back per step
             assert got[f"{opt}/fsdp"][2] == got[f"{opt}/fsdp"][3] > 0, (opt, got[f"{opt}/fsdp"])
