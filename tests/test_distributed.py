@@ -105,12 +105,13 @@ def _one_process(cfg: Path, *sets: str) -> subprocess.CompletedProcess:
     return _run(cmd)
 
 
-def _losses(run_dir: Path) -> list[float]:
+def _losses(run_dir: Path, key: str = "loss") -> list[float]:
+    """The run's ``key`` (``loss``, ``grad_norm``) per step, from its train_stats."""
     rows = {}
     for f in sorted((run_dir / "train_stats").glob("*.jsonl")):
         for line in f.read_text().splitlines():
             r = json.loads(line)
-            rows[r["iteration"]] = r["loss"]
+            rows[r["iteration"]] = r[key]
     return [rows[k] for k in sorted(rows)]
 
 
@@ -140,6 +141,9 @@ def test_two_ranks_match_one_process_and_read_disjoint_data(setup):
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x - y) <= REL_TOL * abs(x), (a, b)
+    # the gradient norm too: the shards' squares summed over the ranks, the whole (1-D) parameters' once
+    na, nb = _losses(d / "runs" / "one", "grad_norm"), _losses(d / "runs" / "two", "grad_norm")
+    assert all(abs(x - y) <= REL_TOL * abs(x) for x, y in zip(na, nb)), (na, nb)
     # (d) what each rank's loader (the Trainer's, built the same way) gives for the 4 steps: disjoint, one doc per row
     r0, r1 = (_documents_read(d / "two.json", rank, 2, steps=4) for rank in (0, 1))
     assert len(r0) == len(r1) == 4
@@ -408,6 +412,8 @@ def test_flat_optimizers_on_two_ranks_match_one_process_and_resume_exactly(setup
     _torchrun(two)
     a, b = _losses(d / "runs" / f"one_{optimizer}"), _losses(d / "runs" / f"two_{optimizer}")
     assert len(a) == len(b) == 4 and all(abs(x - y) <= rel_tol * abs(x) for x, y in zip(a, b)), (a, b)
+    na, nb = (_losses(d / "runs" / f"{r}_{optimizer}", "grad_norm") for r in ("one", "two"))
+    assert all(abs(x - y) <= rel_tol * abs(x) for x, y in zip(na, nb)), (na, nb)
     again = _write_cfg(d, base, f"again_{optimizer}", optimizer=optimizer, save_iters=2,
                        resume_ckpt=str(d / "runs" / f"two_{optimizer}" / "2"))
     _torchrun(again)
@@ -440,7 +446,9 @@ for opt in ("adamw", "adamw_master", "adamw_bf16", "offload"):
         divs[opt + "/" + dp] = sum(e.count for e in prof.key_averages() if e.key in ("aten::div", "aten::div_"))
         views = getattr(t.engine.optimizer, "shard_storage", dict)()
         shared = sum(local_view(p).data_ptr() == v.data_ptr() for p, v in views.items())
-        out[opt + "/" + dp] = [losses, type(t.engine.model).__name__, shared, len(views)]
+        whole = sorted(n for n, p in t.engine.model.named_parameters() if not hasattr(p, "device_mesh"))
+        out[opt + "/" + dp] = [losses, type(t.engine.model).__name__, shared, len(views), whole,
+                               sorted(n for n, p in t.engine.model.named_parameters() if p.dim() < 2)]
 print("RESULT", json.dumps([out, divs]))
 ''')
     res = _run([sys.executable, str(script)])
@@ -451,5 +459,7 @@ print("RESULT", json.dumps([out, divs]))
         # (a divide factor of 1.0 cost one per unit on an H100, 4 ms of W1's step)
         assert divs[f"{opt}/fsdp"] == divs[f"{opt}/none"], (opt, divs)
         assert got[f"{opt}/fsdp"][1].startswith("FSDP"), got  # sharded for real (fully_shard's class)
+        # every rank keeps the one-dimensional parameters (norms, biases) whole; FSDP2 shards the rest
+        assert got[f"{opt}/fsdp"][4] == got[f"{opt}/fsdp"][5] != [], got[f"{opt}/fsdp"][4:]
         if opt != "adamw":  # the flat optimizers' weights ARE FSDP2's shards: nothing copied back per step
             assert got[f"{opt}/fsdp"][2] == got[f"{opt}/fsdp"][3] > 0, (opt, got[f"{opt}/fsdp"])

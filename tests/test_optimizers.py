@@ -229,17 +229,20 @@ def test_the_compiled_update_matches_the_eager_one():
 
 
 def test_a_group_is_one_flat_buffer_updated_in_chunks_not_per_tensor(monkeypatch):
-    """40 tensors: the update runs once per chunk of the group's flat buffer (the per-tensor kernels
-    of the first version spent most of a 1.5B model's step launching), and matches the per-tensor
-    optimizers' numerics."""
+    """40 tensors: the update runs once per chunk of the group's flat buffers (the per-tensor kernels
+    of the first version spent most of a 1.5B model's step launching): one for the 20 matrices, one
+    for the 20 biases (one-dimensional parameters are bucketed apart, as FSDP2 keeps them whole on
+    every rank); and matches the per-tensor optimizers' numerics."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(20)])  # 40 tensors, 5440 elements
     ref = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(20)])
     ref.load_state_dict(model.state_dict())
     opt = AdamWBF16(model.parameters(), lr=1e-3, chunk_elements=2048)
-    bucket = opt._buckets[0][0]
-    assert all(p.data.untyped_storage().data_ptr() == bucket.weights.untyped_storage().data_ptr()
-               for p in model.parameters())
+    matrices, biases = opt._buckets[0]
+    for bucket in (matrices, biases):
+        assert all(p.data.untyped_storage().data_ptr() == bucket.weights.untyped_storage().data_ptr()
+                   for p in bucket.params)
+    assert [p.dim() for p in matrices.params] == [2] * 20 and [p.dim() for p in biases.params] == [1] * 20
     calls = []
     real = opt._kernel(torch.device("cpu"))
     monkeypatch.setattr(opt, "_kernel", lambda dev: lambda *a: (calls.append(a[0].numel()), real(*a)))
@@ -250,11 +253,13 @@ def test_a_group_is_one_flat_buffer_updated_in_chunks_not_per_tensor(monkeypatch
             o.zero_grad()
             m(x).square().mean().backward()
             o.step()
-    assert calls == [2048, 2048, 1344] * 3
+    assert calls == [2048, 2048, 1024, 320] * 3
     # backward's gradients landed in the views; zero_grad drops them, or zeroes in place and keeps them
-    assert all(p.grad is not None and p.grad.data_ptr() >= bucket.grads.data_ptr() for p in model.parameters())
+    assert all(p.grad is not None and p.grad.data_ptr() >= b.grads.data_ptr() for b in (matrices, biases)
+               for p in b.params)
     opt.zero_grad(set_to_none=False)
-    assert all(p.grad is not None for p in model.parameters()) and bucket.grads.abs().sum() == 0
+    assert all(p.grad is not None for p in model.parameters())
+    assert matrices.grads.abs().sum() == 0 and biases.grads.abs().sum() == 0
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     for a, b in zip(ref.parameters(), model.parameters()):
@@ -356,8 +361,9 @@ def test_dropped_gradients_train_exactly_as_zeroed_buffers(cls):
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
         unused = torch.nn.Parameter(torch.ones(3))
         opt = cls([*model.parameters(), unused], lr=1e-2, weight_decay=0.0)
-        bucket = opt._buckets[0][0]
-        inside = lambda t: bucket.grads.data_ptr() <= t.data_ptr() < bucket.grads.data_ptr() + bucket.grads.nbytes
+        buckets = opt._buckets[0]  # the matrices' and the vectors' (biases, ``unused``)
+        inside = lambda t: any(b.grads.data_ptr() <= t.data_ptr() < b.grads.data_ptr() + b.grads.nbytes
+                               for b in buckets)
         norms = []
         for step in range(4):
             opt.zero_grad(set_to_none=set_to_none)

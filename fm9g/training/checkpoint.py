@@ -255,10 +255,10 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when no element of `tensors` is inf or NaN: one fused max-abs reduction per device
     and dtype (``torch._foreach_norm(ord=inf)``, no overflow for large finite values) and one
     host sync in all."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
+    groups: dict[tuple[torch.device, torch.dtype, type], list[torch.Tensor]] = {}
+    for t in tensors:  # FSDP2's DTensors apart from the plain tensors every rank keeps whole
         if t.numel() and t.is_floating_point():
-            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+            groups.setdefault((t.device, t.dtype, type(t.detach())), []).append(t.detach())
     if not groups:
         return True
     with torch.no_grad():

@@ -41,7 +41,7 @@ from typing import Any, Iterable
 
 import torch
 
-from fm9g.training.parallelize import local_view
+from fm9g.training.parallelize import is_sharded, local_view
 
 __all__ = ["AdamWBF16", "AdamWMaster", "round_stochastic"]
 
@@ -151,7 +151,9 @@ class _FlatBucket:
                  state_device: torch.device | None = None) -> None:
         first = local_view(params[0])
         self.params = params
-        self.external = external
+        # external: the parameters are FSDP2's shards (it owns their storage); a parameter every rank
+        # keeps whole (parallelize.replicated_params) is the buffer's view, as in one process
+        self.external = external and is_sharded(params[0])
         self.shapes = [local_view(p).shape for p in params]
         self.numels = [local_view(p).numel() for p in params]
         self.offsets = [0, *itertools.accumulate(self.numels)][:-1]
@@ -332,11 +334,14 @@ class AdamWBF16(torch.optim.Optimizer):
         self._buckets: list[list[_FlatBucket]] = []
         for group in self.param_groups:
             group.setdefault("rounding_calls", 0)
-            by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            # the one-dimensional parameters in buckets of their own, in one process too (the same
+            # layout, so FSDP2 over one rank computes what one process does): under FSDP2 every rank
+            # keeps them whole (parallelize.replicated_params), outside the shards' buckets
+            by_kind: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise ValueError(f"AdamWBF16 trains floating-point parameters only, got {p.dtype}")
-                by_kind.setdefault((p.device, p.dtype), []).append(p)
+                by_kind.setdefault((p.device, p.dtype, p.dim() < 2), []).append(p)
             self._buckets.append([self._bucket(ps) for ps in by_kind.values()])
 
     def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:
@@ -377,6 +382,11 @@ class AdamWBF16(torch.optim.Optimizer):
                 b.sync()  # first: a gradient assigned since the last step is re-attached, then zeroed
                 b.grads.zero_()
                 b._fresh = False
+
+    def flat_grads_sharded(self) -> list[bool]:
+        """For each buffer of :meth:`flat_grads`, whether it holds FSDP2 shards (False: parameters
+        every rank keeps whole, or one process)."""
+        return [b.external for buckets in self._buckets for b in buckets]
 
     def shard_storage(self) -> dict[torch.Tensor, torch.Tensor]:
         """External buckets: ``{parameter: its view of the flat weights}``, where

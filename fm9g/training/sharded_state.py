@@ -26,8 +26,12 @@ __all__ = ["save_sharded", "load_sharded"]
 
 
 def _wrap(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``local`` (this rank's piece, not copied) as a DTensor laid out like the parameter ``like``."""
+    """``local`` (this rank's piece, not copied) as a DTensor laid out like the parameter ``like``;
+    as it is for a parameter every rank keeps whole (DCP saves it once and loads it on every rank)."""
     from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        return local
 
     return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
                               run_check=False)

@@ -42,6 +42,7 @@ from fm9g.training.parallelize import (
     apply_compile,
     apply_fsdp,
     gather_full,
+    is_sharded,
     load_full_state_into_shards,
     local_slice,
     local_view,
@@ -223,6 +224,8 @@ class TorchEngine:
         sharded = self.mesh is not None
         flat = self.optimizer_name != "adamw" or self.offload
         self._shards = [local_view(p) for p in self.params] if sharded and not flat else None
+        # trained parameters FSDP2 leaves whole on every rank (their gradients summed by the engine)
+        self._whole = [p for p in self.params if not is_sharded(p)] if sharded else []
         opt_params = iter(self._shards or self.params)
         opt_groups = [{"params": [next(opt_params) for _ in g["params"]], "lr": lr * g["lr_scale"],
                        "lr_scale": g["lr_scale"]} for g in self.groups]
@@ -267,16 +270,37 @@ class TorchEngine:
             dist.all_reduce(t)
         return t
 
-    def _norm_over_shards(self, local_norm: torch.Tensor) -> torch.Tensor:
-        """The global gradient norm from this rank's (the shards' squares summed over the shard
-        group; replicas of a hybrid mesh hold the same shards)."""
-        if self._shard_group is None:
-            return local_norm
+    def _sum_whole_grads(self) -> None:
+        """The gradients of the parameters every rank keeps whole (not FSDP2's: norms, biases,
+        :func:`~fm9g.training.parallelize.replicated_params`) summed over every rank, in place, as
+        FSDP2 sums its shards'; one collective per dtype (one process: nothing to do)."""
+        if self.world_size == 1 or not self._whole:
+            return
         import torch.distributed as dist
 
-        sq = (local_norm.float() ** 2).reshape(1)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self._whole:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def _global_norm(self, grads: list[torch.Tensor], sharded: list[bool], *, foreach: bool) -> torch.Tensor:
+        """The global L2 norm of ``grads`` (0-d fp32 on the first one's device): the squares of FSDP2's
+        shards (``sharded``) summed over the shard group, those of the parameters every rank keeps
+        whole counted once (replicas of a hybrid mesh hold the same shards)."""
+        device = grads[0].device if grads else self.device
+        if self._shard_group is None:
+            return total_norm(grads, foreach=foreach).to(device)
+        import torch.distributed as dist
+
+        local = total_norm([g for g, s in zip(grads, sharded) if s], foreach=foreach).to(device)
+        sq = (local.float() ** 2).reshape(1)
         dist.all_reduce(sq, group=self._shard_group)
-        return sq.sqrt().reshape(())
+        whole = total_norm([g for g, s in zip(grads, sharded) if not s], foreach=foreach).to(device)
+        return (sq + whole.float() ** 2).sqrt().reshape(())
 
     # ------------------------------------------------------------------ the step
     def _step_counts(self, micro_batches: list[dict[str, Any]]) -> tuple[int, int] | torch.Tensor:
@@ -373,17 +397,19 @@ class TorchEngine:
     def _grad_norm(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The global pre-clip L2 norm (0-d fp32, on the gradients' device) and the gradients the
         update divides (``[]`` for flat-buffer optimizers, which clip inside their step)."""
+        self._sum_whole_grads()
         if hasattr(self.optimizer, "flat_grads"):  # one reduction per whole buffer
-            return self._norm_over_shards(total_norm(self.optimizer.flat_grads(), foreach=False)), []
+            flat = self.optimizer.flat_grads()
+            return self._global_norm(flat, self.optimizer.flat_grads_sharded(), foreach=False), []
         if self._shards is not None:  # FSDP2 + fused AdamW: the optimizer's tensors take the local gradients
             for s, p in zip(self._shards, self.params):
                 s.grad = local_view(p.grad) if p.grad is not None else None
-            grads = [s.grad for s in self._shards if s.grad is not None]
+            pairs = [(s.grad, is_sharded(p)) for s, p in zip(self._shards, self.params) if s.grad is not None]
         else:
-            grads = [p.grad for p in self.params if p.grad is not None]
+            pairs = [(p.grad, False) for p in self.params if p.grad is not None]
+        grads = [g for g, _ in pairs]
         foreach = bool(grads) and grads[0].device.type == "cuda"
-        return self._norm_over_shards(total_norm(grads, foreach=foreach).to(grads[0].device if grads else
-                                                                            self.device)), grads
+        return self._global_norm(grads, [s for _, s in pairs], foreach=foreach), grads
 
     def _update(self, grads: list[torch.Tensor], clip_coef: torch.Tensor | None, finite: torch.Tensor) -> None:
         """The AdamW step: gradients divided by ``clip_coef``; nothing changes unless ``finite``.
