@@ -41,7 +41,7 @@ from typing import Any, Iterable
 
 import torch
 
-from fm9g.training.parallelize import is_sharded, local_view
+from fm9g.training.parallelize import is_sharded, local_view, stays_whole
 
 __all__ = ["AdamWBF16", "AdamWMaster", "round_stochastic"]
 
@@ -334,14 +334,14 @@ class AdamWBF16(torch.optim.Optimizer):
         self._buckets: list[list[_FlatBucket]] = []
         for group in self.param_groups:
             group.setdefault("rounding_calls", 0)
-            # the one-dimensional parameters in buckets of their own, in one process too (the same
-            # layout, so FSDP2 over one rank computes what one process does): under FSDP2 every rank
-            # keeps them whole (parallelize.replicated_params), outside the shards' buckets
+            # the parameters FSDP2 keeps whole on every rank (parallelize.stays_whole) in buckets of
+            # their own, in one process too: the same layout, so FSDP2 over one rank computes what
+            # one process does
             by_kind: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise ValueError(f"AdamWBF16 trains floating-point parameters only, got {p.dtype}")
-                by_kind.setdefault((p.device, p.dtype, p.dim() < 2), []).append(p)
+                by_kind.setdefault((p.device, p.dtype, stays_whole(p)), []).append(p)
             self._buckets.append([self._bucket(ps) for ps in by_kind.values()])
 
     def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:

@@ -29,7 +29,7 @@ from torch import nn
 from fm9g._io import ConfigError, state_dict_mismatch
 
 __all__ = ["DATA_PARALLEL", "data_parallel_mode", "decoder_layers", "apply_activation_checkpointing",
-           "apply_compile", "apply_fsdp", "replicated_params", "share_shard_storage", "local_view", "local_slice", "gather_full", "is_sharded",
+           "apply_compile", "apply_fsdp", "replicated_params", "stays_whole", "share_shard_storage", "local_view", "local_slice", "gather_full", "is_sharded",
            "load_full_state_into_shards"]
 
 DATA_PARALLEL = ("auto", "none", "fsdp", "hybrid")
@@ -121,9 +121,15 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None, 
         module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
 
 
+def stays_whole(p: torch.Tensor) -> bool:
+    """Whether FSDP2 leaves the parameter ``p`` whole on every rank (:func:`apply_fsdp`): the
+    one-dimensional ones (norms, biases). The flat optimizers bucket these apart by the same rule."""
+    return p.dim() < 2
+
+
 def replicated_params(model: nn.Module) -> set[nn.Parameter]:
-    """The parameters FSDP2 leaves whole on every rank (:func:`apply_fsdp`): the one-dimensional ones."""
-    return {p for p in model.parameters() if p.dim() < 2}
+    """The parameters FSDP2 leaves whole on every rank (:func:`stays_whole`)."""
+    return {p for p in model.parameters() if stays_whole(p)}
 
 
 def _fsdp_ignores_params() -> bool:

@@ -32,7 +32,6 @@ def _wrap(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(like, DTensor):
         return local
-
     return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
                               run_check=False)
 

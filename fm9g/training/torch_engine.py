@@ -224,8 +224,10 @@ class TorchEngine:
         sharded = self.mesh is not None
         flat = self.optimizer_name != "adamw" or self.offload
         self._shards = [local_view(p) for p in self.params] if sharded and not flat else None
-        # trained parameters FSDP2 leaves whole on every rank (their gradients summed by the engine)
-        self._whole = [p for p in self.params if not is_sharded(p)] if sharded else []
+        # which trained parameters are FSDP2 shards (fixed once sharded); the others every rank keeps
+        # whole, their gradients summed by the engine
+        self._sharded = [is_sharded(p) for p in self.params]
+        self._whole = [p for p, s in zip(self.params, self._sharded) if not s] if sharded else []
         opt_params = iter(self._shards or self.params)
         opt_groups = [{"params": [next(opt_params) for _ in g["params"]], "lr": lr * g["lr_scale"],
                        "lr_scale": g["lr_scale"]} for g in self.groups]
@@ -404,9 +406,7 @@ class TorchEngine:
         if self._shards is not None:  # FSDP2 + fused AdamW: the optimizer's tensors take the local gradients
             for s, p in zip(self._shards, self.params):
                 s.grad = local_view(p.grad) if p.grad is not None else None
-            pairs = [(s.grad, is_sharded(p)) for s, p in zip(self._shards, self.params) if s.grad is not None]
-        else:
-            pairs = [(p.grad, False) for p in self.params if p.grad is not None]
+        pairs = [(t.grad, s) for t, s in zip(self._shards or self.params, self._sharded) if t.grad is not None]
         grads = [g for g, _ in pairs]
         foreach = bool(grads) and grads[0].device.type == "cuda"
         return self._global_norm(grads, [s for _, s in pairs], foreach=foreach), grads
