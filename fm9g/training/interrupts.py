@@ -11,6 +11,7 @@ handlers are restored when ``fit`` ends.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -85,7 +86,12 @@ class StopSignals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for s, handler in self._previous.items():
+            if exc_type is not None and s == signal.SIGTERM and os.environ.get("TORCHELASTIC_RUN_ID"):
+                # an error on its way out under torchrun (another rank died, say): torchrun SIGTERMs the
+                # survivors at once, and the default handler would kill this one before the error's line
+                # reaches the log (torchrun's SIGKILL after its grace period still ends it)
+                handler = signal.SIG_IGN
             signal.signal(s, handler)
         self._previous.clear()
