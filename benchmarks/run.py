@@ -221,6 +221,7 @@ def _lora_base(mc: Any, flags: dict[str, str], tiny: bool) -> Any:
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32 if tiny else torch.bfloat16)
+    torch.manual_seed(0)  # every variant, FSDP2 or not, starts from the same base weights (as _full_model)
     try:
         with torch.device("cpu" if tiny else "cuda"):
             return FM9GModel(dataclasses.replace(mc, attn_impl=flags["attn"]) if flags.get("attn") else mc)

@@ -166,6 +166,39 @@ def test_offload_trains_like_adamw_master_with_its_state_in_host_memory():
 
 
 
+@pytest.mark.gpu
+def test_offload_on_cuda_streams_the_update_like_adamw_master():
+    """AdamWOffload on a CUDA model: gradients fetched and weights sent back through pinned
+    buffers on a side stream, many chunks per bucket (double-buffered): the fp32 masters match
+    AdamWMaster's on the GPU within fp32 rounding, and the GPU's bf16 weights are the masters
+    rounded (the update reached the weights the next forward reads)."""
+    from fm9g.training.offload_optimizer import AdamWOffload
+
+    torch.manual_seed(0)
+    ref = FM9GModel(FM9GConfig.from_name("tiny")).cuda()
+    model = FM9GModel(FM9GConfig.from_name("tiny")).cuda()
+    model.load_state_dict(ref.state_dict())
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, compute_dtype=torch.bfloat16)
+    a = AdamWMaster(ref.parameters(), **kw)
+    b = AdamWOffload(model.parameters(), chunk_elements=4096, **kw)
+    bucket = b._buckets[0][0]
+    assert bucket.master.device.type == "cpu" and bucket.weights.numel() > 8 * 4096
+    before = bucket.weights.clone()
+    ids = torch.randint(0, ref.config.vocab_size, (2, 16), device="cuda")
+    for step in range(3):
+        for m, opt in ((ref, a), (model, b)):
+            m(ids, labels=ids).loss.backward()
+            opt.grad_scale = torch.tensor(0.5, device="cuda")
+            opt.found_inf = torch.tensor(0.0, device="cuda")
+            opt.step()
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        if step == 0:  # the same gradients: the two updates differ by fp32 rounding only
+            torch.testing.assert_close(bucket.master, a._buckets[0][0].master.cpu(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(bucket.weights.cpu(), bucket.master.to(torch.bfloat16)), step
+    assert not torch.equal(bucket.weights, before)
+
+
 def test_trainer_on_cpu_keeps_weights_on_the_bf16_grid_and_learns(tmp_path):
     from fm9g.training.trainer import Trainer
     from test_trainer import ToyLoader, _cfg
