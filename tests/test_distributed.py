@@ -497,3 +497,50 @@ print("RESULT", json.dumps(out))
     for a, b in (("adamw_master/fsdp", "adamw_master/none"), ("adamw/fsdp", "adamw/none"),
                  ("offload/none", "adamw_master/none"), ("offload/fsdp", "adamw_master/none")):
         assert got[a] == pytest.approx(got[b], rel=rel), (a, b, got[a], got[b])
+
+
+def test_passed_model_masters_are_each_ranks_rows_exactly(tmp_path):
+    """A model passed to the Trainer in fp32 under FSDP2 with a flat optimizer (``adamw_master``,
+    ``offload``): each of 2 ranks starts its fp32 masters from exactly its rows of the fp32 weights
+    (not their bf16 rounding), and copies only those rows to host memory on the way (a full copy
+    per rank was a whole fp32 model in every rank's host memory: 30.7 GB for the 7B)."""
+    script = tmp_path / "masters.py"
+    script.write_text(f'''
+import os, sys, torch
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import fm9g.training.torch_engine as te
+from fm9g.models.config import FM9GConfig
+from fm9g.models.fm9g import FM9GModel
+from fm9g.training.builders import build_engine
+from fm9g.training.parallelize import local_slice, local_view
+from test_trainer import _cfg
+import pathlib, tempfile
+copied = []
+real = te._compute_dtypes
+def spy(*a, **k):
+    out = real(*a, **k)
+    copied.append(sum(t.numel() for t in out.values()))
+    return out
+te._compute_dtypes = spy
+bad = []
+for kw in (dict(optimizer="adamw_master"), dict(optimizer="adamw", offload=True)):
+    torch.manual_seed(0)
+    model = FM9GModel(FM9GConfig.from_name("tiny"))
+    full = {{n: p.detach().clone() for n, p in model.named_parameters()}}
+    cfg = _cfg(pathlib.Path(tempfile.mkdtemp()), device="cpu", precision="bf16", compile=False, save=None,
+               data_parallel="fsdp", **kw)
+    engine = build_engine(cfg, model)
+    masters = engine.optimizer._masters()
+    for n, p in engine.model.named_parameters():
+        want = local_slice(full[n], p)
+        if not torch.equal(masters[p].reshape(want.shape), want):
+            bad.append(n)
+    total = sum(t.numel() for t in full.values())
+    whole = sum(t.numel() for t in full.values() if t.dim() < 2)
+    # this rank's rows: half of every sharded tensor (up to a row), the one-dimensional ones whole
+    assert not bad and copied[-1] <= (total + whole) / 2 + total / 100, (copied, total, bad)
+    pathlib.Path({str(tmp_path)!r}, "ok-" + os.environ["RANK"] + "-" + kw["optimizer"]).touch()
+''')
+    _run([*TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)])
+    assert sorted(p.name for p in tmp_path.glob("ok-*")) == ["ok-0-adamw", "ok-0-adamw_master", "ok-1-adamw",
+                                                            "ok-1-adamw_master"]

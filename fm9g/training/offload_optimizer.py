@@ -38,14 +38,17 @@ class AdamWOffload(AdamWMaster):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, compute_dtype: torch.dtype = torch.bfloat16,
-                 chunk_elements: int | None = None, external: bool = False) -> None:
+                 chunk_elements: int | None = None, external: bool = False,
+                 initial_masters: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compute_dtype=compute_dtype,
-                         chunk_elements=chunk_elements or 1 << 24, compile=False, external=external)
+                         chunk_elements=chunk_elements or 1 << 24, compile=False, external=external,
+                         initial_masters=initial_masters)
         self._staging: dict[str, list[torch.Tensor]] = {}
 
     def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:
         return _FlatBucket(params, compute_dtype=self.compute_dtype, moment_dtype=torch.float32, master=True,
-                           external=self.external, state_device=torch.device("cpu"))
+                           external=self.external, state_device=torch.device("cpu"),
+                           initial_masters=self._initial_masters)
 
     def _stage(self, kind: str, dtype: torch.dtype, cuda: bool) -> list[torch.Tensor]:
         """Two host buffers of one chunk (pinned when the weights are on a GPU), made once."""

@@ -148,7 +148,8 @@ class _FlatBucket:
 
     def __init__(self, params: list[torch.Tensor], *, compute_dtype: torch.dtype | None = None,
                  moment_dtype: torch.dtype = torch.bfloat16, master: bool = False, external: bool = False,
-                 state_device: torch.device | None = None) -> None:
+                 state_device: torch.device | None = None,
+                 initial_masters: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
         first = local_view(params[0])
         self.params = params
         # external: the parameters are FSDP2's shards (it owns their storage); a parameter every rank
@@ -175,7 +176,7 @@ class _FlatBucket:
             same = dtype == torch.float32 and state["device"] == first.device
             self.master = self.weights if same else torch.empty(total, dtype=torch.float32, **state)
         for i in range(len(params)):  # one at a time: a parameter's old storage is freed as the next is copied
-            self._adopt_weight(i)
+            self._adopt_weight(i, initial_masters)
         self._fresh = False  # external: the buffer holds the parameters' current gradients (see sync)
         self.sync()  # the gradients: views into the buffer, holding any gradient a parameter had
         self._fresh = False
@@ -186,11 +187,15 @@ class _FlatBucket:
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         return flat[self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.shapes[i])
 
-    def _adopt_weight(self, i: int) -> None:
+    def _adopt_weight(self, i: int, initial_masters: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Make parameter ``i``'s weights (and master) the buffer's. A master in ``initial_masters``
+        (its fp32 value, the parameter itself already rounded) is taken from there and dropped from
+        the mapping, so that the caller's copy is freed as the buffer fills."""
         p = local_view(self.params[i])
         v = self.view(self.weights, i)
+        src = initial_masters.pop(self.params[i], None) if initial_masters else None
         if self.master is not None and self.master is not self.weights:
-            self.view(self.master, i).copy_(p.data.reshape(v.shape))  # before rounding: exact
+            self.view(self.master, i).copy_((p.data if src is None else src).reshape(v.shape))  # before rounding: exact
         v.copy_(p.data.reshape(v.shape))
         if not self.external:
             p.data = v
@@ -537,14 +542,19 @@ class AdamWMaster(AdamWBF16):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, compute_dtype: torch.dtype = torch.bfloat16,
-                 chunk_elements: int | None = None, compile: bool | str = "auto", external: bool = False) -> None:
+                 chunk_elements: int | None = None, compile: bool | str = "auto", external: bool = False,
+                 initial_masters: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.compute_dtype = compute_dtype
+        # fp32 starting values of parameters that are already bf16 (FSDP2's shards), by parameter:
+        # consumed (and freed) as the buckets are built
+        self._initial_masters = initial_masters
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          chunk_elements=chunk_elements, compile=compile, external=external)
+        self._initial_masters = None
 
     def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:
         return _FlatBucket(params, compute_dtype=self.compute_dtype, moment_dtype=torch.float32, master=True,
-                           external=self.external)
+                           external=self.external, initial_masters=self._initial_masters)
 
     @staticmethod
     def _run(kernel: Any, bucket: _FlatBucket, part: slice, lr: torch.Tensor, scale: torch.Tensor,

@@ -210,6 +210,16 @@ def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
+def shard_rows(full: torch.Tensor, rank: int, shards: int) -> torch.Tensor:
+    """The rows of ``full`` that rank ``rank`` of ``shards`` will hold once :func:`apply_fsdp` shards
+    it (FSDP2 splits dim 0 as ``torch.chunk`` does; a parameter that :func:`stays_whole` whole), as a
+    view: what :func:`local_slice` gives after sharding, known before it."""
+    if shards <= 1 or stays_whole(full):
+        return full
+    step = -(-full.shape[0] // shards)
+    return full[min(rank * step, full.shape[0]):min((rank + 1) * step, full.shape[0])]
+
+
 def gather_full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The full tensor whose local pieces (``local`` on this rank) are laid out like the DTensor
     ``like`` (collective: every rank calls it); ``local`` itself when ``like`` is not sharded."""

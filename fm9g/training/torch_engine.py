@@ -47,6 +47,7 @@ from fm9g.training.parallelize import (
     local_slice,
     local_view,
     share_shard_storage,
+    shard_rows,
 )
 from fm9g.training.step_math import (
     check_optimizer_state,
@@ -106,9 +107,13 @@ def _resolve_cuda_graphs(value: bool | str, device: torch.device, compile: bool,
     return True
 
 
-def _compute_dtypes(model: nn.Module, precision: str, optimizer: str, sharded: bool) -> dict[str, torch.Tensor]:
+def _compute_dtypes(model: nn.Module, precision: str, optimizer: str, sharded: bool,
+                    shard: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """Give the parameters the dtypes they train in; return the fp32 values a flat optimizer's
-    masters must start from when the parameters become bf16 here (FSDP2 with ``adamw_master``).
+    masters must start from when the parameters become bf16 here (FSDP2 with ``adamw_master``):
+    only the rows this rank will hold (``shard`` = its place in the shard group, ``(rank, size)``),
+    in host memory. (A full copy was a whole fp32 model in every rank's host memory next to the
+    offloaded optimizer state: 30.7 GB for the 7B, a 124.5 GB peak on W3's 128 GB machine.)
 
     fp32: everything fp32 (buffers too, as ``model.float()``). bf16: trained parameters fp32 and
     frozen ones (a LoRA run's base) bf16; with ``adamw_bf16`` the trained ones bf16 too (it keeps no
@@ -125,7 +130,7 @@ def _compute_dtypes(model: nn.Module, precision: str, optimizer: str, sharded: b
         if not p.is_floating_point() or p.dtype == want:
             continue
         if p.requires_grad and optimizer == "adamw_master" and p.device.type != "meta":
-            masters[name] = p.data.to("cpu")  # until the optimizer holds them: off the GPU (a 7B: 30 GB)
+            masters[name] = shard_rows(p.data, *shard).to("cpu")  # until the optimizer holds them: off the GPU
         p.data = p.data.to(want)
     return masters
 
@@ -182,7 +187,8 @@ class TorchEngine:
         self._peak, self.mesh, self.offload = peak_flops, mesh, offload
         self.rank, self.world_size, self._shard_group = _mesh_position(mesh)
         # offload trains bf16 compute weights against fp32 masters in host memory, as adamw_master
-        masters = _compute_dtypes(model, self.precision, "adamw_master" if offload else optimizer, mesh is not None)
+        masters = _compute_dtypes(model, self.precision, "adamw_master" if offload else optimizer, mesh is not None,
+                                  shard=_shard_position(mesh))
         if not on_meta:  # before sharding: a 7B goes to the GPU in bf16, never in fp32
             model.to(self.device)
         apply_activation_checkpointing(model, use_checkpoint)
@@ -194,9 +200,10 @@ class TorchEngine:
         if mesh is not None:
             self._shard(model, reshard_after_forward, on_meta)
         self.model = model
-        self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width)
-        if masters:
-            self._load_masters(masters)
+        # the fp32 rows by parameter, handed to the flat optimizer, which frees each as it takes it
+        initial = {p: masters.pop(n) for n, p in model.named_parameters() if n in masters}
+        self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width,
+                              initial_masters=initial)
         # The learning rate lives on the device for every step of such a run, queued ahead or not,
         # so both paths compute with the same fp32 value.
         self._device_lr = self.device.type == "cuda" and self._skip_on_device and not offload
@@ -213,7 +220,7 @@ class TorchEngine:
             model.to_empty(device=self.device)
 
     def _setup_optimizer(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                         lr_scale_width: float) -> None:
+                         lr_scale_width: float, initial_masters: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
         """muP parameter groups and the optimizer over what each rank updates: the parameters, or
         under FSDP2 their local shards (fused AdamW updates those in place; the flat optimizers
         keep copies and write the updated weights back)."""
@@ -235,11 +242,13 @@ class TorchEngine:
         self._skip_on_device = True  # the update reads grad_scale / found_inf: no host sync
         compute = torch.bfloat16 if self.precision == "bf16" else torch.float32
         if self.offload:  # the update on the CPU (it reads found_inf there: one wait per step)
-            self.optimizer = AdamWOffload(opt_groups, compute_dtype=compute, external=sharded, **kw)
+            self.optimizer = AdamWOffload(opt_groups, compute_dtype=compute, external=sharded,
+                                          initial_masters=initial_masters, **kw)
         elif self.optimizer_name == "adamw_bf16":
             self.optimizer = AdamWBF16(opt_groups, seed=self._seed, external=sharded, **kw)
         elif self.optimizer_name == "adamw_master":
-            self.optimizer = AdamWMaster(opt_groups, compute_dtype=compute, external=sharded, **kw)
+            self.optimizer = AdamWMaster(opt_groups, compute_dtype=compute, external=sharded,
+                                         initial_masters=initial_masters, **kw)
         else:
             try:  # fused AdamW: one kernel per step on CUDA, and about 2x the single-tensor speed on CPU
                 self.optimizer = torch.optim.AdamW(opt_groups, fused=True, **kw)
@@ -583,6 +592,15 @@ class TorchEngine:
         from fm9g.training.sharded_state import load_sharded
 
         load_sharded(self, folder, model_only=model_only)
+
+
+def _shard_position(mesh: Any) -> tuple[int, int]:
+    """``(rank within the shard group, shard group size)`` of this process on ``mesh``: which
+    rows of each sharded parameter it holds (``(0, 1)`` without a mesh)."""
+    if mesh is None:
+        return 0, 1
+    shard = mesh["shard"] if mesh.ndim > 1 else mesh
+    return shard.get_local_rank(), shard.size()
 
 
 def _mesh_position(mesh: Any) -> tuple[int, int, Any]:
