@@ -6,8 +6,10 @@
 # install: wheels carried in .whl/ (tensorboardX, orjson, gguf, protobuf, pytest) if missing, then
 #          scripts/install_bmtrain.sh with .whl/bmtrain-1.0.1.tar.gz  -> $OUT/bmtrain_install.log
 # test:    pytest -m bmtrain tests/test_bmtrain.py                   -> $OUT/pytest_bmtrain.log
-# w3:      python benchmarks/run.py W3 --variants $W3_VARIANTS --steps $W3_STEPS (4): by default FSDP2 +
-#          offload against bmtrain's offload (issue 26), same data and global batch
+# w3:      python benchmarks/run.py W3 --variants $W3_VARIANTS --steps $W3_STEPS (6): by default FSDP2 +
+#          offload against bmtrain's offload (issue 26), same data and global batch (6 timed steps: with
+#          4 the later-half median is two steps, and one slow step moved the 22:55 ratio from 1.52x to 1.48x;
+#          about 380 s with the build)
 #          -> $OUT/w3/run.md, run.json (with each run's host_peak_GB) and the logs
 # Each stage fits in one 10-minute call; run them one per call if time is short.
 set -uo pipefail
@@ -44,7 +46,7 @@ stage_test() {
 
 stage_w3() {
   "$PY" benchmarks/run.py W3 --variants "${W3_VARIANTS:-fsdp+offload+opt=adamw,engine=bmtrain+offload}" \
-    --steps "${W3_STEPS:-4}" --warmup 1 --no-hf \
+    --steps "${W3_STEPS:-6}" --warmup 1 --no-hf \
     --out "$OUT/w3" 2>&1 | tail -n 12
 }
 

@@ -206,6 +206,7 @@ class TorchEngine:
                               initial_masters=initial)
         # The learning rate lives on the device for every step of such a run, queued ahead or not,
         # so both paths compute with the same fp32 value.
+        self._gradient_sync: bool | None = None  # FSDP2's requires_gradient_sync as last set
         self._device_lr = self.device.type == "cuda" and self._skip_on_device and not offload
         self.launch_ahead = self._device_lr
 
@@ -390,8 +391,11 @@ class TorchEngine:
             self._grads_outside_graphs()
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
-            if self.mesh is not None:
-                self.model.set_requires_gradient_sync(i == last)  # reduce-scatter once per step
+            if self.mesh is not None and self._gradient_sync != (i == last):
+                # reduce-scatter once per step; set only on a change (each call walks every module:
+                # 267 us for W1@host's 366 modules on the development CPU, per micro-batch)
+                self._gradient_sync = i == last
+                self.model.set_requires_gradient_sync(i == last)
             b = stage_batch(batch, self.device)
             if self.cuda_graphs:  # the graphs' outputs of the last forward/backward are consumed
                 torch.compiler.cudagraph_mark_step_begin()
