@@ -535,6 +535,11 @@ class AdamWMaster(AdamWBF16):
     ``model_state_dict`` does) and restore with :meth:`load_master` to keep fp32 precision. The
     state dict has ``torch.optim.AdamW``'s layout (fp32 ``exp_avg`` / ``exp_avg_sq``, ``step``), so
     a checkpoint of either loads into the other.
+
+    ``initial_masters`` (parameter -> fp32 tensor of its local shape) gives the masters' starting
+    values for parameters that are already rounded to ``compute_dtype`` (FSDP2's bf16 shards); each
+    entry is removed from the mapping as its bucket takes it, so the caller's copy is freed as the
+    optimizer's own buffers fill.
     """
 
     _update = staticmethod(_update_chunk_master)
