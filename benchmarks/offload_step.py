@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--elements", type=float, default=1e9, help="trained parameters (one flat bf16 tensor)")
     ap.add_argument("--threads", default=str(torch.get_num_threads()), help="CPU threads to try, comma-separated")
-    ap.add_argument("--chunks", default="26", help="log2 of the streamed chunk's elements, comma-separated")
+    ap.add_argument("--chunks", default="24,26", help="log2 of the streamed chunk's elements, comma-separated")
     args = ap.parse_args()
     n = int(args.elements)
     p = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.02)

@@ -16,6 +16,10 @@ from fm9g.training.optimizers import AdamWMaster, _FlatBucket
 
 __all__ = ["AdamWOffload"]
 
+#: elements per streamed chunk (32 MB of bf16 per staging buffer): on an H100 host with 16 threads
+#: the update of 1e9 parameters took 0.33 s, against 0.50 s with 2**26 (`benchmarks/offload_step.py`)
+CHUNK_ELEMENTS = 1 << 24
+
 
 class AdamWOffload(AdamWMaster):
     """:class:`AdamWMaster` with the fp32 masters and moments in host memory and the update on the
@@ -30,9 +34,7 @@ class AdamWOffload(AdamWMaster):
     nothing). The state dict has ``torch.optim.AdamW``'s layout, as :class:`AdamWMaster`'s.
 
     Args:
-        chunk_elements: elements per streamed chunk (default 2**24: 32 MB of bf16 per staging buffer; on
-            an H100 host, 16 threads, 0.33 s per 1e9 parameters against 0.50 s with 2**26 chunks,
-            `benchmarks/offload_step.py`).
+        chunk_elements: elements per streamed chunk (default :data:`CHUNK_ELEMENTS`, 2**24).
         (the others as :class:`AdamWMaster`)
     """
 
@@ -41,7 +43,7 @@ class AdamWOffload(AdamWMaster):
                  chunk_elements: int | None = None, external: bool = False,
                  initial_masters: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compute_dtype=compute_dtype,
-                         chunk_elements=chunk_elements or 1 << 24, compile=False, external=external,
+                         chunk_elements=chunk_elements or CHUNK_ELEMENTS, compile=False, external=external,
                          initial_masters=initial_masters)
         self._staging: dict[str, list[torch.Tensor]] = {}
 
@@ -53,7 +55,7 @@ class AdamWOffload(AdamWMaster):
     def _stage(self, kind: str, dtype: torch.dtype, cuda: bool) -> list[torch.Tensor]:
         """Two host buffers of one chunk (pinned when the weights are on a GPU), made once."""
         if kind not in self._staging:
-            n = int(self._chunk or 1 << 24)
+            n = int(self._chunk)
             self._staging[kind] = [torch.empty(n, dtype=dtype, pin_memory=cuda) for _ in range(2)]
         return self._staging[kind]
 
@@ -82,7 +84,7 @@ class AdamWOffload(AdamWMaster):
         copied to the host while the CPU updates this one)."""
         assert bucket.master is not None
         cuda = bucket.weights.device.type == "cuda"
-        size = int(self._chunk or 1 << 24)
+        size = int(self._chunk)
         grads_in = self._stage("grads", bucket.grads.dtype, cuda)
         weights_out = self._stage("weights", bucket.weights.dtype, cuda)
         g32 = self._stage("fp32", torch.float32, False)[0]

@@ -112,8 +112,7 @@ def _compute_dtypes(model: nn.Module, precision: str, optimizer: str, sharded: b
     """Give the parameters the dtypes they train in; return the fp32 values a flat optimizer's
     masters must start from when the parameters become bf16 here (FSDP2 with ``adamw_master``):
     only the rows this rank will hold (``shard`` = its place in the shard group, ``(rank, size)``),
-    in host memory. (A full copy was a whole fp32 model in every rank's host memory next to the
-    offloaded optimizer state: 30.7 GB for the 7B, a 124.5 GB peak on W3's 128 GB machine.)
+    in host memory, so that no rank holds a whole fp32 model beside its offloaded optimizer state.
 
     fp32: everything fp32 (buffers too, as ``model.float()``). bf16: trained parameters fp32 and
     frozen ones (a LoRA run's base) bf16; with ``adamw_bf16`` the trained ones bf16 too (it keeps no
@@ -204,9 +203,9 @@ class TorchEngine:
         initial = {p: masters.pop(n) for n, p in model.named_parameters() if n in masters}
         self._setup_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale_width=lr_scale_width,
                               initial_masters=initial)
+        self._gradient_sync: bool | None = None  # FSDP2's requires_gradient_sync as last set
         # The learning rate lives on the device for every step of such a run, queued ahead or not,
         # so both paths compute with the same fp32 value.
-        self._gradient_sync: bool | None = None  # FSDP2's requires_gradient_sync as last set
         self._device_lr = self.device.type == "cuda" and self._skip_on_device and not offload
         self.launch_ahead = self._device_lr
 
@@ -598,12 +597,17 @@ class TorchEngine:
         load_sharded(self, folder, model_only=model_only)
 
 
+def _shard_mesh(mesh: Any) -> Any:
+    """The 1-D mesh FSDP2 shards over: ``mesh`` itself, or the ``"shard"`` dimension of a hybrid one."""
+    return mesh["shard"] if mesh.ndim > 1 else mesh
+
+
 def _shard_position(mesh: Any) -> tuple[int, int]:
     """``(rank within the shard group, shard group size)`` of this process on ``mesh``: which
     rows of each sharded parameter it holds (``(0, 1)`` without a mesh)."""
     if mesh is None:
         return 0, 1
-    shard = mesh["shard"] if mesh.ndim > 1 else mesh
+    shard = _shard_mesh(mesh)
     return shard.get_local_rank(), shard.size()
 
 
@@ -613,6 +617,6 @@ def _mesh_position(mesh: Any) -> tuple[int, int, Any]:
         return 0, 1, None
     import torch.distributed as dist
 
-    shard = mesh["shard"] if mesh.ndim > 1 else mesh
+    shard = _shard_mesh(mesh)
     group = shard.get_group() if shard.size() > 1 else None
     return dist.get_rank(), dist.get_world_size(), group
