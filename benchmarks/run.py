@@ -557,13 +557,14 @@ def _train_jobs(args: argparse.Namespace, work_root: Path, name: str, variants: 
     return [(_spec(args, work_root, name, v), this) for v in variants]
 
 
-def _hf_baseline(name: str, log_root: Path, timeout: float) -> list[dict[str, Any]]:
-    """Every HF configuration of the workload: the plain ones in one process, each Liger one in a
-    process of its own (``HF_PLAIN`` / ``HF_LIGER``); a configuration that did not run is an entry
-    with ``error``."""
+def _hf_baseline(name: str, log_root: Path, timeout: float, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every HF configuration of the workload (or those of ``only``): the plain ones in one process,
+    each Liger one in a process of its own (``HF_PLAIN`` / ``HF_LIGER``); a configuration that did
+    not run is an entry with ``error``."""
     import importlib.util
 
-    groups = [HF_PLAIN[name]] + [[k] for k in HF_LIGER[name]]
+    plain = [k for k in HF_PLAIN[name] if only is None or k in only]
+    groups = [plain] * bool(plain) + [[k] for k in HF_LIGER[name] if only is None or k in only]
     results: list[dict[str, Any]] = []
     for kinds in groups:
         if any("liger" in k.split(":") for k in kinds) and importlib.util.find_spec("liger_kernel") is None:
@@ -603,6 +604,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (as the HF baseline)")
     ap.add_argument("--gpus", default="1,2,4,8", help="W7: processes per run (capped at the GPUs present)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
+    ap.add_argument("--hf", default=None, help="comma-separated HF configurations to run (default: all of the "
+                    "workload's, e.g. W2: " + ",".join(HF_PLAIN["W2"] + HF_LIGER["W2"]) + "); ratios are to the fastest run")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny shapes, 3 steps (1 warm-up), no HF")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per child process")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for run.json and the logs (default $OUT)")
@@ -645,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(json.dumps({k: v_ for k, v_ in r.items() if k != "iter_times"}), flush=True)
         if not args.no_hf and w in ("W1", "W2") and w not in hf_results:
-            hf_results[w] = _hf_baseline(w, log_root, args.timeout)
+            hf_results[w] = _hf_baseline(w, log_root, args.timeout, args.hf.split(",") if args.hf else None)
             for h in hf_results[w]:
                 print(json.dumps(h), flush=True)
     md = "\n\n".join(t for t in (table(results, hf_results), scaling_table(results), cpu_table(results)) if t)

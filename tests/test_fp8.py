@@ -16,7 +16,7 @@ from fm9g._io import ConfigError
 from fm9g.models.lora import LoraLinear, apply_lora, lora_modules, lora_state_dict, merge_lora
 from fm9g.training import fp8
 from fm9g.training.config import TrainConfig
-from fm9g.training.fp8 import FP8UnavailableError, convert_to_fp8, fp8_linear_names, fp8_supported
+from fm9g.training.fp8 import FP8UnavailableError, FrozenFloat8Linear, convert_to_fp8, fp8_linear_names, fp8_supported
 from fm9g.training.trainer import Trainer
 from test_trainer import ToyLoader, _cfg
 
@@ -175,6 +175,93 @@ def test_only_linears_with_widths_of_multiples_of_16_are_chosen():
     assert all(n.startswith("encoder.layers.") for n in names)
 
 
+# ---------------------------------------------------------------------------------- the frozen FP8 base
+def _dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+def _frozen_linear(recipe: str, bias: bool = True) -> tuple[torch.nn.Linear, FrozenFloat8Linear]:
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 48, bias=bias).requires_grad_(False)
+    with torch.no_grad():
+        plain.weight[3] *= 40  # rows of very different ranges: tensorwise and rowwise scales differ
+    ref = torch.nn.Linear(64, 48, bias=bias).requires_grad_(False)
+    ref.load_state_dict(plain.state_dict())
+    return ref, FrozenFloat8Linear.from_linear(plain, recipe)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_a_frozen_fp8_base_multiplies_its_fp8_copies_and_gives_only_the_inputs_gradient(recipe):
+    """Forward and backward are exactly the FP8 products the recipe defines (the copies of W made
+    once, x and the gradient cast per call, one scale per tensor or per row), W gets no gradient,
+    and the state dict is the linear's, key for key and value for value."""
+    rowwise = recipe == "rowwise"
+    ref, layer = _frozen_linear(recipe)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    out = layer(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    xq, xs = fp8._to_fp8(x.detach().reshape(-1, 64), torch.float8_e4m3fn, rowwise)
+    w = _dequantized(layer.weight_fp8, layer.weight_fp8_scale)
+    expected = (_dequantized(xq, xs) @ w.t()).reshape(3, 5, 48) + ref.bias
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    gq, gs = fp8._to_fp8(grad.reshape(-1, 48), torch.float8_e4m3fn if rowwise else torch.float8_e5m2, rowwise)
+    wt = _dequantized(layer.weight_t_fp8, layer.weight_t_fp8_scale)
+    assert torch.allclose(x.grad, (_dequantized(gq, gs) @ wt.t()).reshape(3, 5, 64), rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None and layer.bias.grad is None
+    assert layer.weight_fp8.dtype == layer.weight_t_fp8.dtype == torch.float8_e4m3fn
+    assert layer.weight_fp8_scale.shape == ((48, 1) if rowwise else ())
+    assert layer.weight_t_fp8_scale.shape == ((64, 1) if rowwise else ())
+    assert torch.allclose(w, ref.weight, rtol=0.07, atol=0.02 * ref.weight.abs().max().item())  # e4m3 rounding
+    full = ref(x)
+    assert torch.allclose(out, full, rtol=0.1, atol=0.03 * full.abs().max().item())  # against the unconverted layer
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_a_frozen_fp8_base_casts_its_weight_once_and_again_when_it_changes():
+    ref, layer = _frozen_linear("tensorwise")
+    x = torch.randn(4, 64)
+    layer(x)
+    copy = layer.weight_fp8
+    for _ in range(3):
+        layer(x)
+    assert layer.weight_fp8 is copy  # not cast again per call
+    layer.to(torch.float64)  # placed: made again from the moved weight, and still FP8 (never cast as a buffer)
+    assert layer.weight.dtype == torch.float64 and layer.weight_fp8.dtype == torch.float8_e4m3fn
+    new = {"weight": 2 * ref.weight, "bias": ref.bias}
+    layer.load_state_dict(new)
+    assert torch.equal(layer.weight_fp8, fp8._to_fp8(new["weight"].double(), torch.float8_e4m3fn, False)[0])
+    assert layer(x.double()).dtype == torch.float64
+
+
+def test_a_trained_weight_is_refused_by_the_frozen_fp8_base():
+    with pytest.raises(ValueError, match="freeze the weight"):
+        FrozenFloat8Linear.from_linear(torch.nn.Linear(16, 16), "tensorwise")
+
+
+def test_a_lora_run_puts_every_frozen_linear_on_fp8_copies_and_merging_remakes_them():
+    """In one process every frozen linear of a LoRA model (with a branch or without) becomes a
+    FrozenFloat8Linear; a merge changes the weight, and the copies follow it; under FSDP2
+    (frozen_copies=False) torchao's layer computes them."""
+    _needs_torchao()
+    model = _model(lora=True)
+    convert_to_fp8(model, "rowwise")
+    q = model.get_submodule("encoder.layers.0.self_att.self_attention.project_q")  # a LoRA layer
+    k = model.get_submodule("encoder.layers.0.self_att.self_attention.project_k")  # frozen, no branch
+    assert isinstance(q, LoraLinear) and isinstance(q, FrozenFloat8Linear) and type(k) is FrozenFloat8Linear
+    x = torch.randn(2, 3, 64)
+    unmerged = q(x)
+    before = q.weight_fp8.clone()
+    merge_lora(model)
+    assert not torch.equal(q.weight_fp8, before)
+    assert torch.equal(q.weight_fp8, fp8._to_fp8(q.weight, torch.float8_e4m3fn, True)[0])
+    assert torch.allclose(q(x), unmerged, rtol=0.1, atol=0.1)
+    sharded = _model(lora=True)
+    convert_to_fp8(sharded, "rowwise", frozen_copies=False)
+    assert not any(isinstance(m, FrozenFloat8Linear) for m in sharded.modules())
+
+
 # ---------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -218,3 +305,33 @@ def test_gpu_fp8_tensorwise_trains_close_to_bf16(tmp_path, lora):
         assert len(converted) == (14 if value else 0)
     assert all(math.isfinite(x) for x in losses["fp8"])
     assert losses["fp8"] == pytest.approx(losses["bf16"], rel=2e-2), losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_gpu_frozen_fp8_base_keeps_fp8_on_the_gpu_and_its_weight_in_host_memory(recipe):
+    """On an FP8 GPU: placing the layer makes its FP8 copies there and moves the bf16 weight to host
+    memory (the GPU holds what bf16 took); the cuBLAS FP8 product matches the CPU's, for row counts
+    that are not multiples of 16 too, compiled and eager."""
+    ok, name = fp8_supported("cuda")
+    if not ok:
+        pytest.skip(f"{name} has no FP8 tensor cores")
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(256, 512, dtype=torch.bfloat16).requires_grad_(False)
+    cpu = FrozenFloat8Linear.from_linear(plain, recipe)
+    x = torch.randn(37, 256, dtype=torch.bfloat16, requires_grad=True)
+    expected = cpu(x)
+    expected.float().square().sum().backward()
+    gpu = FrozenFloat8Linear.from_linear(torch.nn.Linear(256, 512, dtype=torch.bfloat16).requires_grad_(False), recipe)
+    gpu.load_state_dict(plain.state_dict())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    gpu.cuda()
+    assert gpu.weight.device.type == "cpu" and gpu.weight_fp8.device.type == "cuda"
+    assert torch.cuda.memory_allocated() - before < 2 * 256 * 512 + 16384  # two FP8 copies, the bias and scales
+    for run in (gpu, torch.compile(gpu)):
+        xg = x.detach().cuda().requires_grad_(True)
+        out = run(xg)
+        out.float().square().sum().backward()
+        assert torch.allclose(out.float().cpu(), expected.float(), rtol=2e-2, atol=2e-2)
+        assert torch.allclose(xg.grad.float().cpu(), x.grad.float(), rtol=5e-2, atol=5e-2 * x.grad.abs().max().item())

@@ -245,6 +245,7 @@ class LoraLinear(nn.Linear):
         w = self.weight
         w.copy_((w.float() + self.lora.delta_weight().to(w.device)).to(w.dtype))
         self.merged = True
+        self._base_changed()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -255,6 +256,14 @@ class LoraLinear(nn.Linear):
         w = self.weight
         w.copy_((w.float() - self.lora.delta_weight().to(w.device)).to(w.dtype))
         self.merged = False
+        self._base_changed()
+
+    def _base_changed(self) -> None:
+        """``weight`` changed in place: a base that computes from copies of it (the FP8 one of
+        :meth:`rebase`, ``refresh_fp8``) makes them again."""
+        refresh = getattr(self, "refresh_fp8", None)
+        if refresh is not None:
+            refresh()
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` sharing ``weight`` / ``bias`` (merge first to keep the update)."""

@@ -258,7 +258,7 @@ def build_engine(config: TrainConfig, model: nn.Module | None, *, lora_only: boo
     on_meta = model is None
     if on_meta:
         model = _build_on_meta(config)
-    apply_fp8(model, config)  # before the engine compiles (and shards) the layers
+    apply_fp8(model, config, sharded=mode != "none")  # before the engine compiles (and shards) the layers
     if mode == "none":
         return TorchEngine(model, lr_scale_width=lr_scale_width(model), **kw)
     from fm9g.training.distributed import build_mesh, check_same_config, init_distributed
