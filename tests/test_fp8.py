@@ -311,27 +311,32 @@ def test_gpu_fp8_tensorwise_trains_close_to_bf16(tmp_path, lora):
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_gpu_frozen_fp8_base_keeps_fp8_on_the_gpu_and_its_weight_in_host_memory(recipe):
     """On an FP8 GPU: placing the layer makes its FP8 copies there and moves the bf16 weight to host
-    memory (the GPU holds what bf16 took); the cuBLAS FP8 product matches the CPU's, for row counts
-    that are not multiples of 16 too, compiled and eager."""
+    memory (the GPU holds what bf16 took); cuBLAS's FP8 products are the recipe's (against the
+    dequantized copies in fp32), for row counts that are not multiples of 16 too, compiled and eager."""
     ok, name = fp8_supported("cuda")
     if not ok:
         pytest.skip(f"{name} has no FP8 tensor cores")
+    rowwise = recipe == "rowwise"
     torch.manual_seed(0)
     plain = torch.nn.Linear(256, 512, dtype=torch.bfloat16).requires_grad_(False)
-    cpu = FrozenFloat8Linear.from_linear(plain, recipe)
-    x = torch.randn(37, 256, dtype=torch.bfloat16, requires_grad=True)
-    expected = cpu(x)
-    expected.float().square().sum().backward()
-    gpu = FrozenFloat8Linear.from_linear(torch.nn.Linear(256, 512, dtype=torch.bfloat16).requires_grad_(False), recipe)
-    gpu.load_state_dict(plain.state_dict())
+    layer = FrozenFloat8Linear.from_linear(plain, recipe)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    gpu.cuda()
-    assert gpu.weight.device.type == "cpu" and gpu.weight_fp8.device.type == "cuda"
+    layer.cuda()
+    assert layer.weight.device.type == "cpu" and layer.weight_fp8.device.type == "cuda"
     assert torch.cuda.memory_allocated() - before < 2 * 256 * 512 + 16384  # two FP8 copies, the bias and scales
-    for run in (gpu, torch.compile(gpu)):
-        xg = x.detach().cuda().requires_grad_(True)
+    x = torch.randn(37, 256, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn(37, 512, dtype=torch.bfloat16, device="cuda")
+    xq, xs = fp8._to_fp8(x, torch.float8_e4m3fn, rowwise)
+    expected = _dequantized(xq, xs) @ _dequantized(layer.weight_fp8, layer.weight_fp8_scale).t() + layer.bias.float()
+    gq, gs = fp8._to_fp8(grad, torch.float8_e4m3fn if rowwise else torch.float8_e5m2, rowwise)
+    expected_grad = _dequantized(gq, gs) @ _dequantized(layer.weight_t_fp8, layer.weight_t_fp8_scale).t()
+    for run in (layer, torch.compile(layer)):
+        xg = x.clone().requires_grad_(True)
         out = run(xg)
-        out.float().square().sum().backward()
-        assert torch.allclose(out.float().cpu(), expected.float(), rtol=2e-2, atol=2e-2)
-        assert torch.allclose(xg.grad.float().cpu(), x.grad.float(), rtol=5e-2, atol=5e-2 * x.grad.abs().max().item())
+        out.backward(grad)
+        assert out.dtype == torch.bfloat16
+        assert torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        assert torch.allclose(xg.grad.float(), expected_grad, rtol=2e-2, atol=2e-2 * expected_grad.abs().max().item())
+    full = torch.nn.functional.linear(x, plain.weight.cuda(), plain.bias.cuda())  # and near the bf16 layer
+    assert torch.allclose(out.float(), full.float(), rtol=0.1, atol=0.05 * full.abs().max().item())

@@ -114,7 +114,8 @@ def _to_fp8(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.T
     amax = (t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()).float()
     top = torch.finfo(dtype).max
     scale = top / amax.clamp(min=1e-12)
-    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+    q = (t.float() * scale).clamp(-top, top).to(dtype, memory_format=torch.contiguous_format)  # row-major, as FP8 matmuls take it
+    return q, scale.reciprocal()
 
 
 class _FrozenFP8Matmul(torch.autograd.Function):
@@ -128,7 +129,9 @@ class _FrozenFP8Matmul(torch.autograd.Function):
         xq, x_scale = _to_fp8(x, _E4M3, rowwise)
         ctx.save_for_backward(wt, wt_scale)
         ctx.rowwise = rowwise
-        return torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype)
+        # fast accumulation in the forward's product, exact in the gradient's (torchao's recipes' choice)
+        return torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype,
+                                use_fast_accum=x.is_cuda)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -190,7 +193,7 @@ class FrozenFloat8Linear(nn.Linear):
         device = self.fp8_device.device
         if device.type == "meta" or self.weight.device.type == "meta":
             return
-        w = self.weight.detach().to(device)
+        w = self.weight.detach().to(device).contiguous()
         self.weight_fp8, self.weight_fp8_scale = _to_fp8(w, _E4M3, self.rowwise)
         if self.rowwise:  # the gradient's matmul reduces over the output rows: scales per input column
             self.weight_t_fp8, self.weight_t_fp8_scale = _to_fp8(w.t(), _E4M3, True)
