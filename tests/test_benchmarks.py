@@ -105,6 +105,14 @@ def test_every_hf_configuration_runs_liger_ones_alone_and_the_ratio_is_to_the_be
     assert "| lora:nockpt:liger | 8,233 |" in text and "| 2.00× |" in text, text
     assert "| W2 | HF lora:nockpt | error: out of memory |" in text
 
+    calls.clear()  # --hf picks configurations: a plain one alone still shares no process with a Liger one
+    assert [h["kind"] for h in run._hf_baseline("W2", tmp_path, 60.0, ["lora:nockpt", "lora:nockpt:liger"])] == [
+        "lora:nockpt", "lora:nockpt:liger"]
+    assert calls == [["lora:nockpt"], ["lora:nockpt:liger"]]
+    calls.clear()
+    run._hf_baseline("W2", tmp_path, 60.0, ["lora:nockpt:liger"])
+    assert calls == [["lora:nockpt:liger"]]
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel"
                         else real_find_spec(name, *a))
     calls.clear()
