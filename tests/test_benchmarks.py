@@ -128,3 +128,12 @@ def test_the_fp8_variant_sets_train_config_fp8(tmp_path):
     mc, _ = run._shape(spec)
     for variant, want in (("fp8=tensorwise", "tensorwise"), ("fp8=rowwise", "rowwise"), ("base", False)):
         assert run.train_config(spec, mc, [], run.parse_variant(variant)).fp8 == want
+
+
+def test_the_ckpt_flag_switches_checkpointing_either_way(tmp_path):
+    run = _run_module()
+    for workload, variant, want in (("W1", "base", False), ("W1", "ckpt", True), ("W3", "base", True),
+                                    ("W3", "ckpt=0", False), ("W3", "ckpt=1", True)):
+        spec = dict(tiny=True, workload=workload, scale="", work=str(tmp_path), steps=2, warmup=1)
+        mc, _ = run._shape(spec)
+        assert run.train_config(spec, mc, [], run.parse_variant(variant)).use_checkpoint is want, (workload, variant)
