@@ -1,4 +1,5 @@
-"""Does ``fp8`` learn like bf16? Loss curves on real text, through ``Trainer.fit`` (issue 29, item 4).
+"""Does ``fp8`` learn like bf16, and ``adamw_master`` like ``adamw``? Loss curves on real text,
+through ``Trainer.fit`` (issue 29, items 2 and 4).
 
 Two comparisons, each from the same seed on the same data (the Python standard library as text, as
 examples/pretrain.py: source files and docstrings mixed 85 / 15 by MixtureLoader, a byte-level BPE
@@ -7,10 +8,14 @@ trained on them):
 * ``full``: pretraining a model of about 110M parameters (768 wide, 12 layers) in bf16 and with
   ``fp8`` (torchao's float8 training: every decoder linear, weights trained);
 * ``lora``: LoRA (r 16, the seven projections) on the bf16 run's final weights, over the docstrings
-  alone, in bf16 and with ``fp8`` (the frozen base on FP8 copies made once, the branch in bf16).
+  alone, in bf16 and with ``fp8`` (the frozen base on FP8 copies made once, the branch in bf16);
+* ``--optimizers adamw_master``: the bf16 pretraining again with that optimizer (bf16 compute
+  weights, residual stream and gradients against fp32 masters), against the default ``adamw``
+  (fp32 weights under bf16 autocast): what decides the default optimizer.
 
     python benchmarks/fp8_quality.py --steps 1000 --lora-steps 300          # one FP8 GPU, ~5 minutes
     python benchmarks/fp8_quality.py --recipes tensorwise rowwise --out q.jsonl
+    python benchmarks/fp8_quality.py --kinds full --recipes --optimizers adamw_master   # the optimizers alone
     python benchmarks/fp8_quality.py --tiny                                 # CPU smoke (fp32, no FP8)
 
 Each run is a process of its own. Prints one JSON line per run (losses every step, the mean of
@@ -51,7 +56,7 @@ def prepare(work: Path, tiny: bool) -> None:
     (work / "docs.json").write_text(json.dumps([dict(docs, abs_weight=1.0)]))
 
 
-def run(kind: str, recipe: str | bool, args: argparse.Namespace) -> dict:
+def run(kind: str, recipe: str | bool, optimizer: str, args: argparse.Namespace) -> dict:
     """One run in this process: ``kind`` full or lora, ``recipe`` False (bf16) or an fp8 recipe."""
     import torch
 
@@ -67,6 +72,7 @@ def run(kind: str, recipe: str | bool, args: argparse.Namespace) -> dict:
     cfg = TrainConfig(
         model=model, tokenizer_path=str(work / "tokenizer"), data=str(work / ("docs.json" if lora else "mix.json")),
         device="cuda" if gpu else "cpu", precision="bf16" if gpu else "fp32", compile=gpu, fp8=recipe if gpu else False,
+        optimizer=optimizer,
         pretrained_model=str(work / "base.pt") if lora else None,
         lora=LoraConfig(r=16, alpha=32, dropout=0.0) if lora else None,
         lr=args.lora_lr if lora else args.lr, lr_scheduler="warmupstabledrop", warmup_iters=0.05, drop_iters=0.2,
@@ -77,12 +83,12 @@ def run(kind: str, recipe: str | bool, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     res = trainer.fit()
-    if kind == "full" and recipe is False:  # the LoRA runs' base
+    if kind == "full" and recipe is False and optimizer == "adamw":  # the LoRA runs' base
         state = {k: v.detach().float().cpu() for k, v in trainer.engine.model_state_dict().items()}
         torch.save(state, work / "base.pt")
     n = len(res.losses)
     tenths = [sum(res.losses[i * n // 10:(i + 1) * n // 10]) / max(1, (i + 1) * n // 10 - i * n // 10) for i in range(10)]
-    return {"kind": kind, "fp8": recipe, "seed": args.seed, "steps": n, "tokens": res.tokens,
+    return {"kind": kind, "fp8": recipe, "optimizer": optimizer, "seed": args.seed, "steps": n, "tokens": res.tokens,
             "seconds": round(time.perf_counter() - t0, 1), "tenths": tenths, "losses": res.losses}
 
 
@@ -92,47 +98,50 @@ def main() -> None:
     ap.add_argument("--lora-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
-    ap.add_argument("--recipes", nargs="+", default=["tensorwise"], choices=["tensorwise", "rowwise"])
+    ap.add_argument("--recipes", nargs="*", default=["tensorwise"], choices=["tensorwise", "rowwise"])
+    ap.add_argument("--optimizers", nargs="*", default=[], choices=["adamw_master", "adamw_bf16"],
+                    help="bf16 pretraining runs with these optimizers too, against adamw")
     ap.add_argument("--kinds", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, fp8 off")
     ap.add_argument("--work", default="/tmp/fm9g-fp8-quality")
     ap.add_argument("--out", help="also append the JSON lines to this file")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "kind:recipe", run here
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "kind:recipe:optimizer", run here
     args = ap.parse_args()
     if args.tiny:
         args.steps, args.lora_steps = min(args.steps, 6), min(args.lora_steps, 4)
     if args.one:
-        kind, recipe = args.one.split(":")
-        print("RESULT " + json.dumps(run(kind, recipe if recipe != "bf16" else False, args)), flush=True)
+        kind, recipe, optimizer = args.one.split(":")
+        print("RESULT " + json.dumps(run(kind, recipe if recipe != "bf16" else False, optimizer, args)), flush=True)
         return
     prepare(Path(args.work), args.tiny)
     # the bf16 pretraining first (the LoRA runs' base), then the LoRA pair, then the other full runs
-    runs = [("full", "bf16")] * ("full" in args.kinds or not (Path(args.work) / "base.pt").exists())
-    runs += [("lora", r) for r in ["bf16", *args.recipes] if "lora" in args.kinds]
-    runs += [("full", r) for r in args.recipes if "full" in args.kinds]
+    runs = [("full", "bf16", "adamw")] * ("full" in args.kinds or not (Path(args.work) / "base.pt").exists())
+    runs += [("lora", r, "adamw") for r in ["bf16", *args.recipes] if "lora" in args.kinds]
+    runs += [("full", r, "adamw") for r in args.recipes if "full" in args.kinds]
+    runs += [("full", "bf16", o) for o in args.optimizers if "full" in args.kinds]
     results = []
-    for kind, recipe in runs:
-        cmd = [sys.executable, __file__, "--one", f"{kind}:{recipe}", "--work", args.work, "--steps", str(args.steps),
+    for kind, recipe, optimizer in runs:
+        cmd = [sys.executable, __file__, "--one", f"{kind}:{recipe}:{optimizer}", "--work", args.work, "--steps", str(args.steps),
                "--lora-steps", str(args.lora_steps), "--lr", str(args.lr), "--lora-lr", str(args.lora_lr),
                "--seed", str(args.seed)] + ["--tiny"] * args.tiny
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
-            sys.exit(f"run {kind}:{recipe} failed:\n{out.stderr[-4000:]}")
+            sys.exit(f"run {kind}:{recipe}:{optimizer} failed:\n{out.stderr[-4000:]}")
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):]
         results.append(json.loads(line))
         print(line, flush=True)
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
-    print("\n| run | fp8 | steps | seconds | " + " | ".join(f"tenth {i + 1}" for i in range(10)) + " | last tenth vs bf16 |")
-    print("|---|---|---|---|" + "---|" * 11)
+    print("\n| run | fp8 | optimizer | steps | seconds | " + " | ".join(f"tenth {i + 1}" for i in range(10)) + " | last tenth vs bf16 adamw |")
+    print("|---|---|---|---|---|" + "---|" * 11)
     for r in results:
-        ref = next(x for x in results if x["kind"] == r["kind"] and x["fp8"] is False)
+        ref = next(x for x in results if x["kind"] == r["kind"] and x["fp8"] is False and x["optimizer"] == "adamw")
         gap = (r["tenths"][-1] - ref["tenths"][-1]) / ref["tenths"][-1]
         if r["kind"] not in args.kinds:
             continue
-        print(f"| {r['kind']} | {r['fp8'] or 'bf16'} | {r['steps']} | {r['seconds']} | "
+        print(f"| {r['kind']} | {r['fp8'] or 'bf16'} | {r['optimizer']} | {r['steps']} | {r['seconds']} | "
               + " | ".join(f"{x:.3f}" for x in r["tenths"]) + f" | {gap:+.2%} |")
 
 

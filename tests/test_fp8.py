@@ -4,6 +4,8 @@ the state dict key for key and value for value (full model and LoRA), training t
 Trainer, and on an FP8 GPU a few steps against bf16."""
 from __future__ import annotations
 
+import copy
+import io
 import math
 import subprocess
 import sys
@@ -223,16 +225,19 @@ def test_a_frozen_fp8_base_casts_its_weight_once_and_again_when_it_changes():
     ref, layer = _frozen_linear("tensorwise")
     x = torch.randn(4, 64)
     layer(x)
-    copy = layer.weight_fp8
+    first = layer.weight_fp8
     for _ in range(3):
         layer(x)
-    assert layer.weight_fp8 is copy  # not cast again per call
+    assert layer.weight_fp8 is first  # not cast again per call
     layer.to(torch.float64)  # placed: made again from the moved weight, and still FP8 (never cast as a buffer)
     assert layer.weight.dtype == torch.float64 and layer.weight_fp8.dtype == torch.float8_e4m3fn
     new = {"weight": 2 * ref.weight, "bias": ref.bias}
     layer.load_state_dict(new)
     assert torch.equal(layer.weight_fp8, fp8._to_fp8(new["weight"].double(), torch.float8_e4m3fn, False)[0])
     assert layer(x.double()).dtype == torch.float64
+    torch.save(layer, io.BytesIO())  # the whole layer pickles (torch.save(model); no lambda hook)
+    again = copy.deepcopy(layer)
+    assert torch.equal(again.weight_fp8, layer.weight_fp8) and torch.equal(again(x.double()), layer(x.double()))
 
 
 def test_a_trained_weight_is_refused_by_the_frozen_fp8_base():

@@ -141,6 +141,10 @@ class _FrozenFP8Matmul(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+def _remake_fp8_copies(module: "FrozenFloat8Linear", _incompatible_keys: Any) -> None:
+    module.refresh_fp8()
+
+
 class FrozenFloat8Linear(nn.Linear):
     """A frozen linear (a LoRA run's base) whose matmuls run on FP8 tensor cores from FP8 copies of
     its weight made once, not every step.
@@ -183,7 +187,7 @@ class FrozenFloat8Linear(nn.Linear):
             self.register_buffer(name, None, persistent=False)
         # where the copies live (and the layer computes): moved by .to() like any buffer
         self.register_buffer("fp8_device", torch.empty(0, device=linear.weight.device), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_fp8())
+        self.register_load_state_dict_post_hook(_remake_fp8_copies)  # a module-level function: the layer still pickles
         return self
 
     @torch.no_grad()
