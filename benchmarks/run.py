@@ -38,7 +38,7 @@ Variants (``--variants``, comma-separated; each ``+``-joined flags applied to ev
     base          the defaults a user gets (layers compiled on CUDA, attention "auto")
     eager         compile=False
     compile_full  torch.compile the whole model (not only the layers)
-    ckpt, ckpt=0  activation checkpointing on / off (W3: on unless ckpt=0)
+    ckpt, ckpt=F  activation checkpointing on; ckpt=0 off, ckpt=0.5 half the layers (W3: on unless set)
     attn=NAME     attention backend (sdpa | flex | torch_varlen | flash_attn | flash_attn_4 | auto)
     chunk=N       tokens per chunk of the fused linear + cross-entropy (the model's loss_chunk_tokens)
     workers=N     MixtureLoader worker processes (default 2)
@@ -207,7 +207,7 @@ def train_config(spec: dict[str, Any], mc: Any, data: list[dict], flags: dict[st
         save=str(work / "runs"), model_unique="bench", save_iters=int(flags.get("resume") or 0), save_final=False, log_iters=1, stats_dir="auto",
         tensorboard=tensorboard, progress_bar=False, inspect_iters=0, device="cpu" if tiny else "cuda",
         precision="fp32" if tiny else "bf16", compile=False if ("eager" in flags or "compile_full" in flags) else "auto",
-        use_checkpoint=flags["ckpt"] != "0" if "ckpt" in flags else workload == "W3", attn_impl=flags.get("attn") or None,
+        use_checkpoint=float(flags["ckpt"] or 1) if "ckpt" in flags else workload == "W3", attn_impl=flags.get("attn") or None,
         num_workers=int(flags.get("workers", 1 if tiny else 2)), seed=0, optimizer=optimizer, engine=engine,
         offload="offload" in flags, **extra,
     )

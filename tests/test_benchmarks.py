@@ -133,7 +133,7 @@ def test_the_fp8_variant_sets_train_config_fp8(tmp_path):
 def test_the_ckpt_flag_switches_checkpointing_either_way(tmp_path):
     run = _run_module()
     for workload, variant, want in (("W1", "base", False), ("W1", "ckpt", True), ("W3", "base", True),
-                                    ("W3", "ckpt=0", False), ("W3", "ckpt=1", True)):
+                                    ("W3", "ckpt=0", False), ("W3", "ckpt=1", True), ("W3", "ckpt=0.5", 0.5)):
         spec = dict(tiny=True, workload=workload, scale="", work=str(tmp_path), steps=2, warmup=1)
         mc, _ = run._shape(spec)
-        assert run.train_config(spec, mc, [], run.parse_variant(variant)).use_checkpoint is want, (workload, variant)
+        assert run.train_config(spec, mc, [], run.parse_variant(variant)).use_checkpoint == want, (workload, variant)

@@ -187,21 +187,64 @@ def _loss_and_grads(model: FM9GModel, ids: torch.Tensor, labels: torch.Tensor, c
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _saved_activation_bytes(model: FM9GModel, ids: torch.Tensor, labels: torch.Tensor, cu: torch.Tensor) -> int:
+    """Bytes the forward leaves for the backward (autograd's saved tensors, parameters excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, cu_seqlens=cu, labels=labels).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(saved)
+
+
 def test_activation_checkpointing_same_loss_and_grads() -> None:
+    """Every layer, none, or a share of the layers recomputed: the same loss and gradients bit for
+    bit; what the forward keeps for the backward falls with the share."""
     torch.manual_seed(0)
-    model = FM9GModel(FM9GConfig.from_name("tiny", num_layers=3, qkv_bias=True))
+    model = FM9GModel(FM9GConfig.from_name("tiny", num_layers=4, qkv_bias=True))
     ids = torch.randint(0, 99, (2, 12))
     labels = ids.clone()
     labels[:, :3] = -100
     cu = torch.tensor([0, 5, 12, 24], dtype=torch.int32)
     model.set_activation_checkpointing(False)
     loss0, g0 = _loss_and_grads(model, ids, labels, cu)
-    model.set_activation_checkpointing(True)
-    loss1, g1 = _loss_and_grads(model, ids, labels, cu)
-    assert torch.equal(loss0, loss1)
-    assert g0.keys() == g1.keys()
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)
+    kept = {}
+    for share in (False, 0.5, True):
+        model.set_activation_checkpointing(share)
+        loss1, g1 = _loss_and_grads(model, ids, labels, cu)
+        assert torch.equal(loss0, loss1), share
+        assert g0.keys() == g1.keys()
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=f"{share}: {name}")
+        kept[share] = _saved_activation_bytes(model, ids, labels, cu)
+    assert kept[False] > kept[0.5] > kept[True], kept
+
+
+@pytest.mark.parametrize("layers, share, expected", [
+    (4, 0.5, [False, True, False, True]), (4, True, [True] * 4), (4, False, [False] * 4), (4, 1, [True] * 4),
+    (4, 0.0, [False] * 4), (5, 0.4, [False, False, True, False, True]), (3, 0.1, [False] * 3)])
+def test_a_share_of_the_layers_is_checkpointed_spread_evenly(layers, share, expected) -> None:
+    from fm9g.models.fm9g import checkpointed_layers
+
+    assert checkpointed_layers(layers, share) == expected
+    assert sum(checkpointed_layers(28, 0.25)) == 7 and sum(checkpointed_layers(28, 0.3)) == 8
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, "half"])
+def test_a_bad_checkpoint_share_names_the_key_and_the_choices(bad) -> None:
+    from fm9g._io import ConfigError
+    from fm9g.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="use_checkpoint"):
+        TrainConfig(model="tiny", use_checkpoint=bad)
+    assert TrainConfig(model="tiny", use_checkpoint="0.5").use_checkpoint == 0.5
+    assert TrainConfig(model="tiny", use_checkpoint=1).use_checkpoint is True
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -34,7 +34,7 @@ from fm9g.models.attention import ATTENTION_BACKENDS, AttentionFn, AttentionUnav
 from fm9g.models.config import FM9GConfig
 
 __all__ = ["FM9GModel", "FM9GOutput", "RMSNorm", "chunked_cross_entropy", "rotary_cos_sin", "apply_rotary",
-           "static_layout"]
+           "static_layout", "checkpoint_share", "checkpointed_layers"]
 
 IGNORE_INDEX = -100
 # Logits computed at once by the chunked loss: chunk = LOSS_CHUNK_ELEMENTS // V tokens. On CPU
@@ -406,6 +406,30 @@ class FM9GOutput:
     num_label_tokens: torch.Tensor | None = None
 
 
+def checkpoint_share(value: bool | float) -> bool | float:
+    """An activation-checkpointing setting as ``True``, ``False`` or a fraction strictly between 0 and 1
+    (0 and 1 become ``False`` / ``True``).
+
+    Raises:
+        ValueError: a number outside [0, 1], or not a number.
+    """
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"use_checkpoint must be true, false or the share of decoder layers to recompute "
+                         f"(a number in [0, 1], e.g. 0.5), got {value!r}")
+    return True if value == 1 else (False if value == 0 else float(value))
+
+
+def checkpointed_layers(num_layers: int, share: bool | float) -> list[bool]:
+    """Which of ``num_layers`` layers recompute their activations for a setting ``share``
+    (:func:`checkpoint_share`): all, none, or ``round(share * num_layers)`` of them spread evenly
+    (layer ``i`` when ``floor((i + 1) * k / L) > floor(i * k / L)``: 0.5 of 4 layers -> the 2nd and 4th)."""
+    share = checkpoint_share(share)
+    k = num_layers if share is True else 0 if share is False else round(share * num_layers)
+    return [(i + 1) * k // num_layers > i * k // num_layers for i in range(num_layers)]
+
+
 class FM9GModel(nn.Module):
     """The FM9G decoder (docs/model.md) with bmtrain parameter names.
 
@@ -426,7 +450,7 @@ class FM9GModel(nn.Module):
         self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)  # (V, d)
         self.encoder = Encoder(config)
         self.lm_head = None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False)
-        self.gradient_checkpointing = bool(config.use_checkpoint)
+        self.gradient_checkpointing: bool | float = bool(config.use_checkpoint)
         self.loss_chunk_tokens: int | None = None  # None → LOSS_CHUNK_ELEMENTS // V
         # Set by an engine that compiled the layers to replay as CUDA graphs (TrainConfig.cuda_graphs):
         # a graph is recorded once per shape, so under grad the packing layout is padded to a few
@@ -454,9 +478,11 @@ class FM9GModel(nn.Module):
         if self.lm_head is not None:
             self.lm_head.weight.normal_(0.0, cfg.init_std)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each layer's activations in backward (torch.utils.checkpoint, non-reentrant)."""
-        self.gradient_checkpointing = bool(enabled)
+    def set_activation_checkpointing(self, enabled: bool | float) -> None:
+        """Recompute the layers' activations in backward (torch.utils.checkpoint, non-reentrant):
+        ``True`` every layer, ``False`` none, a fraction in (0, 1) that share of the layers, spread
+        evenly (:func:`checkpointed_layers`)."""
+        self.gradient_checkpointing = checkpoint_share(enabled)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -554,9 +580,10 @@ class FM9GModel(nn.Module):
         cos, sin = rotary_cos_sin(position_ids.to(device), cfg.dim_head, cfg.base)  # (B, T, dh) fp32
 
         # 2. layers (optionally recomputed in backward)
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer in self.encoder.layers:
-            if use_ckpt:
+        share = self.gradient_checkpointing if torch.is_grad_enabled() else False
+        use_ckpt = checkpointed_layers(len(self.encoder.layers), share)
+        for layer, recompute in zip(self.encoder.layers, use_ckpt):
+            if recompute:
                 h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
             elif self.graphed_layers and not graphs:
                 h = layer._call_impl(h, cos, sin, ctx)  # the layer's own forward, not its compiled graphs

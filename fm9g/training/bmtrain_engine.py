@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from fm9g._io import state_dict_mismatch
+from fm9g.models.fm9g import checkpointed_layers
 from fm9g.models.lora import is_lora_name
 from fm9g.training import step_math
 from fm9g.training.distributed import free_local_port
@@ -141,14 +142,15 @@ def _convert_params(bmt: Any, module: nn.Module, dtype: torch.dtype, *, recurse:
             del data
 
 
-def wrap_model(bmt: Any, model: nn.Module, *, dtype: torch.dtype, use_checkpoint: bool) -> None:
+def wrap_model(bmt: Any, model: nn.Module, *, dtype: torch.dtype, use_checkpoint: bool | float) -> None:
     """Convert a built FM9G model in place for bmtrain.
 
     Args:
         bmt: the bmtrain module (initialised).
         model: an ``FM9GModel`` (``encoder.layers`` a list of layers called ``layer(h, cos, sin, ctx)``).
         dtype: parameter dtype on the GPU (bf16 or fp32).
-        use_checkpoint: recompute each layer's activations in backward.
+        use_checkpoint: recompute the layers' activations in backward: every layer, none, or a
+            share of them (:func:`fm9g.models.fm9g.checkpointed_layers`).
     Raises:
         TypeError: the model has no ``encoder.layers``.
     """
@@ -160,10 +162,11 @@ def wrap_model(bmt: Any, model: nn.Module, *, dtype: torch.dtype, use_checkpoint
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(False)  # the blocks checkpoint themselves
     blocks = []
+    recompute = checkpointed_layers(len(layers), use_checkpoint)
     for i in range(len(layers)):
         layer = layers[i]
         _convert_params(bmt, layer, dtype, recurse=True)
-        blocks.append(bmt.Block(layer, use_checkpoint=use_checkpoint, zero_level=3))
+        blocks.append(bmt.Block(layer, use_checkpoint=recompute[i], zero_level=3))
         layers[i] = nn.Identity()  # drop the list's reference as we go
         torch.cuda.empty_cache()
     encoder.layers = bmt.TransformerBlockList(blocks)
@@ -235,8 +238,8 @@ class BMTrainEngine:
         masters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}  # fp32 originals
         use_ckpt = config.use_checkpoint
         if use_ckpt is None:
-            use_ckpt = bool(getattr(model, "gradient_checkpointing", True))
-        wrap_model(bmt, model, dtype=self.dtype, use_checkpoint=bool(use_ckpt))
+            use_ckpt = getattr(model, "gradient_checkpointing", True)
+        wrap_model(bmt, model, dtype=self.dtype, use_checkpoint=use_ckpt)
         self.model = model
         self._params = dict(model.named_parameters())
         self._lora_keys = [k for k in self._shapes if is_lora_name(k)]

@@ -33,6 +33,7 @@ from typing import Any
 from fm9g._io import ConfigError, atomic_write_text, nearby_hint, read_json
 from fm9g.data.mixture import DatasetEntry
 from fm9g.models.config import FM9GConfig
+from fm9g.models.fm9g import checkpoint_share
 from fm9g.models.lora import LoraConfig
 from fm9g.training.fp8 import FP8_RECIPES, fp8_recipe
 from fm9g.training.legacy import ALIASES, IGNORED_KEYS, coerce, lora_values, merge_sections, translate_keys
@@ -146,7 +147,8 @@ class TrainConfig:
     weight_decay, clip_grad, adam_betas, adam_eps.
 
     Training-time switches applied to the model when it is built: use_checkpoint (activation
-    checkpointing) and attn_impl (attention backend). None (the default) takes the value of the
+    checkpointing: true, false, or the share of decoder layers to recompute, e.g. 0.5) and attn_impl
+    (attention backend). None (the default) takes the value of the
     model config (an original model JSON may carry ``use_checkpoint`` / ``attn_impl``); a value
     here wins (docs/training.md, "Training-time switches").
 
@@ -224,7 +226,7 @@ class TrainConfig:
     engine: str = "torch"
     device: str = "auto"
     precision: str = "auto"
-    use_checkpoint: bool | None = None
+    use_checkpoint: bool | float | None = None
     compile: bool | str = "auto"
     cuda_graphs: bool | str = "auto"
     attn_impl: str | None = None
@@ -357,8 +359,8 @@ class TrainConfig:
         if self.optimizer != "adamw" and self.engine == "bmtrain":
             raise ConfigError(f"optimizer={self.optimizer!r} runs under the torch engine; with engine=\"bmtrain\" "
                               "use optimizer=\"adamw\" (offload=true moves its state to the CPU)")
-        _check_fp8(self)
-        _check_deterministic(self)
+        for check in (_check_fp8, _check_deterministic, _check_checkpoint_share):
+            check(self)
         for name in ("compile", "cuda_graphs"):
             value = getattr(self, name)
             if value not in (True, False, "auto"):
@@ -500,6 +502,15 @@ def _check_deterministic(cfg: TrainConfig) -> None:
     if cfg.attn_impl == "flex":
         raise ConfigError("deterministic=true: the flex attention backend has no deterministic backward; set "
                           "attn_impl to \"auto\", \"torch_varlen\", \"sdpa\" or \"flash_attn_4\" (or deterministic=false)")
+
+
+def _check_checkpoint_share(cfg: TrainConfig) -> None:
+    """``use_checkpoint``: None, true, false, or a share of the layers in (0, 1) (0 / 1 read as false / true)."""
+    if cfg.use_checkpoint is not None:
+        try:
+            cfg.use_checkpoint = checkpoint_share(cfg.use_checkpoint)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_fp8(cfg: TrainConfig) -> None:

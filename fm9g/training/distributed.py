@@ -330,13 +330,17 @@ def _shapes(config: Any) -> tuple[int, int, int]:
     return L * per_layer + embed + d, per_layer, embed
 
 
-def _activation_bytes(config: Any, tokens: int, act_bytes: int, use_checkpoint: bool) -> float:
-    """Activations of ``tokens`` tokens: with checkpointing one [T, d] input per layer plus one
-    layer's full activations (flash attention: no T^2 term) and the logits chunk; else every layer's."""
+def _activation_bytes(config: Any, tokens: int, act_bytes: int, use_checkpoint: bool | float) -> float:
+    """Activations of ``tokens`` tokens: a recomputed layer keeps its [T, d] input, the others all
+    their activations (flash attention: no T^2 term), plus one layer's full activations while it is
+    recomputed and the logits chunk (``use_checkpoint``: all layers, none, or a share of them)."""
+    from fm9g.models.fm9g import checkpointed_layers
+
     d, L = config.dim_model, config.num_layers
     one_layer = tokens * (34 * d + 2 * config.dim_ff) * act_bytes / 2
     logits = min(tokens, 8192) * config.vocab_size * 4.0
-    return (L * tokens * d * act_bytes + one_layer + logits) if use_checkpoint else (L * one_layer + logits)
+    recomputed = sum(checkpointed_layers(L, use_checkpoint))
+    return recomputed * tokens * d * act_bytes + (L - recomputed + (recomputed > 0)) * one_layer + logits
 
 
 def estimate_memory(
@@ -349,7 +353,7 @@ def estimate_memory(
     gpus_per_node: int = 8,
     batch_size: int = 1,
     max_length: int = 4096,
-    use_checkpoint: bool = True,
+    use_checkpoint: bool | float = True,
     precision: str = "bf16",
 ) -> dict[str, float]:
     """Per-GPU memory (bytes) of full training with the torch engine's FSDP2, estimated from the shapes.

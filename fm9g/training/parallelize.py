@@ -64,10 +64,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def apply_activation_checkpointing(model: nn.Module, enabled: bool | None) -> None:
-    """Switch activation checkpointing of the decoder layers (None leaves the model's setting)."""
+def apply_activation_checkpointing(model: nn.Module, enabled: bool | float | None) -> None:
+    """Switch activation checkpointing of the decoder layers: on, off, or a share of them (a
+    fraction; :func:`fm9g.models.fm9g.checkpointed_layers`). None leaves the model's setting."""
     if enabled is not None and hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(bool(enabled))
+        model.set_activation_checkpointing(enabled)
 
 
 def apply_compile(model: nn.Module, *, cuda_graphs: bool = False) -> None:
