@@ -233,9 +233,9 @@ def convert_to_fp8(model: nn.Module, recipe: str, *, frozen_copies: bool = True)
     Args:
         model: the built model (any device, ``"meta"`` included), LoRA applied or not.
         recipe: ``"tensorwise"`` or ``"rowwise"`` (torchao's dynamic scaling recipes).
-        frozen_copies: a LoRA layer's frozen base becomes a :class:`FrozenFloat8Linear` (its weight
-            cast to FP8 once); False: torchao's layer, which casts it every step (FSDP2, where the
-            base is sharded and gathered per step).
+        frozen_copies: every frozen linear (a LoRA run's base, adapted or not) becomes a
+            :class:`FrozenFloat8Linear` (its weight cast to FP8 once); False: torchao's layer,
+            which casts it every step (FSDP2, where the base is sharded and gathered per step).
     Returns:
         The names of the converted modules.
     """
