@@ -290,6 +290,19 @@ def test_fp8_trains_through_the_trainer_with_the_capability_faked(monkeypatch, t
     assert all(type(v) is torch.Tensor and v.dtype == ckpts[0][k].dtype for k, v in ckpts[1].items())
 
 
+def test_a_lora_run_on_the_frozen_fp8_base_resumes_exactly(monkeypatch, tmp_path):
+    """LoRA over FrozenFloat8Linear bases (rowwise), saved at step 3 of 6 and resumed in a new
+    Trainer: steps 4-6 give the straight run's losses bit for bit."""
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, "a faked H100"))
+    common = dict(fp8="rowwise", device="cpu", train_iters=6, lora=LORA, lora_random_base=True)
+    straight = Trainer(_cfg(tmp_path / "a", save_iters=3, **common), loader=ToyLoader())
+    losses = straight.fit().losses
+    assert any(isinstance(m, FrozenFloat8Linear) for m in straight.model.modules())
+    ckpt = next((tmp_path / "a").rglob("fm9g_live_checkpoint-3.pt"))
+    resumed = Trainer(_cfg(tmp_path / "b", resume_ckpt=str(ckpt), **common), loader=ToyLoader()).fit().losses
+    assert resumed == losses[3:], (resumed, losses)
+
+
 # ---------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.fp8
