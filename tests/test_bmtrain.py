@@ -332,3 +332,33 @@ def test_bmtrain_lora_state_and_strict_loading_on_cpu():
     full = e.model_state_dict()
     with pytest.raises(ValueError, match="another shape"):
         e.load_model_state_dict({**full, "input_embedding.weight": torch.zeros(3, 3)})
+
+
+@pytest.mark.parametrize("share, expected", [(True, [True] * 4), (False, [False] * 4), (0.5, [False, True, False, True])])
+def test_bmtrain_blocks_checkpoint_the_same_share_of_layers_on_cpu(monkeypatch, share, expected):
+    """``use_checkpoint`` under bmtrain: each layer becomes a block that checkpoints itself exactly
+    when the one-process engine would recompute that layer (bmtrain's classes faked: no GPU here)."""
+    from types import SimpleNamespace
+
+    from fm9g.models.config import FM9GConfig
+    from fm9g.models.fm9g import FM9GModel, checkpointed_layers
+    from fm9g.training import bmtrain_engine
+
+    class Block(torch.nn.Module):
+        def __init__(self, layer, use_checkpoint, zero_level):
+            super().__init__()
+            self._module, self.use_checkpoint = layer, use_checkpoint
+
+    class TransformerBlockList(torch.nn.ModuleList):
+        pass
+
+    class DistributedModule(torch.nn.Module):
+        pass
+
+    fake = SimpleNamespace(Block=Block, TransformerBlockList=TransformerBlockList, DistributedModule=DistributedModule)
+    monkeypatch.setattr(bmtrain_engine, "_convert_params", lambda *a, **k: None)  # (its shards live on a GPU)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model = FM9GModel(FM9GConfig.from_name("tiny", num_layers=4))
+    bmtrain_engine.wrap_model(fake, model, dtype=torch.float32, use_checkpoint=share)
+    assert [b.use_checkpoint for b in model.encoder.layers] == expected == checkpointed_layers(4, share)
+    assert model.gradient_checkpointing is False  # the blocks checkpoint themselves
